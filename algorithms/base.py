@@ -1,0 +1,172 @@
+"""The algorithm plug-in interface: a server half and a client half, both free of Ray.
+
+An algorithm is a frozen dataclass (its fields are its hyper-parameters, validated from the
+``algorithm`` config section) registered under a name with :func:`register`. Its server half is a
+pure function over ``name → tensor`` dicts: it takes the global weights, the round's client updates
+(in sorted client-id order) and its server state, and returns new weights, new state and metrics.
+Its client half (:class:`LocalTraining`) changes local training: an extra loss term, a gradient
+correction, per-client state, extra uploads. The round loop is written once, in ``fedsim.driver``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What one client returns after local training.
+
+    Attributes
+    ----------
+    client_id:
+        The logical client (k).
+    delta:
+        Δ_k = W_k − W_t, fp32, keyed like the global weights.
+    num_samples:
+        n_k, the samples the client trained on this round.
+    loss:
+        Mean training loss over the client's local steps.
+    steps:
+        Local optimiser steps taken.
+    extras:
+        Algorithm-specific uploads (e.g. SCAFFOLD's Δc_k); empty for FedAvg.
+    """
+
+    client_id: int
+    delta: Weights
+    num_samples: int
+    loss: float
+    steps: int
+    extras: Weights = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """The server half's output: new global weights, new server state, per-round metrics."""
+
+    weights: Weights
+    state: Weights
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class LocalTraining:
+    """The client half of an algorithm; the default changes nothing (FedAvg's local SGD).
+
+    Subclasses override what they need. All methods are called inside a worker, with the projector
+    parameters of the resident model; none may keep state between clients except through the
+    returned ``client_state`` (stored by the driver's client-state store).
+    """
+
+    #: Keep the local optimiser's state across rounds in the client-state store (centralized).
+    persistent_optimizer: ClassVar[bool] = False
+
+    def loss_term(
+        self, params: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor], ctx: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """An extra term added to the local loss (FedProx's proximal term), or None."""
+        return None
+
+    def correct_gradients(self, params: Mapping[str, torch.nn.Parameter], ctx: dict[str, Any]) -> None:
+        """Change ``p.grad`` in place after backward (SCAFFOLD's control-variate correction)."""
+
+    def prepare(
+        self, client_state: Mapping[str, torch.Tensor], payload: Mapping[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        """Build the per-client context from its stored state and the server payload."""
+        return {}
+
+    def finish(
+        self,
+        start: Mapping[str, torch.Tensor],
+        end: Mapping[str, torch.Tensor],
+        steps: int,
+        lr: float,
+        ctx: dict[str, Any],
+    ) -> tuple[Weights, Weights]:
+        """After local training: ``(extras to upload, new client state)``."""
+        return {}, {}
+
+
+@runtime_checkable
+class Algorithm(Protocol):
+    """What the driver and the aggregator need from an algorithm."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    #: Train on the pooled data of every client as one logical client (centralized upper bound).
+    pooled: ClassVar[bool]
+
+    def init_state(self, weights: Weights) -> Weights: ...
+
+    def server_payload(self, state: Weights) -> Weights: ...
+
+    def aggregate(
+        self, weights: Weights, updates: Sequence[ClientUpdate], state: Weights, server_round: int
+    ) -> AggregateResult: ...
+
+    def local_training(self) -> LocalTraining: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pure helpers
+
+
+def check_same_keys(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise ValueError when ``other`` does not have exactly the keys and shapes of ``reference``."""
+    if set(reference) != set(other):
+        missing = sorted(set(reference) - set(other))
+        extra = sorted(set(other) - set(reference))
+        raise ValueError(f"{what}: keys differ from the global weights (missing {missing}, unexpected {extra})")
+    for k, v in reference.items():
+        if tuple(other[k].shape) != tuple(v.shape):
+            raise ValueError(f"{what}: {k} has shape {list(other[k].shape)}, expected {list(v.shape)}")
+
+
+def sample_weights(updates: Sequence[ClientUpdate]) -> list[float]:
+    """p_k = n_k / Σ n, in the order of ``updates``."""
+    total = sum(u.num_samples for u in updates)
+    if total <= 0:
+        raise ValueError("aggregate: the updates hold no samples")
+    return [u.num_samples / total for u in updates]
+
+
+def weighted_sum(tensors: Sequence[Mapping[str, torch.Tensor]], coeffs: Sequence[float]) -> Weights:
+    """Σ_k c_k · T_k per key, accumulated in float64 in the given order, returned as float32."""
+    if len(tensors) != len(coeffs):
+        raise ValueError(f"weighted_sum: {len(tensors)} tensors but {len(coeffs)} coefficients")
+    if not tensors:
+        raise ValueError("weighted_sum: nothing to sum")
+    out: Weights = {}
+    for key in tensors[0]:
+        acc = torch.zeros_like(tensors[0][key], dtype=torch.float64)
+        for t, c in zip(tensors, coeffs):
+            acc.add_(t[key].to(torch.float64), alpha=float(c))
+        out[key] = acc.to(torch.float32)
+    return out
+
+
+def add(weights: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], scale: float = 1.0) -> Weights:
+    """W + scale · Δ per key (float32)."""
+    return {k: (weights[k].to(torch.float32) + scale * delta[k].to(torch.float32)) for k in weights}
+
+
+def global_norm(tensors: Mapping[str, torch.Tensor]) -> float:
+    """√(Σ ‖T‖²) over all keys, in float64."""
+    return math.sqrt(sum(float(t.to(torch.float64).pow(2).sum()) for t in tensors.values()))
+
+
+def sorted_updates(updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
+    """Updates in ascending client-id order; duplicate ids are an error."""
+    ordered = sorted(updates, key=lambda u: u.client_id)
+    ids = [u.client_id for u in ordered]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"aggregate: duplicate client ids in {ids}")
+    return ordered

@@ -1,0 +1,45 @@
+"""Centralized training on the pooled data of every client: the upper bound of federated training.
+
+Not a federated algorithm: the scenario's client shards are pooled into one logical client, which
+trains ``cohort_size × local_steps`` steps per round (the same samples per round as a federated
+round) with one optimiser whose state persists across rounds, on the same learning-rate schedule.
+The "aggregation" applies the single update as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from fedsim.algorithms.base import AggregateResult, ClientUpdate, LocalTraining, Weights, add, global_norm
+from fedsim.algorithms.registry import register
+
+
+class PooledTraining(LocalTraining):
+    """Local training that keeps its optimiser state between rounds."""
+
+    persistent_optimizer: ClassVar[bool] = True
+
+
+@register("centralized", paper="pooled-data upper bound (no federation)", pooled=True)
+@dataclass(frozen=True, kw_only=True)
+class Centralized:
+    """Train on all clients' data as one; no parameters."""
+
+    def init_state(self, weights: Weights) -> Weights:
+        return {}
+
+    def server_payload(self, state: Weights) -> Weights:
+        return {}
+
+    def local_training(self) -> LocalTraining:
+        return PooledTraining()
+
+    def aggregate(
+        self, weights: Weights, updates: Sequence[ClientUpdate], state: Weights, server_round: int
+    ) -> AggregateResult:
+        if len(updates) != 1:
+            raise ValueError(f"centralized: expected the one pooled client, got {len(updates)} updates")
+        delta = updates[0].delta
+        return AggregateResult(add(weights, delta), {}, {"update_norm": global_norm(delta)})

@@ -1,0 +1,85 @@
+"""The algorithm registry: ``@register`` fills it; entry points extend it."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from importlib.metadata import entry_points
+from typing import Any, TypeVar
+
+from fedsim.configtools import ConfigError, from_dict
+
+_REGISTRY: dict[str, type] = {}
+_BUILTINS = ("fedsim.algorithms.fedavg", "fedsim.algorithms.centralized")
+_loaded = False
+T = TypeVar("T", bound=type)
+
+
+class AlgorithmError(ConfigError):
+    """An unknown algorithm or a bad algorithm parameter."""
+
+
+def register(name: str, *, paper: str, pooled: bool = False) -> Callable[[T], T]:
+    """Class decorator: register a frozen dataclass algorithm under ``name``.
+
+    ``paper`` is shown by ``fedsim algorithms list``; ``pooled`` marks algorithms that train on the
+    pooled data of all clients (the centralized upper bound).
+    """
+
+    def wrap(cls: T) -> T:
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"algorithm {name!r}: {cls.__name__} must be a dataclass")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"algorithm {name!r} is registered twice ({_REGISTRY[name].__name__}, {cls.__name__})")
+        cls.name = name  # type: ignore[attr-defined]
+        cls.paper = paper  # type: ignore[attr-defined]
+        cls.pooled = pooled  # type: ignore[attr-defined]
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in _BUILTINS:
+        importlib.import_module(module)
+    for ep in entry_points(group="fedsim.algorithms"):
+        try:
+            ep.load()
+        except Exception as e:  # a broken plug-in must not break fedsim; say which one
+            raise AlgorithmError(f"algorithm plug-in {ep.name!r} ({ep.value}): failed to load: {e}") from None
+
+
+def available() -> dict[str, type]:
+    """Registered algorithms by name, sorted."""
+    _load()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_algorithm_class(name: str) -> type:
+    algos = available()
+    if name not in algos:
+        raise AlgorithmError(f"algorithm.name: unknown algorithm {name!r} (known: {', '.join(algos)})")
+    return algos[name]
+
+
+def build_algorithm(name: str, params: Mapping[str, Any] | None = None) -> Any:
+    """An algorithm instance with its parameters validated (errors name ``algorithm.<param>``)."""
+    cls = get_algorithm_class(name)
+    return from_dict(cls, dict(params or {}), prefix="algorithm")
+
+
+def parameters(cls: type) -> dict[str, Any]:
+    """An algorithm's parameters and their defaults."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out

@@ -1,0 +1,1 @@
+"""Evaluation: toy metrics on held-out synthetic scenes, generation backends (``fedsim.eval``)."""

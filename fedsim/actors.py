@@ -1,0 +1,190 @@
+"""Ray actors: BackboneWorker (resident frozen backbone), Aggregator (server half), Evaluator.
+
+The classes are plain Python; the driver turns them into actors at run time with
+``ray.remote(num_cpus=..., num_gpus=...)(cls)`` from the config (so tests can also call them
+directly). Each actor loads what it needs once in ``__init__`` and never per client.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedsim.algorithms import build_algorithm
+from fedsim.algorithms.base import ClientUpdate, Weights, check_same_keys, global_norm
+from fedsim.training import ClientResult, ClientTask, TrainSettings, train_client
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How a worker finds and places the backbone (paths resolved by the driver)."""
+
+    backbone_path: str
+    lm_path: str | None
+    projector: str
+    dtype: str
+    device: str
+
+
+def _load(spec: ModelSpec, threads: int) -> Any:
+    from fedsim.models.backbone import load_backbone
+
+    torch.set_num_threads(threads)
+    device = spec.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_backbone(
+        spec.backbone_path,
+        lm=spec.lm_path,
+        projector=spec.projector,
+        device=device,
+        dtype=getattr(torch, spec.dtype),
+    )
+
+
+class BackboneWorker:
+    """Holds one frozen backbone and the training data (memory-mapped) for the whole run."""
+
+    def __init__(self, spec: ModelSpec, dataset_path: str, threads: int) -> None:
+        _quiet()
+        import datasets
+
+        self.backbone = _load(spec, threads)
+        self.dataset = datasets.load_from_disk(dataset_path)
+        self._algorithms: dict[tuple[str, str], Any] = {}
+
+    def ready(self) -> dict[str, float]:
+        return {"pid": os.getpid(), "peak_rss_mb": peak_rss_mb()}
+
+    def peak_rss_mb(self) -> float:
+        return peak_rss_mb()
+
+    def init_projector(self, seed: int) -> Weights:
+        """Fresh projector weights W_0 drawn from a generator keyed by ``seed``."""
+        from fedsim.models.backbone import init_projector
+
+        return init_projector(self.backbone, seed)
+
+    def train(
+        self,
+        task: ClientTask,
+        global_weights: Mapping[str, torch.Tensor],
+        payload: Mapping[str, torch.Tensor],
+        algorithm: str,
+        params: Mapping[str, Any],
+        settings: TrainSettings,
+    ) -> ClientResult:
+        key = (algorithm, repr(sorted(params.items())))
+        if key not in self._algorithms:
+            self._algorithms[key] = build_algorithm(algorithm, params)
+        local = self._algorithms[key].local_training()
+        return train_client(self.backbone, self.dataset, task, global_weights, payload, local, settings)
+
+
+def validate_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``update`` must be rejected (wrong keys/shapes, NaN/Inf, no samples), or None."""
+    try:
+        check_same_keys(reference, update.delta, f"client {update.client_id}")
+    except ValueError as e:
+        return str(e)
+    for k, v in update.delta.items():
+        if not torch.isfinite(v).all():
+            return f"client {update.client_id}: non-finite values (NaN/Inf) in {k}"
+    for k, v in update.extras.items():
+        if not torch.isfinite(v).all():
+            return f"client {update.client_id}: non-finite values (NaN/Inf) in extras {k}"
+    if update.num_samples <= 0:
+        return f"client {update.client_id}: no samples"
+    return None
+
+
+class Aggregator:
+    """Runs the algorithm's server half over each round's updates; keeps its server state."""
+
+    def __init__(self, algorithm: str, params: Mapping[str, Any], weights: Weights) -> None:
+        self.algorithm = build_algorithm(algorithm, params)
+        self.state: Weights = self.algorithm.init_state(weights)
+
+    def payload(self) -> Weights:
+        return self.algorithm.server_payload(self.state)
+
+    def aggregate(
+        self, weights: Weights, updates: Sequence[ClientUpdate], server_round: int
+    ) -> tuple[Weights, dict[str, Any]]:
+        """Validate, sort by client id, aggregate. Rejected updates are reported, never averaged."""
+        accepted, rejected = [], []
+        for u in sorted(updates, key=lambda u: u.client_id):
+            reason = validate_update(u, weights)
+            if reason is None:
+                accepted.append(u)
+            else:
+                rejected.append({"client_id": u.client_id, "reason": reason})
+        metrics: dict[str, Any] = {"rejected": rejected}
+        if not accepted:
+            metrics["update_norm"] = 0.0
+            return dict(weights), metrics
+        result = self.algorithm.aggregate(weights, accepted, self.state, server_round)
+        self.state = result.state
+        metrics.update(result.metrics)
+        metrics.setdefault(
+            "update_norm", global_norm({k: result.weights[k] - weights[k] for k in weights})
+        )
+        return result.weights, metrics
+
+    def peak_rss_mb(self) -> float:
+        return peak_rss_mb()
+
+
+class Evaluator:
+    """Holds a backbone for generation and the held-out scenes; scores any projector it is sent."""
+
+    def __init__(
+        self, spec: ModelSpec, dataset_path: str, threads: int, batch_size: int, max_new_tokens: int
+    ) -> None:
+        _quiet()
+        import datasets
+
+        from fedsim.eval.generation import HFBackend
+
+        self.backbone = _load(spec, threads)
+        self.dataset = datasets.load_from_disk(dataset_path)
+        self.backend = HFBackend(self.backbone, batch_size)
+        self.max_new_tokens = max_new_tokens
+
+    def evaluate(self, weights: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        from fedsim.eval.toy import evaluate_toy
+        from fedsim.models.backbone import set_projector_
+
+        set_projector_(self.backbone, weights)
+        return evaluate_toy(
+            self.backend,
+            self.dataset,
+            self.backbone.caption_prompt,
+            self.backbone.qa_prompt,
+            self.max_new_tokens,
+        )
+
+    def peak_rss_mb(self) -> float:
+        return peak_rss_mb()

@@ -1,0 +1,153 @@
+"""The ``fedsim`` command line (typer). Bad input is a one-line error and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+# Before transformers is imported anywhere (Ray workers inherit the environment).
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from fedsim.configtools import ConfigError  # noqa: E402
+
+app = typer.Typer(
+    help="fedsim: simulate federated pre-training (modality alignment) of multimodal LLMs on Ray.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+backbones_app = typer.Typer(help="Build and inspect frozen backbones.", no_args_is_help=True)
+algorithms_app = typer.Typer(help="Federated algorithms.", no_args_is_help=True)
+scenarios_app = typer.Typer(help="Scenario presets.", no_args_is_help=True)
+app.add_typer(backbones_app, name="backbones")
+app.add_typer(algorithms_app, name="algorithms")
+app.add_typer(scenarios_app, name="scenarios")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    """One line on stderr, exit code 2."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def run(
+    config: Annotated[
+        Optional[str], typer.Option("--config", "-c", help="YAML file or scenario preset name (default: toy-iid).")
+    ] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", "-s", help="Override a config field: key.sub=value (YAML value). Repeatable."),
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default: runs/<timestamp>/).")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-w", help="BackboneWorker actors (ray.workers).")] = None,
+    address: Annotated[
+        Optional[str], typer.Option("--address", help="Join an existing Ray cluster: 'auto' or ray://host:port.")
+    ] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No live progress display.")] = False,
+) -> None:
+    """Train the projector federatedly and evaluate it; writes config, metrics, weights and reports."""
+    from fedsim.config import load_config
+    from fedsim.runio import default_run_dir
+
+    overrides = list(set_ or [])
+    if workers is not None:
+        overrides.append(f"ray.workers={workers}")
+    if address is not None:
+        overrides.append(f"ray.address={address}")
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        _fail(str(e))
+        return
+    from fedsim.driver import run as run_driver
+    from fedsim.models.backbone import BackboneError
+
+    try:
+        run_driver(cfg, out or default_run_dir(), console=console, show_progress=not no_progress)
+    except (ConfigError, BackboneError) as e:
+        _fail(str(e))
+
+
+@backbones_app.command("build")
+def backbones_build(
+    kind: Annotated[str, typer.Argument(help="Which backbone to build: 'toy'.")] = "toy",
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Cache folder (default: $FEDSIM_CACHE or ~/.cache/fedsim).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even when cached.")] = False,
+) -> None:
+    """Pre-train the toy vision encoder and LM on synthetic scenes; cache the LLaVA checkpoint."""
+    if kind != "toy":
+        _fail(f"backbones build: unknown backbone {kind!r} (known: toy)")
+    import json
+
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedsim.models.toy import build_toy_backbone
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), console=console,
+    ) as progress:
+        tasks: dict[str, int] = {}
+
+        def report(stage: str, step: int, total: int, loss: float) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(f"pre-train {stage}", total=total, info="")
+            progress.update(tasks[stage], completed=step, info=f"loss {loss:.3f}")
+
+        path = build_toy_backbone(cache_dir=cache_dir, report=report, force=force)
+    manifest = json.loads((path / "fedsim.json").read_text())
+    console.print(f"toy backbone: {path}")
+    for k, v in manifest.get("metrics", {}).items():
+        console.print(f"  {k}: {v:.3f}")
+
+
+@algorithms_app.command("list")
+def algorithms_list() -> None:
+    """Registered algorithms: name, paper, parameters."""
+    from rich.table import Table
+
+    from fedsim.algorithms.registry import available, parameters
+
+    table = Table()
+    table.add_column("name")
+    table.add_column("paper")
+    table.add_column("parameters (defaults)")
+    for name, cls in available().items():
+        params = ", ".join(f"{k}={v}" for k, v in parameters(cls).items()) or "–"
+        table.add_row(name, cls.paper, params)
+    console.print(table)
+
+
+@scenarios_app.command("list")
+def scenarios_list() -> None:
+    """Scenario presets shipped with fedsim."""
+    from fedsim.configtools import read_yaml
+    from fedsim.scenarios import presets
+
+    for name, path in presets().items():
+        data = read_yaml(path).get("scenario", {})
+        console.print(f"{name}: {data.get('num_clients', '?')} clients, partition {data.get('partition', '?')}")
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as e:  # anything that escaped a command's own handling
+        err_console.print(f"error: {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""The run configuration of ``fedsim run``: typed, frozen, validated at construction.
+
+Layers, later winning: these defaults (the toy IID scenario) ← a YAML file or scenario preset
+(``--config``) ← ``--set key=value`` overrides. The resolved config is written to the run folder as
+``config.yaml`` and is, with the seed, all a run's results depend on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fedsim.configtools import ConfigError, apply_overrides, from_dict, merge, read_yaml, to_dict
+from fedsim.data.synthetic import SceneSpec
+
+
+def _positive(section: str, **values: float) -> None:
+    for name, v in values.items():
+        if v <= 0:
+            raise ConfigError(f"{section}.{name}: must be > 0, got {v!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The frozen backbone and the trainable projector.
+
+    Attributes
+    ----------
+    backbone:
+        ``toy`` (fedsim's own, built and cached on first use), a local HF LLaVA checkpoint folder,
+        or a vision encoder folder when ``lm`` is set.
+    lm:
+        A causal LM folder to pair with the vision encoder in ``backbone``.
+    projector:
+        ``mlp2x_gelu`` (LLaVA-1.5), ``linear`` or ``mlp{N}x_gelu``.
+    dtype:
+        Weights and activations of the frozen parts; the projector update is always fp32.
+    device:
+        ``auto`` (CUDA when the worker has a GPU), ``cpu`` or ``cuda``.
+    """
+
+    backbone: str = "toy"
+    lm: str | None = None
+    projector: str = "mlp2x_gelu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.backbone:
+            raise ConfigError("model.backbone: must not be empty")
+        if self.lm is not None and self.backbone == "toy":
+            raise ConfigError("model.lm: pairs with a vision encoder folder in model.backbone, not with 'toy'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """The embedded synthetic data (real datasets come with scenarios).
+
+    Attributes
+    ----------
+    num_scenes:
+        Training scenes shared out among the clients (one pass over the run, see train).
+    eval_scenes:
+        Held-out scenes for evaluation (a separate generator stream).
+    qa_fraction:
+        Share of training examples that are yes/no questions instead of captions.
+    scene:
+        What scenes contain; must stay within what the backbone was pre-trained on.
+    """
+
+    num_scenes: int = 40000
+    eval_scenes: int = 500
+    qa_fraction: float = 0.3
+    scene: SceneSpec = field(default_factory=lambda: SceneSpec(styles=("filled", "outline")))
+
+    def __post_init__(self) -> None:
+        _positive("data", num_scenes=self.num_scenes, eval_scenes=self.eval_scenes)
+        if not 0.0 <= self.qa_fraction <= 1.0:
+            raise ConfigError(f"data.qa_fraction: must be in [0, 1], got {self.qa_fraction!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScenarioConfig:
+    """How data is split among logical clients and who takes part in each round.
+
+    Attributes
+    ----------
+    name:
+        The scenario's name (a preset in fedsim.scenarios, or your own).
+    num_clients:
+        Logical clients (data silos).
+    partition:
+        ``iid``: a seeded shuffle split into equal shards.
+    participation:
+        ``uniform``: each round samples ``cohort_size`` clients uniformly without replacement.
+    cohort_size:
+        Clients per round (|S_t|).
+    """
+
+    name: str = "toy-iid"
+    num_clients: int = 20
+    partition: Literal["iid"] = "iid"
+    participation: Literal["uniform"] = "uniform"
+    cohort_size: int = 10
+
+    def __post_init__(self) -> None:
+        _positive("scenario", num_clients=self.num_clients, cohort_size=self.cohort_size)
+        if self.cohort_size > self.num_clients:
+            raise ConfigError(
+                f"scenario.cohort_size: {self.cohort_size} is more than scenario.num_clients ({self.num_clients})"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Local training of the projector on each client.
+
+    Attributes
+    ----------
+    local_steps:
+        Optimiser steps per client per round (k).
+    batch_size:
+        Examples per local step.
+    lr:
+        Peak learning rate. The schedule runs over global progress (round and local step), not
+        per round, as LLaVA's stage-1 recipe runs over its one epoch.
+    warmup:
+        Share of the run spent in linear warm-up.
+    schedule:
+        ``cosine`` (to zero after warm-up) or ``constant`` (after warm-up).
+    optimizer:
+        ``adamw`` (fresh state per client per round) or ``sgd``.
+    weight_decay:
+        Decoupled weight decay (AdamW) or L2 (SGD).
+    grad_clip:
+        Max global gradient norm per step; null for none.
+    loss:
+        ``per_example``: mean over examples of each example's token mean, so a one-word answer
+        weighs as much as a caption; ``token_mean``: HF's mean over all target tokens.
+    """
+
+    local_steps: int = 8
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup: float = 0.03
+    schedule: Literal["cosine", "constant"] = "cosine"
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    loss: Literal["per_example", "token_mean"] = "per_example"
+
+    def __post_init__(self) -> None:
+        _positive("train", local_steps=self.local_steps, batch_size=self.batch_size, lr=self.lr)
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"train.warmup: must be in [0, 1), got {self.warmup!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay: must be >= 0, got {self.weight_decay!r}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"train.grad_clip: must be > 0 or null, got {self.grad_clip!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlgorithmConfig:
+    """The server algorithm: its registered name and its own hyper-parameters.
+
+    In YAML the parameters sit beside the name (``algorithm: {name: fedavgm, momentum: 0.9}``);
+    the algorithm's dataclass validates them.
+    """
+
+    name: str = "fedavg"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Toy evaluation with the transformers generation backend.
+
+    Attributes
+    ----------
+    at_start:
+        Also evaluate the initial (untrained) projector, as round 0.
+    batch_size:
+        Scenes per generate call.
+    max_new_tokens:
+        Generation budget for a caption.
+    threads:
+        Torch threads of the evaluator; null = all CPUs of the machine.
+    """
+
+    at_start: bool = True
+    batch_size: int = 100
+    max_new_tokens: int = 12
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive("eval", batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+        if self.threads is not None:
+            _positive("eval", threads=self.threads)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayConfig:
+    """Where and how the Ray actors run.
+
+    Attributes
+    ----------
+    address:
+        null: start a local Ray; ``auto`` or ``ray://host:port``: join an existing cluster.
+    workers:
+        BackboneWorker actors, each holding one resident copy of the frozen backbone.
+    worker_cpus, worker_gpus:
+        Ray resources reserved per worker (fractions allowed).
+    threads_per_worker:
+        Torch intra-op threads per worker. Part of the result: keep it fixed to compare runs bit
+        for bit (results do not depend on ``workers``).
+    dashboard:
+        Start the Ray dashboard (local Ray only), bound to ``dashboard_host``.
+    """
+
+    address: str | None = None
+    workers: int = 2
+    worker_cpus: float = 0.5
+    worker_gpus: float = 0.0
+    threads_per_worker: int = 1
+    dashboard: bool = False
+    dashboard_host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        _positive("ray", workers=self.workers, threads_per_worker=self.threads_per_worker)
+        if self.worker_cpus < 0 or self.worker_gpus < 0:
+            raise ConfigError("ray.worker_cpus / ray.worker_gpus: must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """A whole run.
+
+    Attributes
+    ----------
+    seed:
+        Every random draw comes from a private generator keyed by (seed, round, client, purpose).
+    rounds:
+        Federated rounds (T).
+    eval_every:
+        Evaluate every this many rounds (and after the last); 0 = only at the end.
+    cache_dir:
+        Where built backbones and datasets are cached; null = $FEDSIM_CACHE or ~/.cache/fedsim.
+    """
+
+    seed: int = 0
+    rounds: int = 25
+    eval_every: int = 5
+    cache_dir: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if self.rounds <= 0:
+            raise ConfigError(f"rounds: must be > 0, got {self.rounds!r}")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every: must be >= 0, got {self.eval_every!r}")
+        if self.seed < 0:
+            raise ConfigError(f"seed: must be >= 0, got {self.seed!r}")
+
+
+def _normalise_algorithm(data: dict[str, Any]) -> dict[str, Any]:
+    """``algorithm: {name: x, k: v}`` → ``{name: x, params: {k: v}}`` (params validated later)."""
+    algo = data.get("algorithm")
+    if isinstance(algo, dict):
+        params = dict(algo.get("params") or {})
+        params.update({k: v for k, v in algo.items() if k not in ("name", "params")})
+        data["algorithm"] = {"name": algo.get("name", "fedavg"), "params": params}
+    return data
+
+
+def resolve_config_source(source: str | None) -> dict[str, Any]:
+    """The YAML data of ``--config``: a file path, or the name of a preset in fedsim.scenarios."""
+    if source is None:
+        return {}
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return read_yaml(path)
+    from fedsim.scenarios import preset_path
+
+    return read_yaml(preset_path(source))
+
+
+def load_config(source: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults ← ``source`` (file or preset name) ← ``overrides`` → a validated :class:`Config`.
+
+    The algorithm's own parameters are checked against its registered dataclass here too, so
+    every field is validated before any work starts.
+    """
+    data = merge({}, resolve_config_source(source))
+    data = apply_overrides(data, list(overrides or []))
+    data = _normalise_algorithm(data)
+    cfg = from_dict(Config, data)
+    from fedsim.algorithms import build_algorithm
+
+    build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
+    return cfg
+
+
+def config_to_yaml_data(cfg: Config) -> dict[str, Any]:
+    """The resolved config as YAML data, algorithm parameters beside its name."""
+    data = to_dict(cfg)
+    algo = data.pop("algorithm")
+    data["algorithm"] = {"name": algo["name"], **algo["params"]}
+    return data

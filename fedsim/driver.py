@@ -1,0 +1,395 @@
+"""The round loop, written once: sample a cohort, push client tasks to workers, aggregate, evaluate.
+
+Data flow of a round: the cohort S_t is drawn with a generator keyed by (seed, round); each client's
+next rows come from its one-pass stream; tasks are sorted by predicted cost and pushed to the
+BackboneWorker actors (greedy, least-loaded first); each returns Δ_k and small stats; the Aggregator
+actor validates the updates and applies the algorithm in sorted client-id order; every
+``eval_every`` rounds the Evaluator scores the new projector. Results depend on (config, seed) only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedsim.actors import Aggregator, BackboneWorker, Evaluator, ModelSpec, peak_rss_mb
+from fedsim.algorithms import build_algorithm
+from fedsim.config import Config, config_to_yaml_data
+from fedsim.configtools import ConfigError
+from fedsim.data.scenes_dataset import ensure_scenes
+from fedsim.data.streams import Cursor, take
+from fedsim.eval.toy import ATTRIBUTES
+from fedsim.models.backbone import BackboneError
+from fedsim.runio import MetricsLog, prepare_run_dir, save_weights, write_json, write_text, write_yaml
+from fedsim.scenarios.partition import iid
+from fedsim.scenarios.participation import uniform_cohort
+from fedsim.schedule import lr_at
+from fedsim.state_store import MemoryStore
+from fedsim.training import ClientResult, ClientTask, TrainSettings
+
+TRAIN_STREAM = 1  # synthetic scene streams of the run data (the toy build uses others)
+EVAL_STREAM = 2
+POOLED_CLIENT = 0
+
+# Metrics shown in the final table, with their labels.
+HEADLINE = [
+    ("attr_mean", "caption attribute accuracy (mean of 5)"),
+    *[(f"attr_{a}", f"  {a}") for a in ATTRIBUTES],
+    ("caption_exact", "exact captions"),
+    ("yesno_acc", "yes/no accuracy (POPE-style)"),
+    ("yesno_f1", "yes/no F1"),
+    ("yes_ratio", "yes ratio"),
+]
+
+
+@dataclass
+class RunResult:
+    """What a finished run leaves, in memory (everything is also in ``out_dir``)."""
+
+    out_dir: Path
+    weights: dict[str, torch.Tensor]
+    initial_eval: dict[str, float] | None
+    final_eval: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resources: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    """Resolved inputs of a run: backbone spec, dataset folders and client shards."""
+
+    model: ModelSpec
+    train_path: Path
+    eval_path: Path
+    shards: list[np.ndarray]
+    manifest: dict[str, Any]
+
+
+def cache_root(cfg: Config) -> Path:
+    from fedsim.models.toy import default_cache_dir
+
+    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+
+
+def resolve_backbone(cfg: Config, report: Callable[[str, int, int, float], None] | None = None) -> ModelSpec:
+    """Build (toy) or locate the backbone; paths are checked before any work starts."""
+    if cfg.model.backbone == "toy":
+        from fedsim.models.toy import build_toy_backbone
+
+        path = build_toy_backbone(cache_dir=cache_root(cfg), report=report)
+    else:
+        path = Path(cfg.model.backbone).expanduser()
+        if not path.exists():
+            raise ConfigError(f"model.backbone: path {str(path)!r} does not exist")
+        if cfg.model.lm is not None and not Path(cfg.model.lm).expanduser().exists():
+            raise ConfigError(f"model.lm: path {cfg.model.lm!r} does not exist")
+    lm = str(Path(cfg.model.lm).expanduser()) if cfg.model.lm else None
+    return ModelSpec(str(path), lm, cfg.model.projector, cfg.model.dtype, cfg.model.device)
+
+
+def read_manifest(model: ModelSpec) -> dict[str, Any]:
+    import json
+
+    path = Path(model.backbone_path) / "fedsim.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def check_scene_fits_backbone(cfg: Config, manifest: dict[str, Any]) -> None:
+    """The toy LM only knows the words of its recipe: data.scene must stay inside it."""
+    recipe = manifest.get("recipe", {}).get("scene")
+    if not recipe:
+        return
+    for name in ("shapes", "colours", "sizes", "positions", "counts"):
+        allowed = recipe.get(name, [])
+        for value in getattr(cfg.data.scene, name):
+            if value not in allowed:
+                raise ConfigError(
+                    f"data.scene.{name}: {value!r} is unknown to the backbone (it was pre-trained on {allowed})"
+                )
+
+
+def prepare(cfg: Config, report: Callable[[str, int, int, float], None] | None = None) -> Prepared:
+    """Everything a run needs before Ray starts: backbone, data, partition."""
+    model = resolve_backbone(cfg, report)
+    manifest = read_manifest(model)
+    check_scene_fits_backbone(cfg, manifest)
+    cache = cache_root(cfg)
+    data_seed = 0  # the dataset is fixed; the run seed drives partition, sampling and training
+    train_path = ensure_scenes(cache, cfg.data.scene, data_seed, TRAIN_STREAM, cfg.data.num_scenes)
+    eval_path = ensure_scenes(cache, cfg.data.scene, data_seed, EVAL_STREAM, cfg.data.eval_scenes)
+    try:
+        shards = iid(cfg.data.num_scenes, cfg.scenario.num_clients, cfg.seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return Prepared(model, train_path, eval_path, shards, manifest)
+
+
+def connect_ray(cfg: Config) -> bool:
+    """Start or join Ray; returns True when this call started it (and so should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    import logging
+
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, logging_level=logging.WARNING, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=os.cpu_count(),
+            include_dashboard=cfg.ray.dashboard,
+            dashboard_host=cfg.ray.dashboard_host,
+            logging_level=logging.ERROR,
+            log_to_driver=True,
+        )
+    return True
+
+
+def _assign(tasks: list[ClientTask], workers: int) -> list[list[ClientTask]]:
+    """Push scheduling: tasks by predicted cost (rows) descending, each to the least-loaded worker."""
+    order = sorted(tasks, key=lambda t: (-len(t.rows), t.client_id))
+    load = [0] * workers
+    plan: list[list[ClientTask]] = [[] for _ in range(workers)]
+    for task in order:
+        w = min(range(workers), key=lambda i: (load[i], i))
+        plan[w].append(task)
+        load[w] += len(task.rows)
+    return plan
+
+
+def results_table(initial: dict[str, float] | None, final: dict[str, float], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    if initial is not None:
+        table.add_column("untrained (round 0)", justify="right")
+    table.add_column("final", justify="right")
+    for key, label in HEADLINE:
+        if key not in final:
+            continue
+        row = [label]
+        if initial is not None:
+            row.append(f"{initial[key]:.3f}")
+        row.append(f"{final[key]:.3f}")
+        table.add_row(*row)
+    return table
+
+
+def _summary_md(cfg: Config, result: RunResult, wall: float) -> str:
+    lines = [
+        f"# fedsim run: {cfg.algorithm.name} on {cfg.scenario.name}",
+        "",
+        f"- clients: {cfg.scenario.num_clients} logical, {cfg.scenario.cohort_size} per round, "
+        f"{cfg.rounds} rounds × {cfg.train.local_steps} local steps × batch {cfg.train.batch_size}",
+        f"- seed {cfg.seed}; workers {cfg.ray.workers}; wall time {wall:.1f} s",
+        f"- backbone: {cfg.model.backbone}; projector {cfg.model.projector}",
+        "",
+        "| metric | untrained (round 0) | final |",
+        "|---|---:|---:|",
+    ]
+    init = result.initial_eval
+    for key, label in HEADLINE:
+        if key in result.final_eval:
+            a = f"{init[key]:.3f}" if init else "–"
+            lines.append(f"| {label.strip()} | {a} | {result.final_eval[key]:.3f} |")
+    lines += ["", "Peak resident memory (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in result.resources.items()), ""]
+    return "\n".join(lines)
+
+
+def run(
+    cfg: Config,
+    out_dir: Path,
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> RunResult:
+    """Run ``cfg`` to the end, writing everything to ``out_dir`` (which must be new or empty)."""
+    import ray
+
+    console = console or Console()
+    algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
+    out_dir = prepare_run_dir(Path(out_dir))
+    write_yaml(out_dir / "config.yaml", config_to_yaml_data(cfg))
+    metrics = MetricsLog(out_dir / "metrics.jsonl")
+    t_start = time.perf_counter()
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not show_progress,
+    )
+    with progress:
+        build_task = None
+
+        def report(stage: str, step: int, total: int, loss: float) -> None:
+            nonlocal build_task
+            if build_task is None:
+                build_task = progress.add_task("toy backbone", total=total, info="")
+            progress.update(build_task, completed=step, total=total, description=f"toy backbone: {stage}", info=f"loss {loss:.3f}")
+
+        prep = prepare(cfg, report)
+        started_ray = connect_ray(cfg)
+        actors: list[Any] = []
+        try:
+            result = _run_rounds(cfg, algorithm, prep, out_dir, metrics, progress, console, actors)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+            if started_ray:
+                ray.shutdown()
+    wall = time.perf_counter() - t_start
+    write_text(out_dir / "summary.md", _summary_md(cfg, result, wall))
+    console.print(results_table(result.initial_eval, result.final_eval, f"{cfg.algorithm.name} on {cfg.scenario.name}: held-out toy evaluation"))
+    console.print(f"run folder: {out_dir}  (metrics.jsonl, final/projector.safetensors, eval.json, summary.md)")
+    return result
+
+
+def _run_rounds(
+    cfg: Config,
+    algorithm: Any,
+    prep: Prepared,
+    out_dir: Path,
+    metrics: MetricsLog,
+    progress: Progress,
+    console: Console,
+    actors: list[Any],
+) -> RunResult:
+    import ray
+
+    pooled = bool(getattr(algorithm, "pooled", False))
+    worker_cls = ray.remote(num_cpus=cfg.ray.worker_cpus, num_gpus=cfg.ray.worker_gpus)(BackboneWorker)
+    workers = [
+        worker_cls.remote(prep.model, str(prep.train_path), cfg.ray.threads_per_worker) for _ in range(cfg.ray.workers)
+    ]
+    actors.extend(workers)
+    eval_threads = cfg.eval.threads or os.cpu_count() or 1
+    evaluator = ray.remote(num_cpus=0, num_gpus=0)(Evaluator).remote(
+        prep.model, str(prep.eval_path), eval_threads, cfg.eval.batch_size, cfg.eval.max_new_tokens
+    )
+    actors.append(evaluator)
+    try:
+        ray.get([w.ready.remote() for w in workers])
+    except ray.exceptions.RayActorError as e:
+        raise BackboneError(f"model.backbone: workers could not load {prep.model.backbone_path!r}: {e}") from None
+    # W_0 from the run seed (not from the checkpoint's stored projector).
+    weights: dict[str, torch.Tensor] = ray.get(workers[0].init_projector.remote(cfg.seed))
+    aggregator = ray.remote(num_cpus=0)(Aggregator).remote(cfg.algorithm.name, cfg.algorithm.params, weights)
+    actors.append(aggregator)
+
+    shards = [np.concatenate(prep.shards)] if pooled else prep.shards
+    cursors = [Cursor() for _ in shards]
+    store = MemoryStore()
+    steps = cfg.train.local_steps * (cfg.scenario.cohort_size if pooled else 1)
+    total_steps = cfg.rounds * steps
+    settings = TrainSettings(
+        optimizer=cfg.train.optimizer,
+        weight_decay=cfg.train.weight_decay,
+        grad_clip=cfg.train.grad_clip,
+        loss=cfg.train.loss,
+        qa_fraction=cfg.data.qa_fraction,
+    )
+
+    def evaluate(ref: Any) -> dict[str, float]:
+        return ray.get(evaluator.evaluate.remote(ref))
+
+    history: list[dict[str, Any]] = []
+    initial_eval = None
+    if cfg.eval.at_start:
+        t0 = time.perf_counter()
+        initial_eval = evaluate(ray.put(weights))
+        record = {"round": 0, "wall_seconds": round(time.perf_counter() - t0, 3), "eval": initial_eval}
+        metrics.append(record)
+        history.append(record)
+        console.print(f"round 0 (untrained): attr_mean {initial_eval['attr_mean']:.3f}, yes/no {initial_eval['yesno_acc']:.3f}")
+
+    round_task = progress.add_task("rounds", total=cfg.rounds, info="")
+    client_task = progress.add_task("client tasks", total=1, info="")
+    final_eval: dict[str, float] = {}
+    for rnd in range(1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        cohort = [POOLED_CLIENT] if pooled else uniform_cohort(
+            cfg.scenario.num_clients, cfg.scenario.cohort_size, cfg.seed, rnd
+        )
+        lrs = tuple(
+            lr_at((rnd - 1) * steps + s, total_steps, cfg.train.lr, cfg.train.warmup, cfg.train.schedule)
+            for s in range(steps)
+        )
+        tasks = []
+        for cid in cohort:
+            rows, cursors[cid] = take(shards[cid], cursors[cid], steps * cfg.train.batch_size, cfg.seed, cid)
+            tasks.append(ClientTask(cid, rnd, cfg.seed, rows, lrs, cfg.train.batch_size, store.load(cid)))
+        weights_ref = ray.put(weights)
+        payload_ref = aggregator.payload.remote()
+        pending = {}
+        for w, plan in zip(workers, _assign(tasks, len(workers))):
+            for task in plan:
+                ref = w.train.remote(task, weights_ref, payload_ref, cfg.algorithm.name, cfg.algorithm.params, settings)
+                pending[ref] = task.client_id
+        progress.update(client_task, total=len(tasks), completed=0, description=f"round {rnd} clients", info="")
+        results: list[ClientResult] = []
+        waiting = list(pending)
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1)
+            res: ClientResult = ray.get(done[0])
+            results.append(res)
+            progress.update(client_task, advance=1, info=f"client {res.update.client_id} loss {res.update.loss:.3f}")
+        results.sort(key=lambda r: r.update.client_id)
+        for res in results:
+            store.save(res.update.client_id, res.client_state)
+        updates = [r.update for r in results]
+        weights, agg = ray.get(aggregator.aggregate.remote(weights_ref, updates, rnd))
+        samples = sum(u.num_samples for u in updates)
+        record: dict[str, Any] = {
+            "round": rnd,
+            "clients": cohort,
+            "num_clients": len(cohort),
+            "samples": samples,
+            "loss": float(sum(u.loss * u.num_samples for u in updates) / max(samples, 1)),
+            "lr": lrs[0],
+            "update_norm": agg.get("update_norm"),
+            "rejected": agg.get("rejected", []),
+            "client_seconds_max": max(r.seconds for r in results),
+            "data_passes_max": max(c.passes for c in cursors),
+        }
+        last = rnd == cfg.rounds
+        if last or (cfg.eval_every and rnd % cfg.eval_every == 0):
+            final_eval = evaluate(ray.put(weights))
+            record["eval"] = final_eval
+            console.print(
+                f"round {rnd}: loss {record['loss']:.3f}, attr_mean {final_eval['attr_mean']:.3f}, "
+                f"yes/no {final_eval['yesno_acc']:.3f}"
+            )
+        record["wall_seconds"] = round(time.perf_counter() - t0, 3)
+        metrics.append(record)
+        history.append(record)
+        progress.update(round_task, advance=1, info=f"loss {record['loss']:.3f}")
+
+    save_weights(
+        out_dir / "final" / "projector.safetensors",
+        weights,
+        {"algorithm": cfg.algorithm.name, "rounds": str(cfg.rounds), "seed": str(cfg.seed)},
+    )
+    write_json(out_dir / "eval.json", {"round": cfg.rounds, "initial": initial_eval, "final": final_eval})
+    resources = {
+        "driver": peak_rss_mb(),
+        **{f"worker{i}": v for i, v in enumerate(ray.get([w.peak_rss_mb.remote() for w in workers]))},
+        "aggregator": ray.get(aggregator.peak_rss_mb.remote()),
+        "evaluator": ray.get(evaluator.peak_rss_mb.remote()),
+    }
+    write_json(out_dir / "resources.json", {"peak_rss_mb": resources})
+    return RunResult(out_dir, weights, initial_eval, final_eval, history, resources)

@@ -1,0 +1,550 @@
+"""The embedded toy backbones: a tiny CLIP-style vision encoder and a tiny Llama-style causal LM.
+
+fedsim pre-trains both on its synthetic scenes so that the frozen parts mean something and projector
+alignment is learnable, then assembles them into a transformers ``LlavaForConditionalGeneration``
+with an offline word-level tokenizer and a ``LlavaProcessor``. The result is an ordinary HF LLaVA
+checkpoint folder, cached under a content hash of the build recipe; runs load it through the same
+code path as any local LLaVA checkpoint (``fedsim.models.backbone``).
+
+The recipe, and why (measured on 2 CPU cores; see README, "The toy backbone"):
+
+1. LM, text only: bare captions (the language prior), and in-context captions and yes/no answers
+   whose context is the scene's shuffled attribute words (the LM learns to read its context).
+2. Vision encoder: supervised attribute heads (shape, colour, size, position, count) on CLS.
+3. Joint warm-up: the LM and a *throwaway* projector train together on image captions and
+   questions, vision frozen. A large LLM can read soft image tokens thanks to its scale; a 300k
+   parameter LM cannot, and without this stage projector-only alignment of a text-only LM stalled
+   on one attribute or another (colour at chance in one build, position in another). The
+   throwaway projector is discarded: every run's projector starts from a fresh random draw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from fedsim.data.scenes_dataset import spec_to_dict
+from fedsim.losses import per_example_loss
+from fedsim.schedule import lr_at
+from fedsim.data.synthetic import (
+    COLOURS,
+    COUNT_CONTEXT_WORDS,
+    COUNT_WORDS,
+    PLURALS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    SceneSpec,
+    iter_scenes,
+    sample_scene,
+)
+
+RECIPE_VERSION = 2
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", IMAGE_TOKEN]
+CAPTION_PROMPT = "Caption :"
+QA_PROMPT = "Question : {question} Answer :"
+# Scene streams (see fedsim.data.synthetic): each use of the generator has its own stream id.
+STREAM_PRETRAIN_VISION = 101
+STREAM_PRETRAIN_LM = 102
+STREAM_PROBE = 103
+STREAM_JOINT = 104
+ATTRIBUTES = ("shape", "colour", "size", "position", "count")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToyBuildConfig:
+    """The recipe of the toy backbones; its hash names the cache folder.
+
+    Attributes
+    ----------
+    seed:
+        Seed of every draw in the build (data, initialisation, batches).
+    scene:
+        The synthetic scene specification both backbones are pre-trained on.
+    lm_hidden, lm_layers, lm_heads, lm_intermediate:
+        LlamaConfig sizes of the causal LM.
+    lm_steps, lm_batch, lm_lr:
+        Text-only pre-training of the LM (AdamW, cosine schedule with warm-up).
+    lm_mix:
+        Relative shares of bare captions, in-context captions and in-context yes/no questions.
+    vision_hidden, vision_layers, vision_heads, vision_intermediate, patch_size:
+        CLIPVisionConfig sizes of the vision encoder.
+    vision_steps, vision_batch, vision_lr, vision_scenes:
+        Supervised attribute pre-training of the encoder on ``vision_scenes`` rendered scenes.
+    joint_steps, joint_batch, joint_projector_lr, joint_lm_lr, joint_qa_fraction:
+        The joint warm-up: the LM and a throwaway projector train together on captions and
+        questions about the same scenes (vision frozen); the projector is then discarded.
+    """
+
+    seed: int = 0
+    scene: SceneSpec = field(default_factory=lambda: SceneSpec(styles=("filled", "outline")))
+    lm_hidden: int = 128
+    lm_layers: int = 2
+    lm_heads: int = 4
+    lm_intermediate: int = 256
+    lm_steps: int = 800
+    lm_batch: int = 64
+    lm_lr: float = 3e-3
+    lm_mix: tuple[float, float, float] = (0.2, 0.3, 0.5)
+    vision_hidden: int = 128
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_intermediate: int = 256
+    patch_size: int = 8
+    vision_steps: int = 1200
+    vision_batch: int = 64
+    vision_lr: float = 2e-3
+    vision_scenes: int = 12000
+    joint_steps: int = 800
+    joint_batch: int = 32
+    joint_projector_lr: float = 3e-3
+    joint_lm_lr: float = 1e-3
+    joint_qa_fraction: float = 0.5
+
+    def key(self) -> str:
+        payload = {k: v for k, v in dataclasses.asdict(self).items() if k != "scene"}
+        payload["scene"] = spec_to_dict(self.scene)
+        payload["recipe"] = RECIPE_VERSION
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def vocabulary() -> list[str]:
+    """Every word the toy captions, questions and prompts use, in a fixed order."""
+    words = list(SPECIAL_TOKENS)
+    words += ["Caption", "Question", "Answer", ":", "?", "is", "there", "at", "the", "yes", "no", "object"]
+    words += list(dict.fromkeys(COUNT_WORDS.values())) + list(COUNT_CONTEXT_WORDS.values())
+    words += list(SIZES) + list(COLOURS) + list(SHAPES) + list(PLURALS.values())
+    for pos in POSITIONS:
+        words += pos.split()
+    return list(dict.fromkeys(words))
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over :func:`vocabulary`, saved and reloaded offline."""
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+    fast.padding_side = "left"
+    return fast
+
+
+# ---------------------------------------------------------------------------------------------
+# LM pre-training data (text only; scene attributes without rendering)
+
+
+def lm_example(
+    rng: np.random.Generator,
+    spec: SceneSpec,
+    index: int,
+    seed: int,
+    mix: tuple[float, float, float] = (0.2, 0.3, 0.5),
+) -> tuple[list[str] | None, str, str]:
+    """One LM pre-training example: ``(context words or None, prompt, target)``.
+
+    A mixture of bare captions (the language prior, no context), in-context captions and in-context
+    yes/no answers whose context is the scene's attribute words. The loss covers the target only.
+    """
+    scene = sample_scene(spec, seed, STREAM_PRETRAIN_LM, index)
+    task = rng.random() * sum(mix)
+    if task < mix[0]:
+        return None, CAPTION_PROMPT, scene.caption
+    context = scene.context_words(rng)
+    if task < mix[0] + mix[1]:
+        return context, CAPTION_PROMPT, scene.caption
+    return context, QA_PROMPT.format(question=scene.question), scene.answer
+
+
+def pretrain_lm(
+    cfg: ToyBuildConfig,
+    tokenizer: PreTrainedTokenizerFast,
+    report: Callable[[str, int, int, float], None],
+) -> tuple[LlamaForCausalLM, dict[str, float]]:
+    """Train the causal LM on text-only caption, in-context caption and in-context QA tasks."""
+    torch.manual_seed(cfg.seed)
+    lm_cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.lm_hidden,
+        intermediate_size=cfg.lm_intermediate,
+        num_hidden_layers=cfg.lm_layers,
+        num_attention_heads=cfg.lm_heads,
+        num_key_value_heads=cfg.lm_heads,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    lm = LlamaForCausalLM(lm_cfg)
+    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lm_lr, weight_decay=0.01)
+    rng = np.random.default_rng([cfg.seed, STREAM_PRETRAIN_LM])
+    index = 0
+
+    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_ids, attention_mask, labels ``[n, L]`` (labels on the target and EOS only)."""
+        nonlocal index
+        rows = []
+        for _ in range(n):
+            context, prompt, target = lm_example(rng, cfg.scene, index, cfg.seed, cfg.lm_mix)
+            index += 1
+            words = (context or []) + prompt.split()
+            head = [tokenizer.bos_token_id, *tokenizer.convert_tokens_to_ids(words)]
+            tail = [*tokenizer.convert_tokens_to_ids(target.split()), tokenizer.eos_token_id]
+            rows.append((head, tail))
+        width = max(len(h) + len(t) for h, t in rows)
+        input_ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), -100, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, (head, tail) in enumerate(rows):
+            ids = torch.tensor(head + tail)
+            input_ids[i, : len(ids)] = ids
+            mask[i, : len(ids)] = 1
+            labels[i, len(head) : len(ids)] = ids[len(head) :]
+        return input_ids, mask, labels
+
+    lm.train()
+    loss_val = float("nan")
+    for step in range(cfg.lm_steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.lm_steps, cfg.lm_lr)
+        input_ids, mask, labels = batch(cfg.lm_batch)
+        loss = per_example_loss(lm(input_ids=input_ids, attention_mask=mask).logits, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        loss_val = 0.98 * loss_val + 0.02 * loss.item() if step else loss.item()
+        report("lm", step + 1, cfg.lm_steps, loss_val)
+    lm.eval()
+    with torch.no_grad():
+        input_ids, mask, labels = batch(512)
+        held_out = per_example_loss(lm(input_ids=input_ids, attention_mask=mask).logits, labels).item()
+    return lm, {"lm_loss": held_out}
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision pre-training (supervised attribute heads on the CLS token)
+
+
+def _attribute_targets(scenes: list, spec: SceneSpec) -> dict[str, torch.Tensor]:
+    values = {
+        "shape": spec.shapes,
+        "colour": spec.colours,
+        "size": spec.sizes,
+        "position": spec.positions,
+        "count": spec.counts,
+    }
+    return {
+        a: torch.tensor([values[a].index(getattr(s, a)) for s in scenes], dtype=torch.long)
+        for a in ATTRIBUTES
+    }
+
+
+def render_scenes(spec: SceneSpec, seed: int, stream: int, n: int) -> tuple[list, np.ndarray]:
+    """``n`` scenes of ``stream`` and their images, ``[n, H, W, 3]`` uint8."""
+    scenes, images = [], []
+    for scene, img in iter_scenes(spec, seed, stream, range(n)):
+        scenes.append(scene)
+        images.append(img)
+    return scenes, np.stack(images)
+
+
+def normalise(images: np.ndarray) -> torch.Tensor:
+    """``[n, 3, H, W]`` pixels as the toy CLIPImageProcessor gives them (mean = std = 0.5)."""
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    return (pixels - 0.5) / 0.5
+
+
+def pretrain_vision(
+    cfg: ToyBuildConfig, scenes: list, images: np.ndarray, report: Callable[[str, int, int, float], None]
+) -> tuple[CLIPVisionModel, dict[str, float]]:
+    """Train the vision encoder to classify every scene attribute from its CLS token."""
+    torch.manual_seed(cfg.seed + 1)
+    spec = cfg.scene
+    vcfg = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden,
+        intermediate_size=cfg.vision_intermediate,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=spec.image_size,
+        patch_size=cfg.patch_size,
+        projection_dim=cfg.vision_hidden,
+    )
+    enc = CLIPVisionModel(vcfg)
+    n_classes = {
+        "shape": len(spec.shapes),
+        "colour": len(spec.colours),
+        "size": len(spec.sizes),
+        "position": len(spec.positions),
+        "count": len(spec.counts),
+    }
+    heads = torch.nn.ModuleDict({a: torch.nn.Linear(cfg.vision_hidden, k) for a, k in n_classes.items()})
+    params = list(enc.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.01)
+    pixels, targets = normalise(images), _attribute_targets(scenes, spec)
+    probe_scenes, probe_images = render_scenes(spec, cfg.seed, STREAM_PROBE, 1000)
+    probe_px, probe_t = normalise(probe_images), _attribute_targets(probe_scenes, spec)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    enc.train()
+    loss_val = float("nan")
+    for step in range(cfg.vision_steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.vision_steps, cfg.vision_lr)
+        idx = torch.randint(0, len(scenes), (cfg.vision_batch,), generator=gen)
+        pooled = enc(pixel_values=pixels[idx]).pooler_output  # [B, hidden]
+        loss = sum(F.cross_entropy(heads[a](pooled), targets[a][idx]) for a in ATTRIBUTES)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[union-attr]
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        loss_val = 0.98 * loss_val + 0.02 * loss.item() if step else loss.item()
+        report("vision", step + 1, cfg.vision_steps, loss_val)
+    enc.eval()
+    with torch.no_grad():
+        pooled = enc(pixel_values=probe_px).pooler_output
+        probe = {
+            f"vision_probe_{a}": (heads[a](pooled).argmax(-1) == probe_t[a]).float().mean().item()
+            for a in ATTRIBUTES
+        }
+    return enc, probe
+
+
+# ---------------------------------------------------------------------------------------------
+# Joint warm-up: the LM learns to read projected image tokens
+
+
+def joint_warmup(
+    cfg: ToyBuildConfig,
+    vision: CLIPVisionModel,
+    lm: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    scenes: list,
+    images: np.ndarray,
+    report: Callable[[str, int, int, float], None],
+) -> tuple[LlamaForCausalLM, dict[str, float]]:
+    """Train the LM together with a throwaway projector on image captions and questions.
+
+    The vision encoder stays frozen. Afterwards the LM knows how to read projected image tokens
+    (as a large pre-trained LLM does from its scale); the projector is discarded, so a run's
+    projector starts from scratch and alignment is learnt, not inherited. Returns the updated LM
+    and the warm-up model's scores on held-out probe scenes (what a trained projector can reach).
+    """
+    from PIL import Image
+
+    from fedsim.data.collate import training_batch
+    from fedsim.eval.generation import HFBackend
+    from fedsim.eval.toy import evaluate_toy
+    from fedsim.models.backbone import Backbone
+
+    torch.manual_seed(cfg.seed + 5)
+    model = assemble_llava(vision, lm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    for name, p in model.named_parameters():
+        p.requires_grad_("vision_tower" not in name)
+    processor = toy_processor(tokenizer, cfg.scene, cfg.patch_size)
+    bb = Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        image_processor=processor.image_processor,
+        caption_prompt=f"{IMAGE_TOKEN} {CAPTION_PROMPT}",
+        qa_prompt=f"{IMAGE_TOKEN} {QA_PROMPT}",
+        image_seq_length=model.config.image_seq_length,
+        image_token_id=model.config.image_token_id,
+        source="toy-build",
+        manifest={},
+    )
+    projector = [p for n, p in model.named_parameters() if "multi_modal_projector" in n]
+    language = [p for n, p in model.named_parameters() if p.requires_grad and "multi_modal_projector" not in n]
+    opt = torch.optim.AdamW(
+        [{"params": projector, "base": cfg.joint_projector_lr}, {"params": language, "base": cfg.joint_lm_lr}],
+        weight_decay=0.0,
+    )
+    rng = np.random.default_rng([cfg.seed, STREAM_JOINT])
+    model.train()
+    loss_val = float("nan")
+    for step in range(cfg.joint_steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.joint_steps, g["base"])
+        idx = rng.integers(0, len(scenes), cfg.joint_batch)
+        qa = rng.random(cfg.joint_batch) < cfg.joint_qa_fraction
+        batch_scenes = [scenes[i] for i in idx]
+        prompts = [bb.qa_prompt.format(question=s.question) if q else bb.caption_prompt for s, q in zip(batch_scenes, qa)]
+        targets = [s.answer if q else s.caption for s, q in zip(batch_scenes, qa)]
+        batch = training_batch(bb, [Image.fromarray(images[i]) for i in idx], prompts, targets)
+        labels = batch.pop("labels")
+        loss = per_example_loss(model(**batch).logits, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(projector + language, 1.0)
+        opt.step()
+        loss_val = 0.98 * loss_val + 0.02 * loss.item() if step else loss.item()
+        report("joint", step + 1, cfg.joint_steps, loss_val)
+    model.eval()
+    probe_scenes, probe_images = render_scenes(cfg.scene, cfg.seed, STREAM_PROBE, 500)
+    columns = {
+        "image": [Image.fromarray(x) for x in probe_images],
+        **{a: [getattr(s, a) for s in probe_scenes] for a in ("caption", "question", "answer", *ATTRIBUTES)},
+    }
+    scores = evaluate_toy(HFBackend(bb, 100), columns, bb.caption_prompt, bb.qa_prompt)
+    lm.model.load_state_dict(model.model.language_model.state_dict())
+    lm.lm_head.load_state_dict(model.lm_head.state_dict())
+    return lm, {f"joint_{k}": v for k, v in scores.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Assembly and cache
+
+
+def assemble_llava(
+    vision: CLIPVisionModel,
+    lm: LlamaForCausalLM,
+    image_token_id: int,
+    projector_act: str = "gelu",
+) -> LlavaForConditionalGeneration:
+    """A LlavaForConditionalGeneration holding ``vision`` and ``lm`` (projector freshly initialised).
+
+    Uses every patch and CLS (strategy "full") from the last encoder layer (-1): the toy encoder was
+    pre-trained with exactly that many layers, and CLS carries its attribute summary.
+    """
+    lcfg = LlavaConfig(
+        vision_config=vision.config.to_dict(),
+        text_config=lm.config.to_dict(),
+        image_token_id=image_token_id,
+        projector_hidden_act=projector_act,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_seq_length=(vision.config.image_size // vision.config.patch_size) ** 2 + 1,
+        tie_word_embeddings=False,
+        multimodal_projector_bias=True,
+    )
+    model = LlavaForConditionalGeneration(lcfg)
+    model.model.vision_tower.load_state_dict(vision.state_dict())
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    return model.eval()
+
+
+def toy_processor(tokenizer: PreTrainedTokenizerFast, spec: SceneSpec, patch_size: int) -> LlavaProcessor:
+    size = spec.image_size
+    # The PIL backend: no torchvision needed, and the same pixels as the torchvision one.
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=1,
+        image_token=IMAGE_TOKEN,
+    )
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("FEDSIM_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "fedsim"
+
+
+def toy_backbone_path(cfg: ToyBuildConfig, cache_dir: Path | None = None) -> Path:
+    return (cache_dir or default_cache_dir()) / "backbones" / f"toy-{cfg.key()}"
+
+
+def build_toy_backbone(
+    cfg: ToyBuildConfig | None = None,
+    cache_dir: Path | None = None,
+    report: Callable[[str, int, int, float], None] | None = None,
+    force: bool = False,
+) -> Path:
+    """Build (or find in the cache) the toy LLaVA checkpoint and return its folder.
+
+    The folder holds ``config.json``, ``model.safetensors``, the processor files, ``vision/`` and
+    ``lm/`` (the two pre-trained parts on their own, for the vision + LM pair loading path) and
+    ``fedsim.json`` (prompts, build metrics, recipe). Concurrent builders serialise on a file lock.
+    """
+    cfg = cfg or ToyBuildConfig()
+    report = report or (lambda stage, step, total, loss: None)
+    final = toy_backbone_path(cfg, cache_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / "fedsim.json").exists() and not force:
+            return final
+        t0 = time.perf_counter()
+        tokenizer = build_tokenizer()
+        lm, lm_metrics = pretrain_lm(cfg, tokenizer, report)
+        t_lm = time.perf_counter() - t0
+        scenes, images = render_scenes(cfg.scene, cfg.seed, STREAM_PRETRAIN_VISION, cfg.vision_scenes)
+        vision, vision_metrics = pretrain_vision(cfg, scenes, images, report)
+        t_vision = time.perf_counter() - t0 - t_lm
+        lm, joint_metrics = joint_warmup(cfg, vision, lm, tokenizer, scenes, images, report)
+        t_joint = time.perf_counter() - t0 - t_lm - t_vision
+        image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        torch.manual_seed(cfg.seed + 6)  # the checkpoint's (unused) projector; runs draw their own
+        model = assemble_llava(vision, lm, image_id)
+        processor = toy_processor(tokenizer, cfg.scene, cfg.patch_size)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+        try:
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            vision.save_pretrained(tmp / "vision")
+            image_processor = processor.image_processor
+            image_processor.save_pretrained(tmp / "vision")
+            lm.save_pretrained(tmp / "lm")
+            tokenizer.save_pretrained(tmp / "lm")
+            manifest = {
+                "kind": "toy",
+                "recipe": {**dataclasses.asdict(cfg), "scene": spec_to_dict(cfg.scene)},
+                "key": cfg.key(),
+                "caption_prompt": f"{IMAGE_TOKEN} {CAPTION_PROMPT}",
+                "qa_prompt": f"{IMAGE_TOKEN} {QA_PROMPT}",
+                "metrics": {**lm_metrics, **vision_metrics, **joint_metrics},
+                "seconds": {"lm": round(t_lm, 1), "vision": round(t_vision, 1), "joint": round(t_joint, 1)},
+                "versions": {"torch": torch.__version__},
+            }
+            (tmp / "fedsim.json").write_text(json.dumps(manifest, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,57 @@
+"""Shared fixtures: the toy backbone (built once, cached), small datasets, one Ray session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """The user's fedsim cache (so a backbone built by `make run` is reused, and vice versa)."""
+    from fedsim.models.toy import default_cache_dir
+
+    path = default_cache_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_path(cache_dir: Path) -> Path:
+    """The default toy backbone (about two minutes to build the first time)."""
+    import torch
+
+    from fedsim.models.toy import build_toy_backbone
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        return build_toy_backbone(cache_dir=cache_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def toy(toy_path: Path):
+    from fedsim.models.backbone import load_backbone
+
+    return load_backbone(toy_path)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (2 CPUs, as on the CI machine)."""
+    import ray
+
+    if not ray.is_initialized():
+        import logging
+
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR)
+    yield ray
+    ray.shutdown()

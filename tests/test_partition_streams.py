@@ -1,0 +1,49 @@
+"""Partitions, cohorts and one-pass streams: pure functions of their keys."""
+
+import numpy as np
+import pytest
+
+from fedsim.data.streams import Cursor, pass_order, take
+from fedsim.scenarios.partition import iid
+from fedsim.scenarios.participation import uniform_cohort
+
+
+def test_iid_is_a_partition_and_deterministic():
+    shards = iid(1003, 20, seed=4)
+    rows = np.concatenate(shards)
+    assert sorted(rows.tolist()) == list(range(1003))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    again = iid(1003, 20, seed=4)
+    assert all(np.array_equal(a, b) for a, b in zip(shards, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(shards, iid(1003, 20, seed=5)))
+
+
+def test_iid_rejects_more_clients_than_rows():
+    with pytest.raises(ValueError, match="num_clients"):
+        iid(5, 6, seed=0)
+
+
+def test_cohort_is_keyed_by_round_only():
+    a = uniform_cohort(100, 10, seed=1, server_round=7)
+    assert a == sorted(set(a)) and len(a) == 10
+    assert a == uniform_cohort(100, 10, seed=1, server_round=7)
+    assert a != uniform_cohort(100, 10, seed=1, server_round=8)
+
+
+def test_stream_resumes_and_wraps_to_a_new_pass():
+    shard = np.arange(100, 110)
+    first, cur = take(shard, Cursor(), 4, seed=0, client_id=3)
+    second, cur = take(shard, cur, 4, seed=0, client_id=3)
+    third, cur = take(shard, cur, 4, seed=0, client_id=3)
+    order0 = pass_order(shard, 0, 3, 0)
+    order1 = pass_order(shard, 0, 3, 1)
+    assert np.array_equal(np.concatenate([first, second]), order0[:8])
+    assert np.array_equal(third, np.concatenate([order0[8:], order1[:2]]))
+    assert cur == Cursor(passes=1, position=2)
+    # One pass reads every row exactly once.
+    assert sorted(order0.tolist()) == shard.tolist()
+
+
+def test_empty_shard_names_the_client():
+    with pytest.raises(ValueError, match="client 7"):
+        take(np.array([], dtype=np.int64), Cursor(), 1, seed=0, client_id=7)

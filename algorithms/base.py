@@ -69,16 +69,23 @@ class LocalTraining:
     persistent_optimizer: ClassVar[bool] = False
 
     def loss_term(
-        self, params: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor], ctx: dict[str, Any]
+        self,
+        params: Mapping[str, torch.Tensor],
+        start: Mapping[str, torch.Tensor],
+        ctx: dict[str, Any],
     ) -> torch.Tensor | None:
         """An extra term added to the local loss (FedProx's proximal term), or None."""
         return None
 
-    def correct_gradients(self, params: Mapping[str, torch.nn.Parameter], ctx: dict[str, Any]) -> None:
+    def correct_gradients(
+        self, params: Mapping[str, torch.nn.Parameter], ctx: dict[str, Any]
+    ) -> None:
         """Change ``p.grad`` in place after backward (SCAFFOLD's control-variate correction)."""
 
     def prepare(
-        self, client_state: Mapping[str, torch.Tensor], payload: Mapping[str, torch.Tensor]
+        self,
+        client_state: Mapping[str, torch.Tensor],
+        payload: Mapping[str, torch.Tensor],
     ) -> dict[str, Any]:
         """Build the per-client context from its stored state and the server payload."""
         return {}
@@ -109,7 +116,11 @@ class Algorithm(Protocol):
     def server_payload(self, state: Weights) -> Weights: ...
 
     def aggregate(
-        self, weights: Weights, updates: Sequence[ClientUpdate], state: Weights, server_round: int
+        self,
+        weights: Weights,
+        updates: Sequence[ClientUpdate],
+        state: Weights,
+        server_round: int,
     ) -> AggregateResult: ...
 
     def local_training(self) -> LocalTraining: ...
@@ -119,15 +130,21 @@ class Algorithm(Protocol):
 # Shared pure helpers
 
 
-def check_same_keys(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], what: str) -> None:
+def check_same_keys(
+    reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], what: str
+) -> None:
     """Raise ValueError when ``other`` does not have exactly the keys and shapes of ``reference``."""
     if set(reference) != set(other):
         missing = sorted(set(reference) - set(other))
         extra = sorted(set(other) - set(reference))
-        raise ValueError(f"{what}: keys differ from the global weights (missing {missing}, unexpected {extra})")
+        raise ValueError(
+            f"{what}: keys differ from the global weights (missing {missing}, unexpected {extra})"
+        )
     for k, v in reference.items():
         if tuple(other[k].shape) != tuple(v.shape):
-            raise ValueError(f"{what}: {k} has shape {list(other[k].shape)}, expected {list(v.shape)}")
+            raise ValueError(
+                f"{what}: {k} has shape {list(other[k].shape)}, expected {list(v.shape)}"
+            )
 
 
 def sample_weights(updates: Sequence[ClientUpdate]) -> list[float]:
@@ -138,10 +155,14 @@ def sample_weights(updates: Sequence[ClientUpdate]) -> list[float]:
     return [u.num_samples / total for u in updates]
 
 
-def weighted_sum(tensors: Sequence[Mapping[str, torch.Tensor]], coeffs: Sequence[float]) -> Weights:
+def weighted_sum(
+    tensors: Sequence[Mapping[str, torch.Tensor]], coeffs: Sequence[float]
+) -> Weights:
     """Σ_k c_k · T_k per key, accumulated in float64 in the given order, returned as float32."""
     if len(tensors) != len(coeffs):
-        raise ValueError(f"weighted_sum: {len(tensors)} tensors but {len(coeffs)} coefficients")
+        raise ValueError(
+            f"weighted_sum: {len(tensors)} tensors but {len(coeffs)} coefficients"
+        )
     if not tensors:
         raise ValueError("weighted_sum: nothing to sum")
     out: Weights = {}
@@ -153,14 +174,23 @@ def weighted_sum(tensors: Sequence[Mapping[str, torch.Tensor]], coeffs: Sequence
     return out
 
 
-def add(weights: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], scale: float = 1.0) -> Weights:
+def add(
+    weights: Mapping[str, torch.Tensor],
+    delta: Mapping[str, torch.Tensor],
+    scale: float = 1.0,
+) -> Weights:
     """W + scale · Δ per key (float32)."""
-    return {k: (weights[k].to(torch.float32) + scale * delta[k].to(torch.float32)) for k in weights}
+    return {
+        k: (weights[k].to(torch.float32) + scale * delta[k].to(torch.float32))
+        for k in weights
+    }
 
 
 def global_norm(tensors: Mapping[str, torch.Tensor]) -> float:
     """√(Σ ‖T‖²) over all keys, in float64."""
-    return math.sqrt(sum(float(t.to(torch.float64).pow(2).sum()) for t in tensors.values()))
+    return math.sqrt(
+        sum(float(t.to(torch.float64).pow(2).sum()) for t in tensors.values())
+    )
 
 
 def sorted_updates(updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:

@@ -12,7 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fedsim.algorithms.base import AggregateResult, ClientUpdate, LocalTraining, Weights, add, global_norm
+from fedsim.algorithms.base import (
+    AggregateResult,
+    ClientUpdate,
+    LocalTraining,
+    Weights,
+    add,
+    global_norm,
+)
 from fedsim.algorithms.registry import register
 
 
@@ -37,9 +44,17 @@ class Centralized:
         return PooledTraining()
 
     def aggregate(
-        self, weights: Weights, updates: Sequence[ClientUpdate], state: Weights, server_round: int
+        self,
+        weights: Weights,
+        updates: Sequence[ClientUpdate],
+        state: Weights,
+        server_round: int,
     ) -> AggregateResult:
         if len(updates) != 1:
-            raise ValueError(f"centralized: expected the one pooled client, got {len(updates)} updates")
+            raise ValueError(
+                f"centralized: expected the one pooled client, got {len(updates)} updates"
+            )
         delta = updates[0].delta
-        return AggregateResult(add(weights, delta), {}, {"update_norm": global_norm(delta)})
+        return AggregateResult(
+            add(weights, delta), {}, {"update_norm": global_norm(delta)}
+        )

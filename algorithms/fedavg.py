@@ -60,10 +60,16 @@ class FedAvg:
         return LocalTraining()
 
     def aggregate(
-        self, weights: Weights, updates: Sequence[ClientUpdate], state: Weights, server_round: int
+        self,
+        weights: Weights,
+        updates: Sequence[ClientUpdate],
+        state: Weights,
+        server_round: int,
     ) -> AggregateResult:
         for u in updates:
             check_same_keys(weights, u.delta, f"client {u.client_id}")
         mean_delta = fedavg_delta(updates)
         new = add(weights, mean_delta, self.server_lr)
-        return AggregateResult(new, {}, {"update_norm": global_norm(mean_delta) * self.server_lr})
+        return AggregateResult(
+            new, {}, {"update_norm": global_norm(mean_delta) * self.server_lr}
+        )

@@ -31,7 +31,9 @@ def register(name: str, *, paper: str, pooled: bool = False) -> Callable[[T], T]
         if not dataclasses.is_dataclass(cls):
             raise TypeError(f"algorithm {name!r}: {cls.__name__} must be a dataclass")
         if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"algorithm {name!r} is registered twice ({_REGISTRY[name].__name__}, {cls.__name__})")
+            raise ValueError(
+                f"algorithm {name!r} is registered twice ({_REGISTRY[name].__name__}, {cls.__name__})"
+            )
         cls.name = name  # type: ignore[attr-defined]
         cls.paper = paper  # type: ignore[attr-defined]
         cls.pooled = pooled  # type: ignore[attr-defined]
@@ -52,7 +54,9 @@ def _load() -> None:
         try:
             ep.load()
         except Exception as e:  # a broken plug-in must not break fedsim; say which one
-            raise AlgorithmError(f"algorithm plug-in {ep.name!r} ({ep.value}): failed to load: {e}") from None
+            raise AlgorithmError(
+                f"algorithm plug-in {ep.name!r} ({ep.value}): failed to load: {e}"
+            ) from None
 
 
 def available() -> dict[str, type]:
@@ -64,7 +68,9 @@ def available() -> dict[str, type]:
 def get_algorithm_class(name: str) -> type:
     algos = available()
     if name not in algos:
-        raise AlgorithmError(f"algorithm.name: unknown algorithm {name!r} (known: {', '.join(algos)})")
+        raise AlgorithmError(
+            f"algorithm.name: unknown algorithm {name!r} (known: {', '.join(algos)})"
+        )
     return algos[name]
 
 

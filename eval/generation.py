@@ -17,7 +17,9 @@ from fedsim.models.backbone import Backbone
 
 
 class GenerationBackend(Protocol):
-    def generate(self, images: Sequence[object], prompts: Sequence[str], max_new_tokens: int) -> list[str]: ...
+    def generate(
+        self, images: Sequence[object], prompts: Sequence[str], max_new_tokens: int
+    ) -> list[str]: ...
 
 
 class HFBackend:
@@ -28,13 +30,17 @@ class HFBackend:
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def generate(self, images: Sequence[object], prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    def generate(
+        self, images: Sequence[object], prompts: Sequence[str], max_new_tokens: int
+    ) -> list[str]:
         bb = self.backbone
         device = next(bb.model.parameters()).device
         tok = bb.tokenizer
         out: list[str] = []
         for i in range(0, len(prompts), self.batch_size):
-            batch = generation_batch(bb, images[i : i + self.batch_size], prompts[i : i + self.batch_size])
+            batch = generation_batch(
+                bb, images[i : i + self.batch_size], prompts[i : i + self.batch_size]
+            )
             batch = {k: v.to(device) for k, v in batch.items()}
             ids = bb.model.generate(
                 **batch,
@@ -44,5 +50,7 @@ class HFBackend:
                 eos_token_id=tok.eos_token_id,
             )
             new = ids[:, batch["input_ids"].shape[1] :]
-            out.extend(t.strip() for t in tok.batch_decode(new, skip_special_tokens=True))
+            out.extend(
+                t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)
+            )
         return out

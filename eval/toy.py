@@ -14,8 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedsim.data.synthetic import COLOURS, COUNT_WORDS, PLURALS, POSITIONS, SHAPES, SIZES
 from fedsim.eval.generation import GenerationBackend
+
+from fedsim.data.synthetic import (
+    COLOURS,
+    COUNT_WORDS,
+    PLURALS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+)
 
 ATTRIBUTES = ("count", "size", "colour", "shape", "position")
 _COUNT_BY_WORD = {w: n for n, w in COUNT_WORDS.items()}
@@ -55,11 +63,15 @@ def pope_answer(text: str) -> str:
     return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
 
 
-def caption_scores(predictions: Sequence[str], references: Sequence[dict[str, object]]) -> dict[str, float]:
+def caption_scores(
+    predictions: Sequence[str], references: Sequence[dict[str, object]]
+) -> dict[str, float]:
     """Per-attribute accuracy, their mean, and exact-caption rate."""
     n = len(predictions)
     if n == 0 or n != len(references):
-        raise ValueError(f"caption_scores: {n} predictions for {len(references)} references")
+        raise ValueError(
+            f"caption_scores: {n} predictions for {len(references)} references"
+        )
     hits = dict.fromkeys(ATTRIBUTES, 0)
     exact = 0
     for pred, ref in zip(predictions, references):
@@ -109,9 +121,16 @@ def evaluate_toy(
     refs = [
         {"caption": c, "count": n, "size": s, "colour": col, "shape": sh, "position": p}
         for c, n, s, col, sh, p in zip(
-            rows["caption"], rows["count"], rows["size"], rows["colour"], rows["shape"], rows["position"]
+            rows["caption"],
+            rows["count"],
+            rows["size"],
+            rows["colour"],
+            rows["shape"],
+            rows["position"],
         )
     ]
     captions = backend.generate(images, [caption_prompt] * len(images), max_new_tokens)
-    answers = backend.generate(images, [qa_prompt.format(question=q) for q in rows["question"]], 3)
+    answers = backend.generate(
+        images, [qa_prompt.format(question=q) for q in rows["question"]], 3
+    )
     return {**caption_scores(captions, refs), **yesno_scores(answers, rows["answer"])}

@@ -100,10 +100,14 @@ class BackboneWorker:
         if key not in self._algorithms:
             self._algorithms[key] = build_algorithm(algorithm, params)
         local = self._algorithms[key].local_training()
-        return train_client(self.backbone, self.dataset, task, global_weights, payload, local, settings)
+        return train_client(
+            self.backbone, self.dataset, task, global_weights, payload, local, settings
+        )
 
 
-def validate_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor]) -> str | None:
+def validate_update(
+    update: ClientUpdate, reference: Mapping[str, torch.Tensor]
+) -> str | None:
     """Why ``update`` must be rejected (wrong keys/shapes, NaN/Inf, no samples), or None."""
     try:
         check_same_keys(reference, update.delta, f"client {update.client_id}")
@@ -114,7 +118,9 @@ def validate_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor])
             return f"client {update.client_id}: non-finite values (NaN/Inf) in {k}"
     for k, v in update.extras.items():
         if not torch.isfinite(v).all():
-            return f"client {update.client_id}: non-finite values (NaN/Inf) in extras {k}"
+            return (
+                f"client {update.client_id}: non-finite values (NaN/Inf) in extras {k}"
+            )
     if update.num_samples <= 0:
         return f"client {update.client_id}: no samples"
     return None
@@ -123,7 +129,9 @@ def validate_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor])
 class Aggregator:
     """Runs the algorithm's server half over each round's updates; keeps its server state."""
 
-    def __init__(self, algorithm: str, params: Mapping[str, Any], weights: Weights) -> None:
+    def __init__(
+        self, algorithm: str, params: Mapping[str, Any], weights: Weights
+    ) -> None:
         self.algorithm = build_algorithm(algorithm, params)
         self.state: Weights = self.algorithm.init_state(weights)
 
@@ -149,7 +157,8 @@ class Aggregator:
         self.state = result.state
         metrics.update(result.metrics)
         metrics.setdefault(
-            "update_norm", global_norm({k: result.weights[k] - weights[k] for k in weights})
+            "update_norm",
+            global_norm({k: result.weights[k] - weights[k] for k in weights}),
         )
         return result.weights, metrics
 
@@ -161,7 +170,12 @@ class Evaluator:
     """Holds a backbone for generation and the held-out scenes; scores any projector it is sent."""
 
     def __init__(
-        self, spec: ModelSpec, dataset_path: str, threads: int, batch_size: int, max_new_tokens: int
+        self,
+        spec: ModelSpec,
+        dataset_path: str,
+        threads: int,
+        batch_size: int,
+        max_new_tokens: int,
     ) -> None:
         _quiet()
         import datasets

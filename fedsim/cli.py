@@ -22,7 +22,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-backbones_app = typer.Typer(help="Build and inspect frozen backbones.", no_args_is_help=True)
+backbones_app = typer.Typer(
+    help="Build and inspect frozen backbones.", no_args_is_help=True
+)
 algorithms_app = typer.Typer(help="Federated algorithms.", no_args_is_help=True)
 scenarios_app = typer.Typer(help="Scenario presets.", no_args_is_help=True)
 app.add_typer(backbones_app, name="backbones")
@@ -42,18 +44,38 @@ def _fail(message: str) -> None:
 @app.command()
 def run(
     config: Annotated[
-        Optional[str], typer.Option("--config", "-c", help="YAML file or scenario preset name (default: toy-iid).")
+        Optional[str],
+        typer.Option(
+            "--config",
+            "-c",
+            help="YAML file or scenario preset name (default: toy-iid).",
+        ),
     ] = None,
     set_: Annotated[
         Optional[list[str]],
-        typer.Option("--set", "-s", help="Override a config field: key.sub=value (YAML value). Repeatable."),
+        typer.Option(
+            "--set",
+            "-s",
+            help="Override a config field: key.sub=value (YAML value). Repeatable.",
+        ),
     ] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default: runs/<timestamp>/).")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", "-w", help="BackboneWorker actors (ray.workers).")] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Run folder (default: runs/<timestamp>/)."),
+    ] = None,
+    workers: Annotated[
+        Optional[int],
+        typer.Option("--workers", "-w", help="BackboneWorker actors (ray.workers)."),
+    ] = None,
     address: Annotated[
-        Optional[str], typer.Option("--address", help="Join an existing Ray cluster: 'auto' or ray://host:port.")
+        Optional[str],
+        typer.Option(
+            "--address", help="Join an existing Ray cluster: 'auto' or ray://host:port."
+        ),
     ] = None,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No live progress display.")] = False,
+    no_progress: Annotated[
+        bool, typer.Option("--no-progress", help="No live progress display.")
+    ] = False,
 ) -> None:
     """Train the projector federatedly and evaluate it; writes config, metrics, weights and reports."""
     from fedsim.config import load_config
@@ -73,16 +95,56 @@ def run(
     from fedsim.models.backbone import BackboneError
 
     try:
-        run_driver(cfg, out or default_run_dir(), console=console, show_progress=not no_progress)
+        run_driver(
+            cfg,
+            out or default_run_dir(),
+            console=console,
+            show_progress=not no_progress,
+        )
     except (ConfigError, BackboneError) as e:
         _fail(str(e))
 
 
+@app.command()
+def plot(
+    runs: Annotated[
+        list[Path], typer.Argument(help="Run folders to draw, one line each.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path(
+        "curves.png"
+    ),
+    labels: Annotated[
+        Optional[str],
+        typer.Option(help="Comma-separated line labels (default: folder names)."),
+    ] = None,
+    title: Annotated[Optional[str], typer.Option(help="Figure title.")] = None,
+) -> None:
+    """Plot training loss and held-out metrics against the round for one or more runs."""
+    from fedsim.plots import plot_runs
+
+    for r in runs:
+        if not (r / "metrics.jsonl").exists():
+            _fail(f"plot: {str(r)!r} has no metrics.jsonl (not a run folder)")
+    try:
+        path = plot_runs(runs, out, labels.split(",") if labels else None, title)
+    except ValueError as e:
+        _fail(str(e))
+        return
+    console.print(f"wrote {path}")
+
+
 @backbones_app.command("build")
 def backbones_build(
-    kind: Annotated[str, typer.Argument(help="Which backbone to build: 'toy'.")] = "toy",
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Cache folder (default: $FEDSIM_CACHE or ~/.cache/fedsim).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Rebuild even when cached.")] = False,
+    kind: Annotated[
+        str, typer.Argument(help="Which backbone to build: 'toy'.")
+    ] = "toy",
+    cache_dir: Annotated[
+        Optional[Path],
+        typer.Option(help="Cache folder (default: $FEDSIM_CACHE or ~/.cache/fedsim)."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rebuild even when cached.")
+    ] = False,
 ) -> None:
     """Pre-train the toy vision encoder and LM on synthetic scenes; cache the LLaVA checkpoint."""
     if kind != "toy":
@@ -90,23 +152,15 @@ def backbones_build(
     import json
 
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fedsim.models.toy import build_toy_backbone
+    from fedsim.progress import build_reporter, make_progress
 
     torch.set_num_threads(os.cpu_count() or 1)
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), console=console,
-    ) as progress:
-        tasks: dict[str, int] = {}
-
-        def report(stage: str, step: int, total: int, loss: float) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(f"pre-train {stage}", total=total, info="")
-            progress.update(tasks[stage], completed=step, info=f"loss {loss:.3f}")
-
-        path = build_toy_backbone(cache_dir=cache_dir, report=report, force=force)
+    with make_progress(console) as progress:
+        path = build_toy_backbone(
+            cache_dir=cache_dir, report=build_reporter(progress), force=force
+        )
     manifest = json.loads((path / "fedsim.json").read_text())
     console.print(f"toy backbone: {path}")
     for k, v in manifest.get("metrics", {}).items():
@@ -138,7 +192,9 @@ def scenarios_list() -> None:
 
     for name, path in presets().items():
         data = read_yaml(path).get("scenario", {})
-        console.print(f"{name}: {data.get('num_clients', '?')} clients, partition {data.get('partition', '?')}")
+        console.print(
+            f"{name}: {data.get('num_clients', '?')} clients, partition {data.get('partition', '?')}"
+        )
 
 
 def main() -> None:

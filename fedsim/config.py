@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fedsim.configtools import ConfigError, apply_overrides, from_dict, merge, read_yaml, to_dict
+from fedsim.configtools import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    merge,
+    read_yaml,
+    to_dict,
+)
 from fedsim.data.synthetic import SceneSpec
 
 
@@ -50,7 +57,9 @@ class ModelConfig:
         if not self.backbone:
             raise ConfigError("model.backbone: must not be empty")
         if self.lm is not None and self.backbone == "toy":
-            raise ConfigError("model.lm: pairs with a vision encoder folder in model.backbone, not with 'toy'")
+            raise ConfigError(
+                "model.lm: pairs with a vision encoder folder in model.backbone, not with 'toy'"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,12 +81,16 @@ class DataConfig:
     num_scenes: int = 40000
     eval_scenes: int = 500
     qa_fraction: float = 0.3
-    scene: SceneSpec = field(default_factory=lambda: SceneSpec(styles=("filled", "outline")))
+    scene: SceneSpec = field(
+        default_factory=lambda: SceneSpec(styles=("filled", "outline"))
+    )
 
     def __post_init__(self) -> None:
         _positive("data", num_scenes=self.num_scenes, eval_scenes=self.eval_scenes)
         if not 0.0 <= self.qa_fraction <= 1.0:
-            raise ConfigError(f"data.qa_fraction: must be in [0, 1], got {self.qa_fraction!r}")
+            raise ConfigError(
+                f"data.qa_fraction: must be in [0, 1], got {self.qa_fraction!r}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,7 +118,9 @@ class ScenarioConfig:
     cohort_size: int = 10
 
     def __post_init__(self) -> None:
-        _positive("scenario", num_clients=self.num_clients, cohort_size=self.cohort_size)
+        _positive(
+            "scenario", num_clients=self.num_clients, cohort_size=self.cohort_size
+        )
         if self.cohort_size > self.num_clients:
             raise ConfigError(
                 f"scenario.cohort_size: {self.cohort_size} is more than scenario.num_clients ({self.num_clients})"
@@ -151,13 +166,22 @@ class TrainConfig:
     loss: Literal["per_example", "token_mean"] = "per_example"
 
     def __post_init__(self) -> None:
-        _positive("train", local_steps=self.local_steps, batch_size=self.batch_size, lr=self.lr)
+        _positive(
+            "train",
+            local_steps=self.local_steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+        )
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"train.warmup: must be in [0, 1), got {self.warmup!r}")
         if self.weight_decay < 0:
-            raise ConfigError(f"train.weight_decay: must be >= 0, got {self.weight_decay!r}")
+            raise ConfigError(
+                f"train.weight_decay: must be >= 0, got {self.weight_decay!r}"
+            )
         if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ConfigError(f"train.grad_clip: must be > 0 or null, got {self.grad_clip!r}")
+            raise ConfigError(
+                f"train.grad_clip: must be > 0 or null, got {self.grad_clip!r}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,7 +218,9 @@ class EvalConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        _positive("eval", batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+        _positive(
+            "eval", batch_size=self.batch_size, max_new_tokens=self.max_new_tokens
+        )
         if self.threads is not None:
             _positive("eval", threads=self.threads)
 
@@ -227,7 +253,9 @@ class RayConfig:
     dashboard_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
-        _positive("ray", workers=self.workers, threads_per_worker=self.threads_per_worker)
+        _positive(
+            "ray", workers=self.workers, threads_per_worker=self.threads_per_worker
+        )
         if self.worker_cpus < 0 or self.worker_gpus < 0:
             raise ConfigError("ray.worker_cpus / ray.worker_gpus: must be >= 0")
 
@@ -291,7 +319,9 @@ def resolve_config_source(source: str | None) -> dict[str, Any]:
     return read_yaml(preset_path(source))
 
 
-def load_config(source: str | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(
+    source: str | None = None, overrides: list[str] | None = None
+) -> Config:
     """Defaults ← ``source`` (file or preset name) ← ``overrides`` → a validated :class:`Config`.
 
     The algorithm's own parameters are checked against its registered dataclass here too, so

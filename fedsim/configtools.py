@@ -135,7 +135,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         text = p.read_text()
     except OSError as e:
-        raise ConfigError(f"config file {str(p)!r}: cannot read ({e.strerror})") from None
+        raise ConfigError(
+            f"config file {str(p)!r}: cannot read ({e.strerror})"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -145,7 +147,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r}: top level must be a mapping, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {str(p)!r}: top level must be a mapping, got {type(data).__name__}"
+        )
     return data
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
 from fedsim.actors import Aggregator, BackboneWorker, Evaluator, ModelSpec, peak_rss_mb
@@ -30,9 +30,18 @@ from fedsim.data.scenes_dataset import ensure_scenes
 from fedsim.data.streams import Cursor, take
 from fedsim.eval.toy import ATTRIBUTES
 from fedsim.models.backbone import BackboneError
-from fedsim.runio import MetricsLog, prepare_run_dir, save_weights, write_json, write_text, write_yaml
-from fedsim.scenarios.partition import iid
+from fedsim.progress import build_reporter, make_progress
+from fedsim.runio import (
+    MetricsLog,
+    check_run_dir,
+    prepare_run_dir,
+    save_weights,
+    write_json,
+    write_text,
+    write_yaml,
+)
 from fedsim.scenarios.participation import uniform_cohort
+from fedsim.scenarios.partition import iid
 from fedsim.schedule import lr_at
 from fedsim.state_store import MemoryStore
 from fedsim.training import ClientResult, ClientTask, TrainSettings
@@ -81,7 +90,9 @@ def cache_root(cfg: Config) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
 
 
-def resolve_backbone(cfg: Config, report: Callable[[str, int, int, float], None] | None = None) -> ModelSpec:
+def resolve_backbone(
+    cfg: Config, report: Callable[[str, int, int, float], None] | None = None
+) -> ModelSpec:
     """Build (toy) or locate the backbone; paths are checked before any work starts."""
     if cfg.model.backbone == "toy":
         from fedsim.models.toy import build_toy_backbone
@@ -94,7 +105,9 @@ def resolve_backbone(cfg: Config, report: Callable[[str, int, int, float], None]
         if cfg.model.lm is not None and not Path(cfg.model.lm).expanduser().exists():
             raise ConfigError(f"model.lm: path {cfg.model.lm!r} does not exist")
     lm = str(Path(cfg.model.lm).expanduser()) if cfg.model.lm else None
-    return ModelSpec(str(path), lm, cfg.model.projector, cfg.model.dtype, cfg.model.device)
+    return ModelSpec(
+        str(path), lm, cfg.model.projector, cfg.model.dtype, cfg.model.device
+    )
 
 
 def read_manifest(model: ModelSpec) -> dict[str, Any]:
@@ -118,15 +131,23 @@ def check_scene_fits_backbone(cfg: Config, manifest: dict[str, Any]) -> None:
                 )
 
 
-def prepare(cfg: Config, report: Callable[[str, int, int, float], None] | None = None) -> Prepared:
+def prepare(
+    cfg: Config, report: Callable[[str, int, int, float], None] | None = None
+) -> Prepared:
     """Everything a run needs before Ray starts: backbone, data, partition."""
     model = resolve_backbone(cfg, report)
     manifest = read_manifest(model)
     check_scene_fits_backbone(cfg, manifest)
     cache = cache_root(cfg)
-    data_seed = 0  # the dataset is fixed; the run seed drives partition, sampling and training
-    train_path = ensure_scenes(cache, cfg.data.scene, data_seed, TRAIN_STREAM, cfg.data.num_scenes)
-    eval_path = ensure_scenes(cache, cfg.data.scene, data_seed, EVAL_STREAM, cfg.data.eval_scenes)
+    data_seed = (
+        0  # the dataset is fixed; the run seed drives partition, sampling and training
+    )
+    train_path = ensure_scenes(
+        cache, cfg.data.scene, data_seed, TRAIN_STREAM, cfg.data.num_scenes
+    )
+    eval_path = ensure_scenes(
+        cache, cfg.data.scene, data_seed, EVAL_STREAM, cfg.data.eval_scenes
+    )
     try:
         shards = iid(cfg.data.num_scenes, cfg.scenario.num_clients, cfg.seed)
     except ValueError as e:
@@ -146,7 +167,9 @@ def connect_ray(cfg: Config) -> bool:
     import logging
 
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address, logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(
+            address=cfg.ray.address, logging_level=logging.WARNING, log_to_driver=True
+        )
     else:
         ray.init(
             num_cpus=os.cpu_count(),
@@ -170,7 +193,9 @@ def _assign(tasks: list[ClientTask], workers: int) -> list[list[ClientTask]]:
     return plan
 
 
-def results_table(initial: dict[str, float] | None, final: dict[str, float], title: str) -> Table:
+def results_table(
+    initial: dict[str, float] | None, final: dict[str, float], title: str
+) -> Table:
     table = Table(title=title)
     table.add_column("metric")
     if initial is not None:
@@ -204,7 +229,12 @@ def _summary_md(cfg: Config, result: RunResult, wall: float) -> str:
         if key in result.final_eval:
             a = f"{init[key]:.3f}" if init else "–"
             lines.append(f"| {label.strip()} | {a} | {result.final_eval[key]:.3f} |")
-    lines += ["", "Peak resident memory (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in result.resources.items()), ""]
+    lines += [
+        "",
+        "Peak resident memory (MiB): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in result.resources.items()),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -219,34 +249,24 @@ def run(
 
     console = console or Console()
     algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
+    # Cheap checks first, so that bad input leaves nothing behind.
+    check_run_dir(Path(out_dir))
+    if cfg.model.backbone != "toy":
+        resolve_backbone(cfg)
     out_dir = prepare_run_dir(Path(out_dir))
     write_yaml(out_dir / "config.yaml", config_to_yaml_data(cfg))
     metrics = MetricsLog(out_dir / "metrics.jsonl")
     t_start = time.perf_counter()
 
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not show_progress,
-    )
+    progress = make_progress(console, disable=not show_progress)
     with progress:
-        build_task = None
-
-        def report(stage: str, step: int, total: int, loss: float) -> None:
-            nonlocal build_task
-            if build_task is None:
-                build_task = progress.add_task("toy backbone", total=total, info="")
-            progress.update(build_task, completed=step, total=total, description=f"toy backbone: {stage}", info=f"loss {loss:.3f}")
-
-        prep = prepare(cfg, report)
+        prep = prepare(cfg, build_reporter(progress))
         started_ray = connect_ray(cfg)
         actors: list[Any] = []
         try:
-            result = _run_rounds(cfg, algorithm, prep, out_dir, metrics, progress, console, actors)
+            result = _run_rounds(
+                cfg, algorithm, prep, out_dir, metrics, progress, console, actors
+            )
         finally:
             for actor in actors:
                 ray.kill(actor)
@@ -254,8 +274,24 @@ def run(
                 ray.shutdown()
     wall = time.perf_counter() - t_start
     write_text(out_dir / "summary.md", _summary_md(cfg, result, wall))
-    console.print(results_table(result.initial_eval, result.final_eval, f"{cfg.algorithm.name} on {cfg.scenario.name}: held-out toy evaluation"))
-    console.print(f"run folder: {out_dir}  (metrics.jsonl, final/projector.safetensors, eval.json, summary.md)")
+    from fedsim.plots import plot_runs
+
+    plot_runs(
+        [out_dir],
+        out_dir / "curves.png",
+        [cfg.algorithm.name],
+        f"{cfg.algorithm.name} on {cfg.scenario.name}",
+    )
+    console.print(
+        results_table(
+            result.initial_eval,
+            result.final_eval,
+            f"{cfg.algorithm.name} on {cfg.scenario.name}: held-out toy evaluation",
+        )
+    )
+    console.print(
+        f"run folder: {out_dir}  (metrics.jsonl, final/projector.safetensors, eval.json, summary.md, curves.png)"
+    )
     return result
 
 
@@ -272,23 +308,36 @@ def _run_rounds(
     import ray
 
     pooled = bool(getattr(algorithm, "pooled", False))
-    worker_cls = ray.remote(num_cpus=cfg.ray.worker_cpus, num_gpus=cfg.ray.worker_gpus)(BackboneWorker)
+    worker_cls = ray.remote(num_cpus=cfg.ray.worker_cpus, num_gpus=cfg.ray.worker_gpus)(
+        BackboneWorker
+    )
     workers = [
-        worker_cls.remote(prep.model, str(prep.train_path), cfg.ray.threads_per_worker) for _ in range(cfg.ray.workers)
+        worker_cls.remote(prep.model, str(prep.train_path), cfg.ray.threads_per_worker)
+        for _ in range(cfg.ray.workers)
     ]
     actors.extend(workers)
     eval_threads = cfg.eval.threads or os.cpu_count() or 1
     evaluator = ray.remote(num_cpus=0, num_gpus=0)(Evaluator).remote(
-        prep.model, str(prep.eval_path), eval_threads, cfg.eval.batch_size, cfg.eval.max_new_tokens
+        prep.model,
+        str(prep.eval_path),
+        eval_threads,
+        cfg.eval.batch_size,
+        cfg.eval.max_new_tokens,
     )
     actors.append(evaluator)
     try:
         ray.get([w.ready.remote() for w in workers])
     except ray.exceptions.RayActorError as e:
-        raise BackboneError(f"model.backbone: workers could not load {prep.model.backbone_path!r}: {e}") from None
+        raise BackboneError(
+            f"model.backbone: workers could not load {prep.model.backbone_path!r}: {e}"
+        ) from None
     # W_0 from the run seed (not from the checkpoint's stored projector).
-    weights: dict[str, torch.Tensor] = ray.get(workers[0].init_projector.remote(cfg.seed))
-    aggregator = ray.remote(num_cpus=0)(Aggregator).remote(cfg.algorithm.name, cfg.algorithm.params, weights)
+    weights: dict[str, torch.Tensor] = ray.get(
+        workers[0].init_projector.remote(cfg.seed)
+    )
+    aggregator = ray.remote(num_cpus=0)(Aggregator).remote(
+        cfg.algorithm.name, cfg.algorithm.params, weights
+    )
     actors.append(aggregator)
 
     shards = [np.concatenate(prep.shards)] if pooled else prep.shards
@@ -312,42 +361,81 @@ def _run_rounds(
     if cfg.eval.at_start:
         t0 = time.perf_counter()
         initial_eval = evaluate(ray.put(weights))
-        record = {"round": 0, "wall_seconds": round(time.perf_counter() - t0, 3), "eval": initial_eval}
+        record = {
+            "round": 0,
+            "wall_seconds": round(time.perf_counter() - t0, 3),
+            "eval": initial_eval,
+        }
         metrics.append(record)
         history.append(record)
-        console.print(f"round 0 (untrained): attr_mean {initial_eval['attr_mean']:.3f}, yes/no {initial_eval['yesno_acc']:.3f}")
+        console.print(
+            f"round 0 (untrained): attr_mean {initial_eval['attr_mean']:.3f}, yes/no {initial_eval['yesno_acc']:.3f}"
+        )
 
     round_task = progress.add_task("rounds", total=cfg.rounds, info="")
     client_task = progress.add_task("client tasks", total=1, info="")
     final_eval: dict[str, float] = {}
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
-        cohort = [POOLED_CLIENT] if pooled else uniform_cohort(
-            cfg.scenario.num_clients, cfg.scenario.cohort_size, cfg.seed, rnd
+        cohort = (
+            [POOLED_CLIENT]
+            if pooled
+            else uniform_cohort(
+                cfg.scenario.num_clients, cfg.scenario.cohort_size, cfg.seed, rnd
+            )
         )
         lrs = tuple(
-            lr_at((rnd - 1) * steps + s, total_steps, cfg.train.lr, cfg.train.warmup, cfg.train.schedule)
+            lr_at(
+                (rnd - 1) * steps + s,
+                total_steps,
+                cfg.train.lr,
+                cfg.train.warmup,
+                cfg.train.schedule,
+            )
             for s in range(steps)
         )
         tasks = []
         for cid in cohort:
-            rows, cursors[cid] = take(shards[cid], cursors[cid], steps * cfg.train.batch_size, cfg.seed, cid)
-            tasks.append(ClientTask(cid, rnd, cfg.seed, rows, lrs, cfg.train.batch_size, store.load(cid)))
+            rows, cursors[cid] = take(
+                shards[cid], cursors[cid], steps * cfg.train.batch_size, cfg.seed, cid
+            )
+            tasks.append(
+                ClientTask(
+                    cid, rnd, cfg.seed, rows, lrs, cfg.train.batch_size, store.load(cid)
+                )
+            )
         weights_ref = ray.put(weights)
         payload_ref = aggregator.payload.remote()
         pending = {}
         for w, plan in zip(workers, _assign(tasks, len(workers))):
             for task in plan:
-                ref = w.train.remote(task, weights_ref, payload_ref, cfg.algorithm.name, cfg.algorithm.params, settings)
+                ref = w.train.remote(
+                    task,
+                    weights_ref,
+                    payload_ref,
+                    cfg.algorithm.name,
+                    cfg.algorithm.params,
+                    settings,
+                )
                 pending[ref] = task.client_id
-        progress.update(client_task, total=len(tasks), completed=0, description=f"round {rnd} clients", info="")
+        progress.update(
+            client_task,
+            total=len(tasks),
+            completed=0,
+            description=f"round {rnd} clients",
+            info="",
+        )
         results: list[ClientResult] = []
         waiting = list(pending)
         while waiting:
             done, waiting = ray.wait(waiting, num_returns=1)
             res: ClientResult = ray.get(done[0])
             results.append(res)
-            progress.update(client_task, advance=1, info=f"client {res.update.client_id} loss {res.update.loss:.3f}")
+            progress.update(
+                client_task,
+                advance=1,
+                info=f"client {res.update.client_id} loss {res.update.loss:.3f}",
+            )
         results.sort(key=lambda r: r.update.client_id)
         for res in results:
             store.save(res.update.client_id, res.client_state)
@@ -359,7 +447,9 @@ def _run_rounds(
             "clients": cohort,
             "num_clients": len(cohort),
             "samples": samples,
-            "loss": float(sum(u.loss * u.num_samples for u in updates) / max(samples, 1)),
+            "loss": float(
+                sum(u.loss * u.num_samples for u in updates) / max(samples, 1)
+            ),
             "lr": lrs[0],
             "update_norm": agg.get("update_norm"),
             "rejected": agg.get("rejected", []),
@@ -382,12 +472,22 @@ def _run_rounds(
     save_weights(
         out_dir / "final" / "projector.safetensors",
         weights,
-        {"algorithm": cfg.algorithm.name, "rounds": str(cfg.rounds), "seed": str(cfg.seed)},
+        {
+            "algorithm": cfg.algorithm.name,
+            "rounds": str(cfg.rounds),
+            "seed": str(cfg.seed),
+        },
     )
-    write_json(out_dir / "eval.json", {"round": cfg.rounds, "initial": initial_eval, "final": final_eval})
+    write_json(
+        out_dir / "eval.json",
+        {"round": cfg.rounds, "initial": initial_eval, "final": final_eval},
+    )
     resources = {
         "driver": peak_rss_mb(),
-        **{f"worker{i}": v for i, v in enumerate(ray.get([w.peak_rss_mb.remote() for w in workers]))},
+        **{
+            f"worker{i}": v
+            for i, v in enumerate(ray.get([w.peak_rss_mb.remote() for w in workers]))
+        },
         "aggregator": ray.get(aggregator.peak_rss_mb.remote()),
         "evaluator": ray.get(evaluator.peak_rss_mb.remote()),
     }

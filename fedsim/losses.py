@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def shifted_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def shifted_token_losses(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy per position and its mask, ``[B, L-1]`` each (fp32).
 
     ``labels`` are unshifted, -100 where there is no loss (as HF models take them).

@@ -25,19 +25,28 @@ def default_run_dir() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def prepare_run_dir(path: Path) -> Path:
-    """Create ``path`` for a new run; refuse one that already holds a run (nothing is overwritten)."""
+def check_run_dir(path: Path) -> None:
+    """Refuse an output folder that is a file or already holds something (nothing is overwritten)."""
     if path.exists() and not path.is_dir():
         raise RunDirError(f"--out {str(path)!r}: exists and is not a folder")
     if path.is_dir() and any(path.iterdir()):
-        raise RunDirError(f"--out {str(path)!r}: folder is not empty (it may hold a run); choose a new one")
+        raise RunDirError(
+            f"--out {str(path)!r}: folder is not empty (it may hold a run); choose a new one"
+        )
+
+
+def prepare_run_dir(path: Path) -> Path:
+    """Create ``path`` for a new run (see :func:`check_run_dir`) and check that it is writable."""
+    check_run_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise RunDirError(f"--out {str(path)!r}: cannot write there ({e.strerror})") from None
+        raise RunDirError(
+            f"--out {str(path)!r}: cannot write there ({e.strerror})"
+        ) from None
     return path
 
 
@@ -69,13 +78,21 @@ def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def save_weights(path: Path, weights: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+def save_weights(
+    path: Path,
+    weights: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """Projector weights as safetensors, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in weights.items()}, tmp, metadata=dict(metadata or {}))
+        save_file(
+            {k: v.contiguous() for k, v in weights.items()},
+            tmp,
+            metadata=dict(metadata or {}),
+        )
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -104,4 +121,8 @@ class MetricsLog:
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [
+            json.loads(line)
+            for line in self.path.read_text().splitlines()
+            if line.strip()
+        ]

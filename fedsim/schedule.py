@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 
-def lr_at(step: int, total: int, base: float, warmup: float = 0.03, kind: str = "cosine") -> float:
+def lr_at(
+    step: int, total: int, base: float, warmup: float = 0.03, kind: str = "cosine"
+) -> float:
     """The learning rate of global step ``step`` (0-based) of ``total``.
 
     Warm-up: ``base · (step + 1) / W`` for the first ``W = max(1, ⌊warmup · total⌋)`` steps (when

@@ -70,7 +70,9 @@ class ClientResult:
     seconds: float
 
 
-def _optimizer(params: list[torch.nn.Parameter], settings: TrainSettings, lr: float) -> torch.optim.Optimizer:
+def _optimizer(
+    params: list[torch.nn.Parameter], settings: TrainSettings, lr: float
+) -> torch.optim.Optimizer:
     if settings.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
     if settings.optimizer == "sgd":
@@ -87,7 +89,9 @@ def optimizer_state_to_tensors(opt: torch.optim.Optimizer) -> Weights:
     return out
 
 
-def load_optimizer_state(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor]) -> None:
+def load_optimizer_state(
+    opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor]
+) -> None:
     """Inverse of :func:`optimizer_state_to_tensors` (no-op when there is nothing stored)."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -101,7 +105,9 @@ def load_optimizer_state(opt: torch.optim.Optimizer, tensors: Mapping[str, torch
         opt.load_state_dict(sd)
 
 
-def task_flags(seed: int, server_round: int, client_id: int, n: int, qa_fraction: float) -> np.ndarray:
+def task_flags(
+    seed: int, server_round: int, client_id: int, n: int, qa_fraction: float
+) -> np.ndarray:
     """Which of the task's ``n`` examples are questions (True) rather than captions."""
     rng = np.random.default_rng([seed, TASK_STREAM, server_round, client_id + 1])
     return rng.random(n) < qa_fraction
@@ -126,7 +132,13 @@ def train_client(
         load_optimizer_state(opt, task.client_state)
     ctx = local.prepare(task.client_state, payload)
     start = {k: v.detach().clone() for k, v in named.items()}
-    flags = task_flags(task.seed, task.server_round, task.client_id, len(task.rows), settings.qa_fraction)
+    flags = task_flags(
+        task.seed,
+        task.server_round,
+        task.client_id,
+        len(task.rows),
+        settings.qa_fraction,
+    )
     loss_fn = per_example_loss if settings.loss == "per_example" else token_mean_loss
     device = next(backbone.model.parameters()).device
     losses: list[float] = []
@@ -140,8 +152,15 @@ def train_client(
             backbone.qa_prompt.format(question=q) if f else backbone.caption_prompt
             for q, f in zip(data["question"], qa)
         ]
-        targets = [a if f else c for a, c, f in zip(data["answer"], data["caption"], qa)]
-        batch = {k: v.to(device) for k, v in training_batch(backbone, data["image"], prompts, targets).items()}
+        targets = [
+            a if f else c for a, c, f in zip(data["answer"], data["caption"], qa)
+        ]
+        batch = {
+            k: v.to(device)
+            for k, v in training_batch(
+                backbone, data["image"], prompts, targets
+            ).items()
+        }
         labels = batch.pop("labels")
         for group in opt.param_groups:
             group["lr"] = lr
@@ -160,7 +179,9 @@ def train_client(
     end = get_projector(backbone)
     start32 = {k: v.to(torch.float32) for k, v in start.items()}
     delta = {k: end[k] - start32[k] for k in end}
-    extras, new_state = local.finish(start32, end, len(task.lrs), task.lrs[-1] if task.lrs else 0.0, ctx)
+    extras, new_state = local.finish(
+        start32, end, len(task.lrs), task.lrs[-1] if task.lrs else 0.0, ctx
+    )
     if local.persistent_optimizer:
         new_state = {**new_state, **optimizer_state_to_tensors(opt)}
     mean_loss = float(np.mean(losses)) if losses else math.nan

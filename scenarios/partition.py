@@ -24,4 +24,6 @@ def iid(num_rows: int, num_clients: int, seed: int) -> list[np.ndarray]:
             "every client needs at least one"
         )
     perm = np.random.default_rng([seed, PARTITION_STREAM]).permutation(num_rows)
-    return [np.sort(part).astype(np.int64) for part in np.array_split(perm, num_clients)]
+    return [
+        np.sort(part).astype(np.int64) for part in np.array_split(perm, num_clients)
+    ]

@@ -20,7 +20,10 @@ from fedsim.models.backbone import (
 
 def _images(n, size):
     rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+    return [
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+        for _ in range(n)
+    ]
 
 
 def test_checkpoint_is_a_plain_hf_llava(toy_path):
@@ -29,7 +32,10 @@ def test_checkpoint_is_a_plain_hf_llava(toy_path):
     assert model.config.vision_feature_select_strategy == "full"
     assert model.config.vision_feature_layer == -1
     assert hasattr(model.model.multi_modal_projector, "linear_1")
-    assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+    assert (
+        processor.tokenizer.convert_tokens_to_ids("<image>")
+        == model.config.image_token_id
+    )
 
 
 def test_only_the_projector_trains(toy):
@@ -49,20 +55,42 @@ def test_collate_matches_llava_processor(toy, toy_path):
     assert torch.equal(ours["input_ids"], torch.cat([bos, ref["input_ids"]], 1))
     assert torch.equal(ours["pixel_values"], ref["pixel_values"])
     n_image = int((ours["input_ids"][0] == toy.image_token_id).sum())
-    assert n_image == toy.image_seq_length == (size // toy.model.config.vision_config.patch_size) ** 2 + 1
+    assert (
+        n_image
+        == toy.image_seq_length
+        == (size // toy.model.config.vision_config.patch_size) ** 2 + 1
+    )
 
 
 def test_training_labels_cover_the_target_only(toy):
     imgs = _images(2, toy.model.config.vision_config.image_size)
-    b = training_batch(toy, imgs, [toy.caption_prompt, toy.qa_prompt.format(question="is there a red circle ?")], ["a small red circle at the top left", "yes"])
+    b = training_batch(
+        toy,
+        imgs,
+        [toy.caption_prompt, toy.qa_prompt.format(question="is there a red circle ?")],
+        ["a small red circle at the top left", "yes"],
+    )
     for i, target in enumerate(["a small red circle at the top left", "yes"]):
         labelled = b["labels"][i][b["labels"][i] != -100].tolist()
-        expected = toy.tokenizer.convert_tokens_to_ids(target.split()) + [toy.tokenizer.eos_token_id]
+        expected = toy.tokenizer.convert_tokens_to_ids(target.split()) + [
+            toy.tokenizer.eos_token_id
+        ]
         assert labelled == expected
-        n_prompt = len(encode_prompt(toy, toy.caption_prompt if i == 0 else toy.qa_prompt.format(question="is there a red circle ?")))
+        n_prompt = len(
+            encode_prompt(
+                toy,
+                toy.caption_prompt
+                if i == 0
+                else toy.qa_prompt.format(question="is there a red circle ?"),
+            )
+        )
         assert (b["labels"][i][:n_prompt] == -100).all()
-    # Right padding: the shorter row is padded with pad ids and masked.
-    assert b["attention_mask"][1].sum() < b["attention_mask"][0].sum()
+    # Right padding: the shorter row (the caption) ends in masked pad ids.
+    lengths = b["attention_mask"].sum(1)
+    short = int(lengths.argmin())
+    assert lengths[short] < b["input_ids"].shape[1]
+    assert (b["input_ids"][short, lengths[short] :] == toy.tokenizer.pad_token_id).all()
+    assert (b["attention_mask"][short, lengths[short] :] == 0).all()
 
 
 def test_vision_lm_pair_loads_to_the_same_model(toy, toy_path):
@@ -106,11 +134,17 @@ def test_projector_shape_mismatch_is_a_clear_error(toy):
         set_projector_(toy, w)
 
 
-@pytest.mark.parametrize("kind, layers", [("linear", 1), ("mlp2x_gelu", 2), ("mlp3x_gelu", 3)])
+@pytest.mark.parametrize(
+    "kind, layers", [("linear", 1), ("mlp2x_gelu", 2), ("mlp3x_gelu", 3)]
+)
 def test_projector_factory(kind, layers):
     proj = build_projector(kind, 8, 16)
     linears = [m for m in proj.modules() if isinstance(m, torch.nn.Linear)]
-    assert len(linears) == layers and linears[0].in_features == 8 and linears[-1].out_features == 16
+    assert (
+        len(linears) == layers
+        and linears[0].in_features == 8
+        and linears[-1].out_features == 16
+    )
     with pytest.raises(BackboneError, match="unknown projector"):
         build_projector("mlp_relu", 8, 16)
 

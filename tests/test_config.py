@@ -9,7 +9,9 @@ from fedsim.configtools import ConfigError, apply_overrides, from_dict
 def test_defaults_are_the_toy_iid_preset():
     cfg = load_config("toy-iid")
     assert cfg == load_config(None)
-    assert cfg.scenario.num_clients >= 20  # the foundation's "20 or more logical clients"
+    assert (
+        cfg.scenario.num_clients >= 20
+    )  # the foundation's "20 or more logical clients"
     assert cfg.algorithm.name == "fedavg"
 
 
@@ -39,8 +41,21 @@ def test_bad_values_name_key_and_value(override, key, value):
 
 
 def test_set_parses_yaml_values_and_nests():
-    data = apply_overrides({}, ["train.lr=0.01", "scenario.name=x", "data.scene.counts=[1]", "ray.address=null"])
-    assert data == {"train": {"lr": 0.01}, "scenario": {"name": "x"}, "data": {"scene": {"counts": [1]}}, "ray": {"address": None}}
+    data = apply_overrides(
+        {},
+        [
+            "train.lr=0.01",
+            "scenario.name=x",
+            "data.scene.counts=[1]",
+            "ray.address=null",
+        ],
+    )
+    assert data == {
+        "train": {"lr": 0.01},
+        "scenario": {"name": "x"},
+        "data": {"scene": {"counts": [1]}},
+        "ray": {"address": None},
+    }
     cfg = from_dict(Config, {"train": {"lr": 1}})
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
 
@@ -56,7 +71,9 @@ def test_algorithm_params_sit_beside_name(tmp_path):
 def test_resolved_config_round_trips(tmp_path):
     import yaml
 
-    cfg = load_config(None, ["seed=3", "train.local_steps=2", "algorithm.server_lr=0.7"])
+    cfg = load_config(
+        None, ["seed=3", "train.local_steps=2", "algorithm.server_lr=0.7"]
+    )
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config_to_yaml_data(cfg)))
     assert load_config(str(path)) == cfg

@@ -1,13 +1,16 @@
 """Toy evaluation: caption parsing and POPE's answer rule, against hand-worked cases."""
 
 import pytest
-
 from fedsim.eval.toy import caption_scores, parse_caption, pope_answer, yesno_scores
 
 
 def test_parse_caption():
     assert parse_caption("two small red triangles at the top left") == {
-        "count": 2, "size": "small", "colour": "red", "shape": "triangle", "position": "top left",
+        "count": 2,
+        "size": "small",
+        "colour": "red",
+        "shape": "triangle",
+        "position": "top left",
     }
     p = parse_caption("a large blue circle at the bottom right")
     assert (p["count"], p["shape"], p["position"]) == (1, "circle", "bottom right")
@@ -50,10 +53,27 @@ def test_yesno_scores_by_hand():
 
 def test_caption_scores_by_hand():
     refs = [
-        {"caption": "a small red circle at the top left", "count": 1, "size": "small", "colour": "red", "shape": "circle", "position": "top left"},
-        {"caption": "two large blue squares at the bottom right", "count": 2, "size": "large", "colour": "blue", "shape": "square", "position": "bottom right"},
+        {
+            "caption": "a small red circle at the top left",
+            "count": 1,
+            "size": "small",
+            "colour": "red",
+            "shape": "circle",
+            "position": "top left",
+        },
+        {
+            "caption": "two large blue squares at the bottom right",
+            "count": 2,
+            "size": "large",
+            "colour": "blue",
+            "shape": "square",
+            "position": "bottom right",
+        },
     ]
-    preds = ["a small red circle at the top left", "two large green squares at the top right"]
+    preds = [
+        "a small red circle at the top left",
+        "two large green squares at the top right",
+    ]
     s = caption_scores(preds, refs)
     assert s["attr_count"] == 1.0 and s["attr_size"] == 1.0 and s["attr_shape"] == 1.0
     assert s["attr_colour"] == 0.5 and s["attr_position"] == 0.5

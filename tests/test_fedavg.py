@@ -1,16 +1,22 @@
 """FedAvg's server rule on hand-computed tensors, and the laws every aggregator obeys."""
 
 import torch
+from fedsim.algorithms import ClientUpdate, build_algorithm
+from fedsim.algorithms.base import weighted_sum
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsim.actors import Aggregator, validate_update
-from fedsim.algorithms import ClientUpdate, build_algorithm
-from fedsim.algorithms.base import weighted_sum
 
 
 def upd(cid, n, **delta):
-    return ClientUpdate(client_id=cid, delta={k: torch.tensor(v) for k, v in delta.items()}, num_samples=n, loss=0.0, steps=1)
+    return ClientUpdate(
+        client_id=cid,
+        delta={k: torch.tensor(v) for k, v in delta.items()},
+        num_samples=n,
+        loss=0.0,
+        steps=1,
+    )
 
 
 def test_fedavg_two_rounds_by_hand():
@@ -18,11 +24,21 @@ def test_fedavg_two_rounds_by_hand():
     w0 = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])}
     state = algo.init_state(w0)
     # Round 1: n = 1 and 3, p = 1/4, 3/4. Δ̄ = 0.25*[4, 0] + 0.75*[0, 4] = [1, 3]; b: 0.25*1 + 0.75*(-1) = -0.5
-    r1 = algo.aggregate(w0, [upd(0, 1, w=[4.0, 0.0], b=[1.0]), upd(1, 3, w=[0.0, 4.0], b=[-1.0])], state, 1)
+    r1 = algo.aggregate(
+        w0,
+        [upd(0, 1, w=[4.0, 0.0], b=[1.0]), upd(1, 3, w=[0.0, 4.0], b=[-1.0])],
+        state,
+        1,
+    )
     torch.testing.assert_close(r1.weights["w"], torch.tensor([2.0, 5.0]))
     torch.testing.assert_close(r1.weights["b"], torch.tensor([-0.5]))
     # Round 2 (FedAvg keeps no state): equal n, Δ̄ = mean([2, 2], [0, -2]) = [1, 0]
-    r2 = algo.aggregate(r1.weights, [upd(5, 2, w=[2.0, 2.0], b=[0.0]), upd(2, 2, w=[0.0, -2.0], b=[2.0])], r1.state, 2)
+    r2 = algo.aggregate(
+        r1.weights,
+        [upd(5, 2, w=[2.0, 2.0], b=[0.0]), upd(2, 2, w=[0.0, -2.0], b=[2.0])],
+        r1.state,
+        2,
+    )
     torch.testing.assert_close(r2.weights["w"], torch.tensor([3.0, 5.0]))
     torch.testing.assert_close(r2.weights["b"], torch.tensor([0.5]))
 
@@ -46,25 +62,36 @@ def test_order_does_not_matter(deltas, sizes, perm_seed):
     algo = build_algorithm("fedavg")
     w = {"w": torch.zeros(3)}
     ups = [upd(i, sizes[i], w=d) for i, d in enumerate(deltas)]
-    perm = torch.randperm(len(ups), generator=torch.Generator().manual_seed(perm_seed)).tolist()
+    perm = torch.randperm(
+        len(ups), generator=torch.Generator().manual_seed(perm_seed)
+    ).tolist()
     a = algo.aggregate(w, ups, {}, 1).weights["w"]
     b = algo.aggregate(w, [ups[i] for i in perm], {}, 1).weights["w"]
     assert torch.equal(a, b)  # bit for bit: the sum runs in sorted client order
 
 
 @settings(max_examples=30, deadline=None)
-@given(delta=st.lists(finite, min_size=4, max_size=4), sizes=st.lists(st.integers(1, 50), min_size=1, max_size=5))
+@given(
+    delta=st.lists(finite, min_size=4, max_size=4),
+    sizes=st.lists(st.integers(1, 50), min_size=1, max_size=5),
+)
 def test_identical_updates_give_that_update(delta, sizes):
     algo = build_algorithm("fedavg")
     w = {"w": torch.ones(4)}
     ups = [upd(i, n, w=delta) for i, n in enumerate(sizes)]
     out = algo.aggregate(w, ups, {}, 1).weights["w"]
-    torch.testing.assert_close(out, torch.ones(4) + torch.tensor(delta), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(
+        out, torch.ones(4) + torch.tensor(delta), rtol=1e-6, atol=1e-5
+    )
 
 
 def test_weighted_sum_accumulates_in_float64():
     # 1e8 + 1 - 1e8 is 0 in float32 sequential summation, 1 in float64.
-    ts = [{"x": torch.tensor([1e8])}, {"x": torch.tensor([1.0])}, {"x": torch.tensor([-1e8])}]
+    ts = [
+        {"x": torch.tensor([1e8])},
+        {"x": torch.tensor([1.0])},
+        {"x": torch.tensor([-1e8])},
+    ]
     assert weighted_sum(ts, [1.0, 1.0, 1.0])["x"].item() == 1.0
 
 
@@ -85,5 +112,7 @@ def test_nan_and_bad_shapes_are_rejected_never_averaged():
 
 def test_all_rejected_keeps_the_weights():
     w = {"w": torch.ones(2)}
-    new, metrics = Aggregator("fedavg", {}, w).aggregate(w, [upd(0, 1, w=[float("nan"), 0.0])], 1)
+    new, metrics = Aggregator("fedavg", {}, w).aggregate(
+        w, [upd(0, 1, w=[float("nan"), 0.0])], 1
+    )
     assert torch.equal(new["w"], w["w"]) and len(metrics["rejected"]) == 1

@@ -35,7 +35,9 @@ def _run(tmp_path: Path, name: str, extra: list[str], cache_dir: Path):
 
 
 @pytest.mark.slow
-def test_run_outputs_and_bit_identical_across_workers(tmp_path, toy_path, cache_dir, ray_session):
+def test_run_outputs_and_bit_identical_across_workers(
+    tmp_path, toy_path, cache_dir, ray_session
+):
     one = _run(tmp_path, "w1", ["ray.workers=1"], cache_dir)
     two = _run(tmp_path, "w2", ["ray.workers=2"], cache_dir)
     w1 = load_weights(tmp_path / "w1" / "final" / "projector.safetensors")
@@ -46,7 +48,13 @@ def test_run_outputs_and_bit_identical_across_workers(tmp_path, toy_path, cache_
     assert all(torch.equal(w1[k], one.weights[k]) for k in w1)
 
     out = tmp_path / "w1"
-    for name in ("config.yaml", "metrics.jsonl", "eval.json", "summary.md", "resources.json"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "eval.json",
+        "summary.md",
+        "resources.json",
+    ):
         assert (out / name).exists(), name
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == [0, 1, 2]
@@ -59,30 +67,63 @@ def test_run_outputs_and_bit_identical_across_workers(tmp_path, toy_path, cache_
     # The projector moved; the weights differ from W_0 (which round 0 evaluated).
     assert one.history[1]["update_norm"] > 0
     # Resolved config reloads to the same config.
-    assert load_config(str(out / "config.yaml")) == load_config(None, [*SMALL, f"cache_dir={cache_dir}", "ray.workers=1"])
+    assert load_config(str(out / "config.yaml")) == load_config(
+        None, [*SMALL, f"cache_dir={cache_dir}", "ray.workers=1"]
+    )
     assert two.final_eval.keys() == one.final_eval.keys()
 
 
 @pytest.mark.slow
-def test_same_seed_same_bits_other_seed_other_bits(tmp_path, toy_path, cache_dir, ray_session):
-    a = _run(tmp_path, "a", ["rounds=1", "eval_every=0", "eval.at_start=false"], cache_dir)
-    b = _run(tmp_path, "b", ["rounds=1", "eval_every=0", "eval.at_start=false"], cache_dir)
-    c = _run(tmp_path, "c", ["rounds=1", "eval_every=0", "eval.at_start=false", "seed=1"], cache_dir)
+def test_same_seed_same_bits_other_seed_other_bits(
+    tmp_path, toy_path, cache_dir, ray_session
+):
+    a = _run(
+        tmp_path, "a", ["rounds=1", "eval_every=0", "eval.at_start=false"], cache_dir
+    )
+    b = _run(
+        tmp_path, "b", ["rounds=1", "eval_every=0", "eval.at_start=false"], cache_dir
+    )
+    c = _run(
+        tmp_path,
+        "c",
+        ["rounds=1", "eval_every=0", "eval.at_start=false", "seed=1"],
+        cache_dir,
+    )
     assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
     assert not all(torch.equal(a.weights[k], c.weights[k]) for k in a.weights)
 
 
 @pytest.mark.slow
-def test_centralized_pools_the_data_into_one_client(tmp_path, toy_path, cache_dir, ray_session):
-    r = _run(tmp_path, "central", ["algorithm.name=centralized", "rounds=2", "eval_every=0", "eval.at_start=false"], cache_dir)
+def test_centralized_pools_the_data_into_one_client(
+    tmp_path, toy_path, cache_dir, ray_session
+):
+    r = _run(
+        tmp_path,
+        "central",
+        [
+            "algorithm.name=centralized",
+            "rounds=2",
+            "eval_every=0",
+            "eval.at_start=false",
+        ],
+        cache_dir,
+    )
     for rec in r.history:
         assert rec["clients"] == [0]
-        assert rec["samples"] == 4 * 2 * 4  # the same samples per round as the federated cohort
+        assert (
+            rec["samples"] == 4 * 2 * 4
+        )  # the same samples per round as the federated cohort
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "fedsim.cli", *args], capture_output=True, text=True, cwd=cwd, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fedsim.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+    )
 
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path):
@@ -97,8 +138,17 @@ def test_cli_refuses_a_folder_holding_a_run(tmp_path, cache_dir):
     out = tmp_path / "old"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"round": 1}\n')
-    r = _cli("run", "--set", f"cache_dir={cache_dir}", "--set", "model.backbone=/nonexistent", "--out", str(out))
+    r = _cli(
+        "run",
+        "--set",
+        f"cache_dir={cache_dir}",
+        "--set",
+        "model.backbone=/nonexistent",
+        "--out",
+        str(tmp_path / "new"),
+    )
     assert r.returncode == 2 and "model.backbone" in r.stderr
+    assert not (tmp_path / "new").exists()
     r = _cli("run", "--set", f"cache_dir={cache_dir}", "--out", str(out))
     assert r.returncode == 2 and "not empty" in r.stderr
     assert (out / "metrics.jsonl").read_text() == '{"round": 1}\n'  # untouched
@@ -115,7 +165,14 @@ def test_peak_memory_does_not_grow_with_logical_clients(tmp_path, toy_path, cach
 
     Each run is its own process with its own Ray, so every peak is that run's own.
     """
-    common = [*SMALL, "data.num_scenes=4000", "rounds=3", "eval_every=0", "eval.at_start=false", f"cache_dir={cache_dir}"]
+    common = [
+        *SMALL,
+        "data.num_scenes=4000",
+        "rounds=3",
+        "eval_every=0",
+        "eval.at_start=false",
+        f"cache_dir={cache_dir}",
+    ]
     peaks = {}
     for n in (20, 200):
         out = tmp_path / f"c{n}"

@@ -12,7 +12,9 @@ def test_warmup_then_cosine_to_zero():
     assert lr_at(9, total, base, 0.1) == pytest.approx(2.0)
     # After warm-up: base * 0.5 * (1 + cos(pi * (s - 10) / 90)).
     assert lr_at(10, total, base, 0.1) == pytest.approx(2.0)
-    assert lr_at(55, total, base, 0.1) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert lr_at(55, total, base, 0.1) == pytest.approx(
+        2.0 * 0.5 * (1 + math.cos(math.pi * 45 / 90))
+    )
     assert lr_at(100, total, base, 0.1) == pytest.approx(0.0)
 
 

@@ -23,7 +23,9 @@ def test_dataset_is_independent_of_processes():
     one = generate_scenes(SPEC, 0, 5, 300, num_proc=1)
     two = generate_scenes(SPEC, 0, 5, 300, num_proc=2)
     assert one["caption"] == two["caption"]
-    assert [np.asarray(x).tobytes() for x in one["image"][:20]] == [np.asarray(x).tobytes() for x in two["image"][:20]]
+    assert [np.asarray(x).tobytes() for x in one["image"][:20]] == [
+        np.asarray(x).tobytes() for x in two["image"][:20]
+    ]
 
 
 def test_object_is_drawn_in_its_cell_with_its_colour():
@@ -59,7 +61,9 @@ def test_captions_and_questions_follow_the_attributes():
             assert s.question_colour != s.colour or s.question_shape != s.shape
 
 
-@pytest.mark.parametrize("field, value", [("colours", ("pink",)), ("counts", ()), ("image_size", 15)])
+@pytest.mark.parametrize(
+    "field, value", [("colours", ("pink",)), ("counts", ()), ("image_size", 15)]
+)
 def test_bad_spec(field, value):
     with pytest.raises(ValueError, match=field):
         SceneSpec(**{field: value})

@@ -89,4 +89,8 @@ def generation_batch(
     for i, ids in enumerate(rows):
         input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         mask[i, width - len(ids) :] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values(backbone, images)}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "pixel_values": pixel_values(backbone, images),
+    }

@@ -44,13 +44,22 @@ _CHUNK = 2000
 
 
 def spec_to_dict(spec: SceneSpec) -> dict[str, object]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()}
+    return {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in dataclasses.asdict(spec).items()
+    }
 
 
 def scenes_key(spec: SceneSpec, seed: int, stream: int, num_scenes: int) -> str:
     """Content hash naming a scene dataset in the cache."""
     payload = json.dumps(
-        {"spec": spec_to_dict(spec), "seed": seed, "stream": stream, "n": num_scenes, "v": 1},
+        {
+            "spec": spec_to_dict(spec),
+            "seed": seed,
+            "stream": stream,
+            "n": num_scenes,
+            "v": 1,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -70,7 +79,15 @@ def _rows(args: tuple[SceneSpec, int, int, int, int]) -> dict[str, list[object]]
         cols["caption"].append(scene.caption)
         cols["question"].append(scene.question)
         cols["answer"].append(scene.answer)
-        for attr in ("shape", "colour", "size", "position", "count", "background", "style"):
+        for attr in (
+            "shape",
+            "colour",
+            "size",
+            "position",
+            "count",
+            "background",
+            "style",
+        ):
             cols[attr].append(getattr(scene, attr))
         cols["scene_id"].append(scene.scene_id)
     return cols
@@ -130,4 +147,6 @@ def cached_scenes(
     num_proc: int | None = None,
 ) -> datasets.Dataset:
     """The scene dataset for these arguments, memory-mapped from ``cache_dir`` (built if missing)."""
-    return datasets.load_from_disk(str(ensure_scenes(cache_dir, spec, seed, stream, num_scenes, num_proc)))
+    return datasets.load_from_disk(
+        str(ensure_scenes(cache_dir, spec, seed, stream, num_scenes, num_proc))
+    )

@@ -24,13 +24,17 @@ class Cursor:
     position: int = 0
 
 
-def pass_order(shard: np.ndarray, seed: int, client_id: int, pass_index: int) -> np.ndarray:
+def pass_order(
+    shard: np.ndarray, seed: int, client_id: int, pass_index: int
+) -> np.ndarray:
     """The shard's rows in the order of pass ``pass_index``."""
     rng = np.random.default_rng([seed, ORDER_STREAM, client_id, pass_index])
     return shard[rng.permutation(len(shard))]
 
 
-def take(shard: np.ndarray, cursor: Cursor, n: int, seed: int, client_id: int) -> tuple[np.ndarray, Cursor]:
+def take(
+    shard: np.ndarray, cursor: Cursor, n: int, seed: int, client_id: int
+) -> tuple[np.ndarray, Cursor]:
     """The next ``n`` rows of the client's stream and the advanced cursor."""
     if len(shard) == 0:
         raise ValueError(f"client {client_id}: empty data shard")

@@ -182,7 +182,12 @@ def sample_scene(spec: SceneSpec, seed: int, stream: int, index: int) -> Scene:
     x0, y0 = col * half, row * half
     if count == 1:
         slack = max(half / 2 - radius - 1.0, 0.0)
-        centres = [(x0 + half / 2 + rng.uniform(-slack, slack), y0 + half / 2 + rng.uniform(-slack, slack))]
+        centres = [
+            (
+                x0 + half / 2 + rng.uniform(-slack, slack),
+                y0 + half / 2 + rng.uniform(-slack, slack),
+            )
+        ]
     else:
         # Objects go to distinct quarter-cells of the cell, each jittered inside its quarter.
         quarter = half / 2
@@ -199,7 +204,9 @@ def sample_scene(spec: SceneSpec, seed: int, stream: int, index: int) -> Scene:
     jitter = 1.0 + spec.colour_jitter * rng.standard_normal(3)
     rgb = tuple(np.clip(base * jitter, 0.0, 1.0).tolist())
     # Background parameters: dark levels so every colour keeps its contrast.
-    bg_params = tuple(rng.uniform(0.0, 0.3, size=2).tolist()) + (float(rng.uniform(0, math.pi * 2)),)
+    bg_params = tuple(rng.uniform(0.0, 0.3, size=2).tolist()) + (
+        float(rng.uniform(0, math.pi * 2)),
+    )
 
     # Balanced POPE-style question: half true; the false half changes what the question asks
     # about (for "both", the colour or the shape).
@@ -231,7 +238,9 @@ def sample_scene(spec: SceneSpec, seed: int, stream: int, index: int) -> Scene:
     )
 
 
-def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
+def _shape_mask(
+    shape: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, r: float
+) -> np.ndarray:
     """Boolean mask of a shape of radius ``r`` centred at (cx, cy) on the sample grid (x, y)."""
     dx, dy = x - cx, y - cy
     if shape == "circle":
@@ -247,7 +256,9 @@ def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, 
         return inside_y & (np.abs(dx) <= half_width)
     if shape == "cross":
         arm = r * 0.38
-        return ((np.abs(dx) <= arm) & (np.abs(dy) <= r)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= r))
+        return ((np.abs(dx) <= arm) & (np.abs(dy) <= r)) | (
+            (np.abs(dy) <= arm) & (np.abs(dx) <= r)
+        )
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -271,9 +282,13 @@ def render(scene: Scene, spec: SceneSpec, seed: int, stream: int) -> np.ndarray:
         x_lo, x_hi = max(int(cx - radius) - 1, 0), min(int(cx + radius) + 2, s)
         y_lo, y_hi = max(int(cy - radius) - 1, 0), min(int(cy + radius) + 2, s)
         x, y = _grid(x_lo, x_hi, y_lo, y_hi)
-        mask = np.broadcast_to(_shape_mask(scene.shape, x, y, cx, cy, radius), (y.size, x.size))
+        mask = np.broadcast_to(
+            _shape_mask(scene.shape, x, y, cx, cy, radius), (y.size, x.size)
+        )
         if scene.style == "outline":
-            mask = mask & ~_shape_mask(scene.shape, x, y, cx, cy, max(radius - 1.4, 0.0))
+            mask = mask & ~_shape_mask(
+                scene.shape, x, y, cx, cy, max(radius - 1.4, 0.0)
+            )
         h, w = y_hi - y_lo, x_hi - x_lo
         cover = mask.reshape(h, _SUPERSAMPLE, w, _SUPERSAMPLE).mean(axis=(1, 3))
         # Objects of a group never overlap, so the maximum is their union's coverage.
@@ -291,7 +306,10 @@ def render(scene: Scene, spec: SceneSpec, seed: int, stream: int) -> np.ndarray:
         noise_rng = np.random.default_rng([seed, stream, scene.scene_id, 1])
         bg = np.clip(lo + 0.08 * noise_rng.standard_normal((s, s)), 0.0, 0.4)
     bg3 = np.repeat(bg[:, :, None], 3, axis=2)
-    img = bg3 * (1.0 - alpha[:, :, None]) + np.asarray(scene.rgb)[None, None, :] * alpha[:, :, None]
+    img = (
+        bg3 * (1.0 - alpha[:, :, None])
+        + np.asarray(scene.rgb)[None, None, :] * alpha[:, :, None]
+    )
     return np.round(img * 255.0).astype(np.uint8)
 
 

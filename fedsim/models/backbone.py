@@ -34,7 +34,9 @@ Weights = dict[str, torch.Tensor]
 
 # LLaVA-1.5 stage-1 ("plain") template and its VQA suffix, used when a checkpoint has no fedsim.json.
 PLAIN_CAPTION_PROMPT = "<image>\n"
-PLAIN_QA_PROMPT = "<image>\n{question}\nAnswer the question using a single word or phrase."
+PLAIN_QA_PROMPT = (
+    "<image>\n{question}\nAnswer the question using a single word or phrase."
+)
 _PROJECTOR_RE = re.compile(r"^(linear|mlp(\d+)x_gelu)$")
 
 
@@ -80,11 +82,15 @@ def build_projector(kind: str, d_in: int, d_out: int) -> torch.nn.Module:
     """
     m = _PROJECTOR_RE.match(kind)
     if not m:
-        raise BackboneError(f"model.projector: unknown projector {kind!r} (use linear or mlp<N>x_gelu)")
+        raise BackboneError(
+            f"model.projector: unknown projector {kind!r} (use linear or mlp<N>x_gelu)"
+        )
     depth = 1 if kind == "linear" else int(m.group(2))
     if depth < 1:
         raise BackboneError(f"model.projector: {kind!r} needs at least one layer")
-    layers: list[tuple[str, torch.nn.Module]] = [("linear_1", torch.nn.Linear(d_in, d_out))]
+    layers: list[tuple[str, torch.nn.Module]] = [
+        ("linear_1", torch.nn.Linear(d_in, d_out))
+    ]
     for i in range(2, depth + 1):
         layers.append((f"act_{i - 1}" if depth > 2 else "act", torch.nn.GELU()))
         layers.append((f"linear_{i}", torch.nn.Linear(d_out, d_out)))
@@ -115,7 +121,9 @@ def load_backbone(
         raise BackboneError(f"model.backbone: path {str(path)!r} does not exist")
     if lm is None:
         if not (path / "config.json").exists():
-            raise BackboneError(f"model.backbone: {str(path)!r} has no config.json (not an HF checkpoint)")
+            raise BackboneError(
+                f"model.backbone: {str(path)!r} has no config.json (not an HF checkpoint)"
+            )
         cfg = AutoConfig.from_pretrained(path)
         if not isinstance(cfg, LlavaConfig):
             raise BackboneError(
@@ -134,7 +142,9 @@ def load_backbone(
     if projector != "mlp2x_gelu":
         v_dim = model.config.vision_config.hidden_size
         t_dim = model.config.text_config.hidden_size
-        model.model.multi_modal_projector = build_projector(projector, v_dim, t_dim).to(dtype)
+        model.model.multi_modal_projector = build_projector(projector, v_dim, t_dim).to(
+            dtype
+        )
     else:
         build_projector(projector, 1, 1)  # validates the name only
     model.to(device)
@@ -169,7 +179,9 @@ def _assemble_pair(
         raise BackboneError(
             f"model.lm: the tokenizer in {str(lm_path)!r} has no {image_token!r} token; add it before pairing"
         )
-    from fedsim.models.toy import assemble_llava  # local import: toy imports this module's users
+    from fedsim.models.toy import (
+        assemble_llava,
+    )  # local import: toy imports this module's users
 
     model = assemble_llava(vision, lm, tokenizer.convert_tokens_to_ids(image_token))
     return model.to(dtype), tokenizer, image_processor
@@ -181,7 +193,10 @@ def _assemble_pair(
 
 def get_projector(backbone: Backbone) -> Weights:
     """A detached fp32 copy of the projector weights."""
-    return {k: v.detach().to(torch.float32).clone() for k, v in backbone.projector.state_dict().items()}
+    return {
+        k: v.detach().to(torch.float32).clone()
+        for k, v in backbone.projector.state_dict().items()
+    }
 
 
 def set_projector_(backbone: Backbone, weights: Mapping[str, torch.Tensor]) -> None:
@@ -202,10 +217,14 @@ def check_projector_shapes(
     if set(expected) != set(got):
         missing = sorted(set(expected) - set(got))
         extra = sorted(set(got) - set(expected))
-        raise BackboneError(f"{where}: keys do not fit the backbone's projector (missing {missing}, unexpected {extra})")
+        raise BackboneError(
+            f"{where}: keys do not fit the backbone's projector (missing {missing}, unexpected {extra})"
+        )
     for k, shape in expected.items():
         if got[k] != shape:
-            raise BackboneError(f"{where}: {k} has shape {list(got[k])}, the backbone's projector needs {list(shape)}")
+            raise BackboneError(
+                f"{where}: {k} has shape {list(got[k])}, the backbone's projector needs {list(shape)}"
+            )
 
 
 def init_projector(backbone: Backbone, seed: int) -> Weights:
@@ -219,5 +238,7 @@ def init_projector(backbone: Backbone, seed: int) -> Weights:
         layer = name.rsplit(".", 1)[0]
         fan_in = dict(backbone.projector.named_parameters())[f"{layer}.weight"].shape[1]
         bound = 1.0 / math.sqrt(fan_in)
-        out[name] = (torch.rand(p.shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
+        out[name] = (
+            torch.rand(p.shape, generator=gen, dtype=torch.float32) * 2 - 1
+        ) * bound
     return out

@@ -49,8 +49,6 @@ from transformers import (
 )
 
 from fedsim.data.scenes_dataset import spec_to_dict
-from fedsim.losses import per_example_loss
-from fedsim.schedule import lr_at
 from fedsim.data.synthetic import (
     COLOURS,
     COUNT_CONTEXT_WORDS,
@@ -63,6 +61,8 @@ from fedsim.data.synthetic import (
     iter_scenes,
     sample_scene,
 )
+from fedsim.losses import per_example_loss
+from fedsim.schedule import lr_at
 
 RECIPE_VERSION = 2
 IMAGE_TOKEN = "<image>"
@@ -103,7 +103,9 @@ class ToyBuildConfig:
     """
 
     seed: int = 0
-    scene: SceneSpec = field(default_factory=lambda: SceneSpec(styles=("filled", "outline")))
+    scene: SceneSpec = field(
+        default_factory=lambda: SceneSpec(styles=("filled", "outline"))
+    )
     lm_hidden: int = 128
     lm_layers: int = 2
     lm_heads: int = 4
@@ -142,8 +144,23 @@ class ToyBuildConfig:
 def vocabulary() -> list[str]:
     """Every word the toy captions, questions and prompts use, in a fixed order."""
     words = list(SPECIAL_TOKENS)
-    words += ["Caption", "Question", "Answer", ":", "?", "is", "there", "at", "the", "yes", "no", "object"]
-    words += list(dict.fromkeys(COUNT_WORDS.values())) + list(COUNT_CONTEXT_WORDS.values())
+    words += [
+        "Caption",
+        "Question",
+        "Answer",
+        ":",
+        "?",
+        "is",
+        "there",
+        "at",
+        "the",
+        "yes",
+        "no",
+        "object",
+    ]
+    words += list(dict.fromkeys(COUNT_WORDS.values())) + list(
+        COUNT_CONTEXT_WORDS.values()
+    )
     words += list(SIZES) + list(COLOURS) + list(SHAPES) + list(PLURALS.values())
     for pos in POSITIONS:
         words += pos.split()
@@ -223,11 +240,16 @@ def pretrain_lm(
         nonlocal index
         rows = []
         for _ in range(n):
-            context, prompt, target = lm_example(rng, cfg.scene, index, cfg.seed, cfg.lm_mix)
+            context, prompt, target = lm_example(
+                rng, cfg.scene, index, cfg.seed, cfg.lm_mix
+            )
             index += 1
             words = (context or []) + prompt.split()
             head = [tokenizer.bos_token_id, *tokenizer.convert_tokens_to_ids(words)]
-            tail = [*tokenizer.convert_tokens_to_ids(target.split()), tokenizer.eos_token_id]
+            tail = [
+                *tokenizer.convert_tokens_to_ids(target.split()),
+                tokenizer.eos_token_id,
+            ]
             rows.append((head, tail))
         width = max(len(h) + len(t) for h, t in rows)
         input_ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
@@ -246,7 +268,9 @@ def pretrain_lm(
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.lm_steps, cfg.lm_lr)
         input_ids, mask, labels = batch(cfg.lm_batch)
-        loss = per_example_loss(lm(input_ids=input_ids, attention_mask=mask).logits, labels)
+        loss = per_example_loss(
+            lm(input_ids=input_ids, attention_mask=mask).logits, labels
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
@@ -256,7 +280,9 @@ def pretrain_lm(
     lm.eval()
     with torch.no_grad():
         input_ids, mask, labels = batch(512)
-        held_out = per_example_loss(lm(input_ids=input_ids, attention_mask=mask).logits, labels).item()
+        held_out = per_example_loss(
+            lm(input_ids=input_ids, attention_mask=mask).logits, labels
+        ).item()
     return lm, {"lm_loss": held_out}
 
 
@@ -273,12 +299,16 @@ def _attribute_targets(scenes: list, spec: SceneSpec) -> dict[str, torch.Tensor]
         "count": spec.counts,
     }
     return {
-        a: torch.tensor([values[a].index(getattr(s, a)) for s in scenes], dtype=torch.long)
+        a: torch.tensor(
+            [values[a].index(getattr(s, a)) for s in scenes], dtype=torch.long
+        )
         for a in ATTRIBUTES
     }
 
 
-def render_scenes(spec: SceneSpec, seed: int, stream: int, n: int) -> tuple[list, np.ndarray]:
+def render_scenes(
+    spec: SceneSpec, seed: int, stream: int, n: int
+) -> tuple[list, np.ndarray]:
     """``n`` scenes of ``stream`` and their images, ``[n, H, W, 3]`` uint8."""
     scenes, images = [], []
     for scene, img in iter_scenes(spec, seed, stream, range(n)):
@@ -294,7 +324,10 @@ def normalise(images: np.ndarray) -> torch.Tensor:
 
 
 def pretrain_vision(
-    cfg: ToyBuildConfig, scenes: list, images: np.ndarray, report: Callable[[str, int, int, float], None]
+    cfg: ToyBuildConfig,
+    scenes: list,
+    images: np.ndarray,
+    report: Callable[[str, int, int, float], None],
 ) -> tuple[CLIPVisionModel, dict[str, float]]:
     """Train the vision encoder to classify every scene attribute from its CLS token."""
     torch.manual_seed(cfg.seed + 1)
@@ -316,7 +349,9 @@ def pretrain_vision(
         "position": len(spec.positions),
         "count": len(spec.counts),
     }
-    heads = torch.nn.ModuleDict({a: torch.nn.Linear(cfg.vision_hidden, k) for a, k in n_classes.items()})
+    heads = torch.nn.ModuleDict(
+        {a: torch.nn.Linear(cfg.vision_hidden, k) for a, k in n_classes.items()}
+    )
     params = list(enc.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.01)
     pixels, targets = normalise(images), _attribute_targets(scenes, spec)
@@ -330,7 +365,9 @@ def pretrain_vision(
             g["lr"] = lr_at(step, cfg.vision_steps, cfg.vision_lr)
         idx = torch.randint(0, len(scenes), (cfg.vision_batch,), generator=gen)
         pooled = enc(pixel_values=pixels[idx]).pooler_output  # [B, hidden]
-        loss = sum(F.cross_entropy(heads[a](pooled), targets[a][idx]) for a in ATTRIBUTES)
+        loss = sum(
+            F.cross_entropy(heads[a](pooled), targets[a][idx]) for a in ATTRIBUTES
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[union-attr]
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -341,7 +378,10 @@ def pretrain_vision(
     with torch.no_grad():
         pooled = enc(pixel_values=probe_px).pooler_output
         probe = {
-            f"vision_probe_{a}": (heads[a](pooled).argmax(-1) == probe_t[a]).float().mean().item()
+            f"vision_probe_{a}": (heads[a](pooled).argmax(-1) == probe_t[a])
+            .float()
+            .mean()
+            .item()
             for a in ATTRIBUTES
         }
     return enc, probe
@@ -391,9 +431,16 @@ def joint_warmup(
         manifest={},
     )
     projector = [p for n, p in model.named_parameters() if "multi_modal_projector" in n]
-    language = [p for n, p in model.named_parameters() if p.requires_grad and "multi_modal_projector" not in n]
+    language = [
+        p
+        for n, p in model.named_parameters()
+        if p.requires_grad and "multi_modal_projector" not in n
+    ]
     opt = torch.optim.AdamW(
-        [{"params": projector, "base": cfg.joint_projector_lr}, {"params": language, "base": cfg.joint_lm_lr}],
+        [
+            {"params": projector, "base": cfg.joint_projector_lr},
+            {"params": language, "base": cfg.joint_lm_lr},
+        ],
         weight_decay=0.0,
     )
     rng = np.random.default_rng([cfg.seed, STREAM_JOINT])
@@ -405,9 +452,14 @@ def joint_warmup(
         idx = rng.integers(0, len(scenes), cfg.joint_batch)
         qa = rng.random(cfg.joint_batch) < cfg.joint_qa_fraction
         batch_scenes = [scenes[i] for i in idx]
-        prompts = [bb.qa_prompt.format(question=s.question) if q else bb.caption_prompt for s, q in zip(batch_scenes, qa)]
+        prompts = [
+            bb.qa_prompt.format(question=s.question) if q else bb.caption_prompt
+            for s, q in zip(batch_scenes, qa)
+        ]
         targets = [s.answer if q else s.caption for s, q in zip(batch_scenes, qa)]
-        batch = training_batch(bb, [Image.fromarray(images[i]) for i in idx], prompts, targets)
+        batch = training_batch(
+            bb, [Image.fromarray(images[i]) for i in idx], prompts, targets
+        )
         labels = batch.pop("labels")
         loss = per_example_loss(model(**batch).logits, labels)
         opt.zero_grad(set_to_none=True)
@@ -420,7 +472,10 @@ def joint_warmup(
     probe_scenes, probe_images = render_scenes(cfg.scene, cfg.seed, STREAM_PROBE, 500)
     columns = {
         "image": [Image.fromarray(x) for x in probe_images],
-        **{a: [getattr(s, a) for s in probe_scenes] for a in ("caption", "question", "answer", *ATTRIBUTES)},
+        **{
+            a: [getattr(s, a) for s in probe_scenes]
+            for a in ("caption", "question", "answer", *ATTRIBUTES)
+        },
     }
     scores = evaluate_toy(HFBackend(bb, 100), columns, bb.caption_prompt, bb.qa_prompt)
     lm.model.load_state_dict(model.model.language_model.state_dict())
@@ -450,7 +505,8 @@ def assemble_llava(
         projector_hidden_act=projector_act,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
-        image_seq_length=(vision.config.image_size // vision.config.patch_size) ** 2 + 1,
+        image_seq_length=(vision.config.image_size // vision.config.patch_size) ** 2
+        + 1,
         tie_word_embeddings=False,
         multimodal_projector_bias=True,
     )
@@ -461,7 +517,9 @@ def assemble_llava(
     return model.eval()
 
 
-def toy_processor(tokenizer: PreTrainedTokenizerFast, spec: SceneSpec, patch_size: int) -> LlavaProcessor:
+def toy_processor(
+    tokenizer: PreTrainedTokenizerFast, spec: SceneSpec, patch_size: int
+) -> LlavaProcessor:
     size = spec.image_size
     # The PIL backend: no torchvision needed, and the same pixels as the torchvision one.
     image_processor = CLIPImageProcessorPil(
@@ -513,13 +571,19 @@ def build_toy_backbone(
         tokenizer = build_tokenizer()
         lm, lm_metrics = pretrain_lm(cfg, tokenizer, report)
         t_lm = time.perf_counter() - t0
-        scenes, images = render_scenes(cfg.scene, cfg.seed, STREAM_PRETRAIN_VISION, cfg.vision_scenes)
+        scenes, images = render_scenes(
+            cfg.scene, cfg.seed, STREAM_PRETRAIN_VISION, cfg.vision_scenes
+        )
         vision, vision_metrics = pretrain_vision(cfg, scenes, images, report)
         t_vision = time.perf_counter() - t0 - t_lm
-        lm, joint_metrics = joint_warmup(cfg, vision, lm, tokenizer, scenes, images, report)
+        lm, joint_metrics = joint_warmup(
+            cfg, vision, lm, tokenizer, scenes, images, report
+        )
         t_joint = time.perf_counter() - t0 - t_lm - t_vision
         image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        torch.manual_seed(cfg.seed + 6)  # the checkpoint's (unused) projector; runs draw their own
+        torch.manual_seed(
+            cfg.seed + 6
+        )  # the checkpoint's (unused) projector; runs draw their own
         model = assemble_llava(vision, lm, image_id)
         processor = toy_processor(tokenizer, cfg.scene, cfg.patch_size)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
@@ -538,7 +602,11 @@ def build_toy_backbone(
                 "caption_prompt": f"{IMAGE_TOKEN} {CAPTION_PROMPT}",
                 "qa_prompt": f"{IMAGE_TOKEN} {QA_PROMPT}",
                 "metrics": {**lm_metrics, **vision_metrics, **joint_metrics},
-                "seconds": {"lm": round(t_lm, 1), "vision": round(t_vision, 1), "joint": round(t_joint, 1)},
+                "seconds": {
+                    "lm": round(t_lm, 1),
+                    "vision": round(t_vision, 1),
+                    "joint": round(t_joint, 1),
+                },
                 "versions": {"torch": torch.__version__},
             }
             (tmp / "fedsim.json").write_text(json.dumps(manifest, indent=2))

@@ -1,0 +1,67 @@
+"""PNG plots of runs: training loss and held-out toy metrics against the round."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fedsim.runio import MetricsLog  # noqa: E402
+
+PANELS = [
+    ("loss", "training loss (mean over clients)", False),
+    ("attr_mean", "caption attribute accuracy (mean of 5)", True),
+    ("yesno_acc", "yes/no accuracy (POPE-style)", True),
+]
+
+
+def plot_runs(
+    run_dirs: Sequence[Path],
+    out: Path,
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """One figure, three panels (loss, attribute accuracy, yes/no accuracy), a line per run."""
+    labels = list(labels) if labels else [Path(d).name for d in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise ValueError(f"plot: {len(run_dirs)} runs but {len(labels)} labels")
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5.2 * len(PANELS), 4.0))
+    colours = plt.get_cmap("tab10").colors
+    for i, (run_dir, label) in enumerate(zip(run_dirs, labels)):
+        records = MetricsLog(Path(run_dir) / "metrics.jsonl").read()
+        if not records:
+            raise ValueError(f"plot: {run_dir}/metrics.jsonl holds no rounds")
+        for ax, (key, _, is_eval) in zip(axes, PANELS):
+            if is_eval:
+                pts = [(r["round"], r["eval"][key]) for r in records if "eval" in r]
+            else:
+                pts = [(r["round"], r[key]) for r in records if key in r]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(
+                    xs,
+                    ys,
+                    marker="o" if is_eval else None,
+                    ms=4,
+                    color=colours[i % 10],
+                    label=label,
+                )
+    for ax, (_, name, is_eval) in zip(axes, PANELS):
+        ax.set_xlabel("round")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        if is_eval:
+            ax.set_ylim(0, 1.02)
+    axes[-1].legend(loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -361,13 +361,13 @@ def _run_rounds(
     if cfg.eval.at_start:
         t0 = time.perf_counter()
         initial_eval = evaluate(ray.put(weights))
-        record = {
+        start = {
             "round": 0,
             "wall_seconds": round(time.perf_counter() - t0, 3),
             "eval": initial_eval,
         }
-        metrics.append(record)
-        history.append(record)
+        metrics.append(start)
+        history.append(start)
         console.print(
             f"round 0 (untrained): attr_mean {initial_eval['attr_mean']:.3f}, yes/no {initial_eval['yesno_acc']:.3f}"
         )
@@ -406,7 +406,7 @@ def _run_rounds(
             )
         weights_ref = ray.put(weights)
         payload_ref = aggregator.payload.remote()
-        pending = {}
+        waiting = []
         for w, plan in zip(workers, _assign(tasks, len(workers))):
             for task in plan:
                 ref = w.train.remote(
@@ -417,7 +417,7 @@ def _run_rounds(
                     cfg.algorithm.params,
                     settings,
                 )
-                pending[ref] = task.client_id
+                waiting.append(ref)
         progress.update(
             client_task,
             total=len(tasks),
@@ -426,7 +426,6 @@ def _run_rounds(
             info="",
         )
         results: list[ClientResult] = []
-        waiting = list(pending)
         while waiting:
             done, waiting = ray.wait(waiting, num_returns=1)
             res: ClientResult = ray.get(done[0])

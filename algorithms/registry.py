@@ -11,7 +11,11 @@ from typing import Any, TypeVar
 from fedsim.configtools import ConfigError, from_dict
 
 _REGISTRY: dict[str, type] = {}
-_BUILTINS = ("fedsim.algorithms.fedavg", "fedsim.algorithms.centralized")
+_BUILTINS = (
+    "fedsim.algorithms.fedavg",
+    "fedsim.algorithms.centralized",
+    "fedsim.algorithms.fedcmp",
+)
 _loaded = False
 T = TypeVar("T", bound=type)
 

@@ -138,6 +138,10 @@ class Aggregator:
     def payload(self) -> Weights:
         return self.algorithm.server_payload(self.state)
 
+    def server_state(self) -> Weights:
+        """The algorithm's server state (momentum, bases, ...), saved with the run."""
+        return {k: v.contiguous() for k, v in self.state.items()}
+
     def aggregate(
         self, weights: Weights, updates: Sequence[ClientUpdate], server_round: int
     ) -> tuple[Weights, dict[str, Any]]:

@@ -106,6 +106,49 @@ def run(
 
 
 @app.command()
+def compare(
+    algorithms: Annotated[
+        str, typer.Option("--algorithms", "-a", help="Comma-separated algorithm names.")
+    ],
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
+    config: Annotated[
+        Optional[str],
+        typer.Option("--config", "-c", help="YAML file or scenario preset name."),
+    ] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", "-s", help="Config override key=value (all runs)."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Comparison folder.")] = Path(
+        "runs/compare"
+    ),
+    no_progress: Annotated[
+        bool, typer.Option("--no-progress", help="No live progress display.")
+    ] = False,
+) -> None:
+    """Run several algorithms on the same scenario and seeds; write a mean ± std table and plots."""
+    from fedsim.compare import compare as run_compare
+    from fedsim.models.backbone import BackboneError
+
+    names = [a.strip() for a in algorithms.split(",") if a.strip()]
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        _fail(f"--seeds {seeds!r}: expected comma-separated integers")
+        return
+    if not names or not seed_list:
+        _fail("--algorithms and --seeds must each name at least one")
+    if len(set(names)) != len(names):
+        _fail(f"--algorithms {algorithms!r}: an algorithm is named twice")
+    try:
+        run_compare(
+            names, seed_list, out, config, list(set_ or []), console, not no_progress
+        )
+    except (ConfigError, BackboneError) as e:
+        _fail(str(e))
+
+
+@app.command()
 def plot(
     runs: Annotated[
         list[Path], typer.Argument(help="Run folders to draw, one line each.")

@@ -104,7 +104,12 @@ class ScenarioConfig:
     num_clients:
         Logical clients (data silos).
     partition:
-        ``iid``: a seeded shuffle split into equal shards.
+        ``iid``: a seeded shuffle split into equal shards; ``dirichlet``: label skew, each
+        label's rows split among clients in Dirichlet(``dirichlet_alpha``) proportions.
+    label:
+        The dataset column ``dirichlet`` skews over (``shape``, ``colour``, ...).
+    dirichlet_alpha:
+        α of the label skew (small: few labels per client).
     participation:
         ``uniform``: each round samples ``cohort_size`` clients uniformly without replacement.
     cohort_size:
@@ -113,7 +118,9 @@ class ScenarioConfig:
 
     name: str = "toy-iid"
     num_clients: int = 20
-    partition: Literal["iid"] = "iid"
+    partition: Literal["iid", "dirichlet"] = "iid"
+    label: str = "shape"
+    dirichlet_alpha: float = 0.3
     participation: Literal["uniform"] = "uniform"
     cohort_size: int = 10
 

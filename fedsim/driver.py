@@ -41,7 +41,7 @@ from fedsim.runio import (
     write_yaml,
 )
 from fedsim.scenarios.participation import uniform_cohort
-from fedsim.scenarios.partition import iid
+from fedsim.scenarios.partition import dirichlet, iid
 from fedsim.schedule import lr_at
 from fedsim.state_store import MemoryStore
 from fedsim.training import ClientResult, ClientTask, TrainSettings
@@ -149,10 +149,26 @@ def prepare(
         cache, cfg.data.scene, data_seed, EVAL_STREAM, cfg.data.eval_scenes
     )
     try:
-        shards = iid(cfg.data.num_scenes, cfg.scenario.num_clients, cfg.seed)
+        shards = partition(cfg, train_path)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return Prepared(model, train_path, eval_path, shards, manifest)
+
+
+def partition(cfg: Config, train_path: Path) -> list[np.ndarray]:
+    """Client shards (row ids) for the scenario's partitioner."""
+    sc = cfg.scenario
+    if sc.partition == "iid":
+        return iid(cfg.data.num_scenes, sc.num_clients, cfg.seed)
+    import datasets
+
+    ds = datasets.load_from_disk(str(train_path))
+    if sc.label not in ds.column_names:
+        raise ConfigError(
+            f"scenario.label: {sc.label!r} is not a column of the data ({', '.join(ds.column_names)})"
+        )
+    labels = np.asarray(ds.data.column(sc.label).to_numpy(zero_copy_only=False))
+    return dirichlet(labels, sc.num_clients, sc.dirichlet_alpha, cfg.seed)
 
 
 def connect_ray(cfg: Config) -> bool:
@@ -452,6 +468,9 @@ def _run_rounds(
             "lr": lrs[0],
             "update_norm": agg.get("update_norm"),
             "rejected": agg.get("rejected", []),
+            "algorithm": {
+                k: v for k, v in agg.items() if k not in ("update_norm", "rejected")
+            },
             "client_seconds_max": max(r.seconds for r in results),
             "data_passes_max": max(c.passes for c in cursors),
         }
@@ -477,6 +496,9 @@ def _run_rounds(
             "seed": str(cfg.seed),
         },
     )
+    server_state = ray.get(aggregator.server_state.remote())
+    if server_state:
+        save_weights(out_dir / "final" / "server_state.safetensors", server_state)
     write_json(
         out_dir / "eval.json",
         {"round": cfg.rounds, "initial": initial_eval, "final": final_eval},

@@ -47,3 +47,33 @@ def test_stream_resumes_and_wraps_to_a_new_pass():
 def test_empty_shard_names_the_client():
     with pytest.raises(ValueError, match="client 7"):
         take(np.array([], dtype=np.int64), Cursor(), 1, seed=0, client_id=7)
+
+
+def test_dirichlet_is_a_partition_skewed_by_alpha():
+    from fedsim.scenarios.partition import dirichlet
+
+    labels = np.random.default_rng(0).integers(0, 4, 4000)
+    shards = dirichlet(labels, 20, 0.1, seed=3)
+    rows = np.concatenate(shards)
+    assert sorted(rows.tolist()) == list(range(4000))
+    assert all(len(s) > 0 for s in shards)
+    again = dirichlet(labels, 20, 0.1, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(shards, again))
+
+    def mean_top_share(parts):
+        # Share of each client's rows that belong to its most common label.
+        return np.mean(
+            [np.bincount(labels[s], minlength=4).max() / len(s) for s in parts]
+        )
+
+    skewed = mean_top_share(shards)
+    mild = mean_top_share(dirichlet(labels, 20, 100.0, seed=3))
+    assert skewed > 0.8  # α = 0.1: clients are dominated by one label
+    assert mild < 0.4  # α = 100: close to the IID share of 1/4
+
+
+def test_dirichlet_bad_alpha():
+    from fedsim.scenarios.partition import dirichlet
+
+    with pytest.raises(ValueError, match="dirichlet_alpha"):
+        dirichlet(np.zeros(10), 2, 0.0, seed=0)

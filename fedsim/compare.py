@@ -1,0 +1,228 @@
+"""``fedsim compare``: several algorithms on the same scenario and seeds, as a paper's table.
+
+Every (algorithm, seed) pair is one ordinary run in ``OUT/<algorithm>/seed-<seed>/``. Client
+sampling depends only on (seed, round), so all algorithms see the same cohorts and the same data.
+A pair whose run folder already holds a finished run (``eval.json``) is reused, so an interrupted
+comparison continues where it stopped. Outputs: ``comparison.md`` and ``comparison.csv`` (mean ±
+std over seeds of the final evaluation, one row per algorithm) and ``comparison.png`` (training
+loss and evaluation metrics against the round, a line per algorithm with a ±std band over seeds).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from fedsim.config import Config, load_config
+from fedsim.runio import MetricsLog, write_text
+
+METRICS = [
+    ("attr_mean", "attr. acc."),
+    ("caption_exact", "exact captions"),
+    ("yesno_acc", "yes/no acc."),
+    ("yesno_f1", "yes/no F1"),
+    ("attr_count", "count"),
+    ("attr_size", "size"),
+    ("attr_colour", "colour"),
+    ("attr_shape", "shape"),
+    ("attr_position", "position"),
+]
+
+
+@dataclass
+class Comparison:
+    """Final evaluation of every (algorithm, seed), and where the runs are."""
+
+    out_dir: Path
+    finals: dict[str, dict[int, dict[str, float]]]
+    run_dirs: dict[str, dict[int, Path]]
+
+    def summary(self) -> dict[str, dict[str, tuple[float, float]]]:
+        """algorithm → metric → (mean, std over seeds; std = 0 for one seed)."""
+        out: dict[str, dict[str, tuple[float, float]]] = {}
+        for algo, by_seed in self.finals.items():
+            out[algo] = {}
+            for key, _ in METRICS:
+                vals = np.array([m[key] for m in by_seed.values()], dtype=float)
+                std = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+                out[algo][key] = (float(vals.mean()), std)
+        return out
+
+
+def _finished(run_dir: Path) -> dict[str, float] | None:
+    path = run_dir / "eval.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()).get("final") or None
+
+
+def compare(
+    algorithms: Sequence[str],
+    seeds: Sequence[int],
+    out_dir: Path,
+    config: str | None = None,
+    overrides: Sequence[str] = (),
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> Comparison:
+    """Run every algorithm with every seed (reusing finished runs) and write the comparison."""
+    from fedsim.driver import connect_ray, run
+
+    console = console or Console()
+    out_dir = Path(out_dir)
+    # Validate every config before any run starts.
+    configs: dict[tuple[str, int], Config] = {}
+    for algo in algorithms:
+        for seed in seeds:
+            configs[(algo, seed)] = load_config(
+                config, [*overrides, f"algorithm.name={algo}", f"seed={seed}"]
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    finals: dict[str, dict[int, dict[str, float]]] = {a: {} for a in algorithms}
+    run_dirs: dict[str, dict[int, Path]] = {a: {} for a in algorithms}
+    import ray
+
+    started = connect_ray(next(iter(configs.values())))
+    try:
+        for (algo, seed), cfg in configs.items():
+            run_dir = out_dir / algo / f"seed-{seed}"
+            run_dirs[algo][seed] = run_dir
+            done = _finished(run_dir)
+            if done is None:
+                if run_dir.exists() and any(run_dir.iterdir()):
+                    # An interrupted run: keep it aside, never delete what was written.
+                    aside = run_dir.with_name(
+                        f"{run_dir.name}.incomplete-{int(time.time())}"
+                    )
+                    shutil.move(str(run_dir), aside)
+                    console.print(f"[yellow]{run_dir} was incomplete; moved to {aside}")
+                console.rule(f"{algo}, seed {seed}")
+                done = run(
+                    cfg, run_dir, console=console, show_progress=show_progress
+                ).final_eval
+            else:
+                console.print(f"{algo}, seed {seed}: reusing finished run in {run_dir}")
+            finals[algo][seed] = done
+    finally:
+        if started:
+            ray.shutdown()
+    result = Comparison(out_dir, finals, run_dirs)
+    write_outputs(result, configs[(algorithms[0], seeds[0])])
+    console.print(result_table(result))
+    console.print(f"wrote {out_dir / 'comparison.md'}, comparison.csv, comparison.png")
+    return result
+
+
+def _fmt(mean: float, std: float) -> str:
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def result_table(result: Comparison) -> Table:
+    seeds = sorted(next(iter(result.finals.values())))
+    table = Table(title=f"final held-out evaluation, mean ± std over seeds {seeds}")
+    table.add_column("algorithm")
+    for _, label in METRICS[:4]:
+        table.add_column(label, justify="right")
+    for algo, row in result.summary().items():
+        table.add_row(algo, *[_fmt(*row[k]) for k, _ in METRICS[:4]])
+    return table
+
+
+def write_outputs(result: Comparison, cfg: Config) -> None:
+    summary = result.summary()
+    seeds = sorted(next(iter(result.finals.values())))
+    out = result.out_dir
+    with open(out / "comparison.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            [
+                "algorithm",
+                "seeds",
+                *[f"{k}_{s}" for k, _ in METRICS for s in ("mean", "std")],
+            ]
+        )
+        for algo, row in summary.items():
+            writer.writerow(
+                [algo, len(seeds), *[f"{v:.6f}" for k, _ in METRICS for v in row[k]]]
+            )
+    lines = [
+        f"# {cfg.scenario.name}: {', '.join(summary)}",
+        "",
+        f"Final held-out toy evaluation after {cfg.rounds} rounds, mean ± std over seeds "
+        f"{seeds} ({cfg.scenario.num_clients} clients, {cfg.scenario.cohort_size} per round, "
+        f"{cfg.train.local_steps} local steps × batch {cfg.train.batch_size}).",
+        "",
+        "| algorithm | " + " | ".join(label for _, label in METRICS) + " |",
+        "|---|" + "---:|" * len(METRICS),
+    ]
+    best = {k: max(summary[a][k][0] for a in summary) for k, _ in METRICS}
+    for algo, row in summary.items():
+        cells = []
+        for k, _ in METRICS:
+            cell = _fmt(*row[k])
+            cells.append(f"**{cell}**" if math.isclose(row[k][0], best[k]) else cell)
+        lines.append(f"| {algo} | " + " | ".join(cells) + " |")
+    lines.append("")
+    write_text(out / "comparison.md", "\n".join(lines))
+    plot_comparison(
+        result, out / "comparison.png", f"{cfg.scenario.name}, seeds {seeds}"
+    )
+
+
+def _series(run_dir: Path, key: str, is_eval: bool) -> dict[int, float]:
+    out = {}
+    for r in MetricsLog(run_dir / "metrics.jsonl").read():
+        if is_eval and "eval" in r:
+            out[r["round"]] = r["eval"][key]
+        elif not is_eval and key in r:
+            out[r["round"]] = r[key]
+    return out
+
+
+def plot_comparison(result: Comparison, path: Path, title: str) -> Path:
+    """Loss, attribute accuracy and yes/no accuracy against the round; mean line, ±std band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedsim.plots import PANELS
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5.2 * len(PANELS), 4.0))
+    colours = plt.get_cmap("tab10").colors
+    for i, (algo, by_seed) in enumerate(result.run_dirs.items()):
+        for ax, (key, _, is_eval) in zip(axes, PANELS):
+            series = [_series(d, key, is_eval) for d in by_seed.values()]
+            rounds = sorted(set.intersection(*(set(s) for s in series)))
+            if not rounds:
+                continue
+            vals = np.array([[s[r] for r in rounds] for s in series])
+            mean, std = (
+                vals.mean(0),
+                vals.std(0, ddof=1) if len(vals) > 1 else np.zeros(len(rounds)),
+            )
+            c = colours[i % 10]
+            ax.plot(
+                rounds, mean, color=c, label=algo, marker="o" if is_eval else None, ms=3
+            )
+            ax.fill_between(rounds, mean - std, mean + std, color=c, alpha=0.2, lw=0)
+    for ax, (_, name, _) in zip(axes, PANELS):
+        ax.set_xlabel("round")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[-1].legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

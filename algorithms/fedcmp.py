@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
 from fedsim.algorithms.base import (
     AggregateResult,
     ClientUpdate,
@@ -96,14 +97,15 @@ def top_eigenvectors(
     dim, other = (m, n) if side == "left" else (n, m)
     total = float(sum(pk * float(d.pow(2).sum()) for d, pk in zip(deltas, p)))
     r = max(1, min(r, dim))
-    if len(deltas) * dim * dim * other <= _EXACT_LIMIT or r + oversample >= dim:
+    ell = min(dim, r + oversample)
+    # Exact when small: the dim × dim Gram is then no bigger than the O(dim · ell) sketches.
+    if len(deltas) * dim * dim * other <= _EXACT_LIMIT or dim <= 2 * ell:
         g = torch.zeros(dim, dim, dtype=torch.float32)
         for d, pk in zip(deltas, p):
             g.add_(d @ d.T if side == "left" else d.T @ d, alpha=pk)
         vals, vecs = torch.linalg.eigh(g)  # ascending
         vals, vecs = vals.flip(0)[:r], vecs.flip(1)[:, :r]
     else:
-        ell = min(dim, r + oversample)
         omega = torch.randn(dim, ell, generator=generator, dtype=torch.float32)
         y = _gram_apply(deltas, p, omega, side)
         for _ in range(power_iters):

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedsim.eval.generation import GenerationBackend
-
 from fedsim.data.synthetic import (
     COLOURS,
     COUNT_WORDS,
@@ -24,6 +22,7 @@ from fedsim.data.synthetic import (
     SHAPES,
     SIZES,
 )
+from fedsim.eval.generation import GenerationBackend
 
 ATTRIBUTES = ("count", "size", "colour", "shape", "position")
 _COUNT_BY_WORD = {w: n for n, w in COUNT_WORDS.items()}

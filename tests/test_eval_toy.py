@@ -1,6 +1,7 @@
 """Toy evaluation: caption parsing and POPE's answer rule, against hand-worked cases."""
 
 import pytest
+
 from fedsim.eval.toy import caption_scores, parse_caption, pope_answer, yesno_scores
 
 

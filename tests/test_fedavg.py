@@ -1,12 +1,12 @@
 """FedAvg's server rule on hand-computed tensors, and the laws every aggregator obeys."""
 
 import torch
-from fedsim.algorithms import ClientUpdate, build_algorithm
-from fedsim.algorithms.base import weighted_sum
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsim.actors import Aggregator, validate_update
+from fedsim.algorithms import ClientUpdate, build_algorithm
+from fedsim.algorithms.base import weighted_sum
 
 
 def upd(cid, n, **delta):

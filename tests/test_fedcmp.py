@@ -4,6 +4,9 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from fedsim.algorithms import ClientUpdate, build_algorithm
 from fedsim.algorithms.fedavg import fedavg_delta
 from fedsim.algorithms.fedcmp import (
@@ -16,8 +19,6 @@ from fedsim.algorithms.fedcmp import (
     top_eigenvectors,
     transport,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 def make_updates(deltas, sizes):

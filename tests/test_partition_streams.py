@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from fedsim.scenarios.participation import uniform_cohort
-from fedsim.scenarios.partition import iid
 
 from fedsim.data.streams import Cursor, pass_order, take
+from fedsim.scenarios.participation import uniform_cohort
+from fedsim.scenarios.partition import iid
 
 
 def test_iid_is_a_partition_and_deterministic():

@@ -383,7 +383,10 @@ class FedCMP:
         )
         left, right = find("left"), find("right")
         r = choose_rank(left, right, self.rank, self.energy)
-        u_hat, v_hat = left.vectors[:, :r], right.vectors[:, :r]
+        # Contiguous copies: the state must hold the same bits whether it stays in memory or
+        # goes through a checkpoint (BLAS results differ between strided and dense inputs).
+        u_hat = left.vectors[:, :r].contiguous()
+        v_hat = right.vectors[:, :r].contiguous()
         u_prev, v_prev = state.get(f"U/{key}"), state.get(f"V/{key}")
         u = gauge_fix(u_hat, u_prev)
         v = gauge_fix(v_hat, v_prev)
@@ -432,6 +435,9 @@ class FedCMP:
         new_state.update(
             {f"U/{key}": u, f"V/{key}": v, f"m/{key}": mom, f"t/{key}": torch.tensor(t)}
         )
+        # Dense copies: the state must hold the same bits in memory as through a checkpoint
+        # (QR returns column-major factors, and BLAS results differ with the memory layout).
+        new_state = {k: x.contiguous() for k, x in new_state.items()}
 
         energy = (
             float(left.eigenvalues[:r].sum()) / left.total if left.total > 0 else 1.0

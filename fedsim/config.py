@@ -105,9 +105,11 @@ class ScenarioConfig:
         Logical clients (data silos).
     partition:
         ``iid``: a seeded shuffle split into equal shards; ``dirichlet``: label skew, each
-        label's rows split among clients in Dirichlet(``dirichlet_alpha``) proportions.
+        label's rows split among clients in Dirichlet(``dirichlet_alpha``) proportions;
+        ``domain``: feature skew, each client holds one value of ``label`` only.
     label:
-        The dataset column ``dirichlet`` skews over (``shape``, ``colour``, ...).
+        The dataset column(s) ``dirichlet`` and ``domain`` split by (``shape``, ``background``;
+        ``background+style`` joins columns into one key).
     dirichlet_alpha:
         α of the label skew (small: few labels per client).
     participation:
@@ -118,7 +120,7 @@ class ScenarioConfig:
 
     name: str = "toy-iid"
     num_clients: int = 20
-    partition: Literal["iid", "dirichlet"] = "iid"
+    partition: Literal["iid", "dirichlet", "domain"] = "iid"
     label: str = "shape"
     dirichlet_alpha: float = 0.3
     participation: Literal["uniform"] = "uniform"

@@ -41,12 +41,15 @@ from fedsim.runio import (
     write_yaml,
 )
 from fedsim.scenarios.participation import uniform_cohort
-from fedsim.scenarios.partition import dirichlet, iid
+from fedsim.scenarios.partition import by_domain, dirichlet, iid
 from fedsim.schedule import lr_at
 from fedsim.state_store import MemoryStore
 from fedsim.training import ClientResult, ClientTask, TrainSettings
 
-TRAIN_STREAM = 1  # synthetic scene streams of the run data (the toy build uses others)
+# The synthetic dataset is fixed (the run seed drives partition, sampling and training, not the
+# data); its streams differ from those the toy build pre-trains on.
+DATA_SEED = 0
+TRAIN_STREAM = 1
 EVAL_STREAM = 2
 POOLED_CLIENT = 0
 
@@ -81,7 +84,6 @@ class Prepared:
     train_path: Path
     eval_path: Path
     shards: list[np.ndarray]
-    manifest: dict[str, Any]
 
 
 def cache_root(cfg: Config) -> Path:
@@ -136,23 +138,19 @@ def prepare(
 ) -> Prepared:
     """Everything a run needs before Ray starts: backbone, data, partition."""
     model = resolve_backbone(cfg, report)
-    manifest = read_manifest(model)
-    check_scene_fits_backbone(cfg, manifest)
+    check_scene_fits_backbone(cfg, read_manifest(model))
     cache = cache_root(cfg)
-    data_seed = (
-        0  # the dataset is fixed; the run seed drives partition, sampling and training
-    )
     train_path = ensure_scenes(
-        cache, cfg.data.scene, data_seed, TRAIN_STREAM, cfg.data.num_scenes
+        cache, cfg.data.scene, DATA_SEED, TRAIN_STREAM, cfg.data.num_scenes
     )
     eval_path = ensure_scenes(
-        cache, cfg.data.scene, data_seed, EVAL_STREAM, cfg.data.eval_scenes
+        cache, cfg.data.scene, DATA_SEED, EVAL_STREAM, cfg.data.eval_scenes
     )
     try:
         shards = partition(cfg, train_path)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return Prepared(model, train_path, eval_path, shards, manifest)
+    return Prepared(model, train_path, eval_path, shards)
 
 
 def partition(cfg: Config, train_path: Path) -> list[np.ndarray]:
@@ -163,12 +161,18 @@ def partition(cfg: Config, train_path: Path) -> list[np.ndarray]:
     import datasets
 
     ds = datasets.load_from_disk(str(train_path))
-    if sc.label not in ds.column_names:
-        raise ConfigError(
-            f"scenario.label: {sc.label!r} is not a column of the data ({', '.join(ds.column_names)})"
-        )
-    labels = np.asarray(ds.data.column(sc.label).to_numpy(zero_copy_only=False))
-    return dirichlet(labels, sc.num_clients, sc.dirichlet_alpha, cfg.seed)
+    columns = sc.label.split("+")
+    for col in columns:
+        if col not in ds.column_names:
+            raise ConfigError(
+                f"scenario.label: {col!r} is not a column of the data ({', '.join(ds.column_names)})"
+            )
+    # One key per row; several columns join as "a+b" (e.g. background+style).
+    cols = [ds.data.column(c).to_pylist() for c in columns]
+    labels = np.array(["+".join(map(str, v)) for v in zip(*cols)])
+    if sc.partition == "dirichlet":
+        return dirichlet(labels, sc.num_clients, sc.dirichlet_alpha, cfg.seed)
+    return by_domain(labels, sc.num_clients, cfg.seed)
 
 
 def connect_ray(cfg: Config) -> bool:

@@ -62,3 +62,33 @@ def dirichlet(
             donor = int(np.argmax([len(s) for s in shards]))
             shards[k], shards[donor] = shards[donor][-1:], shards[donor][:-1]
     return shards
+
+
+def by_domain(domains: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
+    """Feature skew: each client holds rows of one domain only.
+
+    Clients are dealt to the domains (sorted) round-robin, so domain d gets ⌈or⌊num_clients /
+    #domains⌋ clients, and each domain's rows are shuffled and split evenly among its clients.
+    Needs at least as many clients as domains.
+    """
+    domains = np.asarray(domains)
+    values = sorted(set(domains.tolist()))
+    if num_clients < len(values):
+        raise ValueError(
+            f"scenario.num_clients: {num_clients} clients for {len(values)} domains; "
+            "each domain needs a client"
+        )
+    rng = np.random.default_rng([seed, PARTITION_STREAM, 2])
+    owners: dict[int, list[int]] = {d: [] for d in range(len(values))}
+    for k in range(num_clients):
+        owners[k % len(values)].append(k)
+    shards: list[np.ndarray] = [np.empty(0, np.int64)] * num_clients
+    for d, value in enumerate(values):
+        rows = rng.permutation(np.flatnonzero(domains == value))
+        if len(rows) < len(owners[d]):
+            raise ValueError(
+                f"scenario: domain {value!r} has {len(rows)} rows for {len(owners[d])} clients"
+            )
+        for k, part in zip(owners[d], np.array_split(rows, len(owners[d]))):
+            shards[k] = np.sort(part).astype(np.int64)
+    return shards

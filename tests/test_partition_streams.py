@@ -77,3 +77,17 @@ def test_dirichlet_bad_alpha():
 
     with pytest.raises(ValueError, match="dirichlet_alpha"):
         dirichlet(np.zeros(10), 2, 0.0, seed=0)
+
+
+def test_by_domain_gives_each_client_one_domain():
+    from fedsim.scenarios.partition import by_domain
+
+    domains = np.random.default_rng(1).choice(["a", "b", "c"], 3000)
+    shards = by_domain(domains, 7, seed=0)
+    assert sorted(np.concatenate(shards).tolist()) == list(range(3000))
+    kinds = [set(domains[s].tolist()) for s in shards]
+    assert all(len(k) == 1 for k in kinds)
+    # Round-robin: clients 0, 3, 6 hold "a"; 1, 4 hold "b"; 2, 5 hold "c".
+    assert [k.pop() for k in kinds] == ["a", "b", "c", "a", "b", "c", "a"]
+    with pytest.raises(ValueError, match="each domain needs a client"):
+        by_domain(domains, 2, seed=0)

@@ -94,11 +94,10 @@ class LocalTraining:
         self,
         start: Mapping[str, torch.Tensor],
         end: Mapping[str, torch.Tensor],
-        steps: int,
-        lr: float,
+        lrs: Sequence[float],
         ctx: dict[str, Any],
     ) -> tuple[Weights, Weights]:
-        """After local training: ``(extras to upload, new client state)``."""
+        """After local training (``lrs``: each step's learning rate): ``(extras, new client state)``."""
         return {}, {}
 
 
@@ -111,7 +110,9 @@ class Algorithm(Protocol):
     #: Train on the pooled data of every client as one logical client (centralized upper bound).
     pooled: ClassVar[bool]
 
-    def init_state(self, weights: Weights) -> Weights: ...
+    def init_state(
+        self, weights: Weights, num_clients: int | None = None
+    ) -> Weights: ...
 
     def server_payload(self, state: Weights) -> Weights: ...
 
@@ -124,6 +125,37 @@ class Algorithm(Protocol):
     ) -> AggregateResult: ...
 
     def local_training(self) -> LocalTraining: ...
+
+
+class ServerDefaults:
+    """The optional parts of :class:`Algorithm` for algorithms that do not need them.
+
+    No server state, no payload to clients, unchanged local training. One level, no logic: an
+    algorithm overrides whichever it needs.
+    """
+
+    def init_state(self, weights: Weights, num_clients: int | None = None) -> Weights:
+        return {}
+
+    def server_payload(self, state: Weights) -> Weights:
+        return {}
+
+    def local_training(self) -> LocalTraining:
+        return LocalTraining()
+
+
+def check_positive(**values: float) -> None:
+    """Raise ValueError naming the first parameter that is not > 0."""
+    for name, v in values.items():
+        if not v > 0:
+            raise ValueError(f"{name} must be > 0, got {v}")
+
+
+def check_fraction(**values: float) -> None:
+    """Raise ValueError naming the first parameter outside [0, 1)."""
+    for name, v in values.items():
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {v}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +177,14 @@ def check_same_keys(
             raise ValueError(
                 f"{what}: {k} has shape {list(other[k].shape)}, expected {list(v.shape)}"
             )
+
+
+def check_updates(
+    reference: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]
+) -> None:
+    """Every update's delta has exactly the keys and shapes of ``reference`` (errors name the client)."""
+    for u in updates:
+        check_same_keys(reference, u.delta, f"client {u.client_id}")
 
 
 def sample_weights(updates: Sequence[ClientUpdate]) -> list[float]:

@@ -16,6 +16,7 @@ from fedsim.algorithms.base import (
     AggregateResult,
     ClientUpdate,
     LocalTraining,
+    ServerDefaults,
     Weights,
     add,
     global_norm,
@@ -31,14 +32,8 @@ class PooledTraining(LocalTraining):
 
 @register("centralized", paper="pooled-data upper bound (no federation)", pooled=True)
 @dataclass(frozen=True, kw_only=True)
-class Centralized:
+class Centralized(ServerDefaults):
     """Train on all clients' data as one; no parameters."""
-
-    def init_state(self, weights: Weights) -> Weights:
-        return {}
-
-    def server_payload(self, state: Weights) -> Weights:
-        return {}
 
     def local_training(self) -> LocalTraining:
         return PooledTraining()

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from fedsim.algorithms.base import (
     AggregateResult,
     ClientUpdate,
-    LocalTraining,
+    ServerDefaults,
     Weights,
     add,
-    check_same_keys,
+    check_positive,
+    check_updates,
     global_norm,
     sample_weights,
     sorted_updates,
@@ -35,7 +36,7 @@ def fedavg_delta(updates: Sequence[ClientUpdate]) -> Weights:
 
 @register("fedavg", paper="McMahan et al. 2017, arXiv 1602.05629")
 @dataclass(frozen=True, kw_only=True)
-class FedAvg:
+class FedAvg(ServerDefaults):
     """Federated averaging.
 
     Attributes
@@ -47,17 +48,7 @@ class FedAvg:
     server_lr: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.server_lr <= 0:
-            raise ValueError(f"server_lr must be > 0, got {self.server_lr!r}")
-
-    def init_state(self, weights: Weights) -> Weights:
-        return {}
-
-    def server_payload(self, state: Weights) -> Weights:
-        return {}
-
-    def local_training(self) -> LocalTraining:
-        return LocalTraining()
+        check_positive(server_lr=self.server_lr)
 
     def aggregate(
         self,
@@ -66,8 +57,7 @@ class FedAvg:
         state: Weights,
         server_round: int,
     ) -> AggregateResult:
-        for u in updates:
-            check_same_keys(weights, u.delta, f"client {u.client_id}")
+        check_updates(weights, updates)
         mean_delta = fedavg_delta(updates)
         new = add(weights, mean_delta, self.server_lr)
         return AggregateResult(

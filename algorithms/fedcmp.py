@@ -37,9 +37,9 @@ import torch
 from fedsim.algorithms.base import (
     AggregateResult,
     ClientUpdate,
-    LocalTraining,
+    ServerDefaults,
     Weights,
-    check_same_keys,
+    check_updates,
     global_norm,
     sample_weights,
     sorted_updates,
@@ -256,7 +256,7 @@ def _matrix_seed(key: str, server_round: int) -> int:
     "fedcmp", paper="Xiong et al. 2026, arXiv 2603.26786 (fedsim's formalisation)"
 )
 @dataclass(frozen=True, kw_only=True)
-class FedCMP:
+class FedCMP(ServerDefaults):
     """Fed-CMP: canonical reliability-aware aggregation with orthogonality-preserved momentum.
 
     Attributes
@@ -316,14 +316,8 @@ class FedCMP:
 
     # -- plug-in interface ------------------------------------------------------------------
 
-    def init_state(self, weights: Weights) -> Weights:
+    def init_state(self, weights: Weights, num_clients: int | None = None) -> Weights:
         return {"round": torch.zeros((), dtype=torch.int64)}
-
-    def server_payload(self, state: Weights) -> Weights:
-        return {}
-
-    def local_training(self) -> LocalTraining:
-        return LocalTraining()
 
     def aggregate(
         self,
@@ -333,8 +327,7 @@ class FedCMP:
         server_round: int,
     ) -> AggregateResult:
         ordered = sorted_updates(updates)
-        for u in ordered:
-            check_same_keys(weights, u.delta, f"client {u.client_id}")
+        check_updates(weights, ordered)
         p = sample_weights(ordered)
         new_state: Weights = {"round": torch.tensor(int(state.get("round", 0)) + 1)}
         new: Weights = {}

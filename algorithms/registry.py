@@ -15,6 +15,10 @@ _BUILTINS = (
     "fedsim.algorithms.fedavg",
     "fedsim.algorithms.centralized",
     "fedsim.algorithms.fedcmp",
+    "fedsim.algorithms.fedavgm",
+    "fedsim.algorithms.fedprox",
+    "fedsim.algorithms.fedopt",
+    "fedsim.algorithms.scaffold",
 )
 _loaded = False
 T = TypeVar("T", bound=type)

@@ -130,10 +130,14 @@ class Aggregator:
     """Runs the algorithm's server half over each round's updates; keeps its server state."""
 
     def __init__(
-        self, algorithm: str, params: Mapping[str, Any], weights: Weights
+        self,
+        algorithm: str,
+        params: Mapping[str, Any],
+        weights: Weights,
+        num_clients: int | None = None,
     ) -> None:
         self.algorithm = build_algorithm(algorithm, params)
-        self.state: Weights = self.algorithm.init_state(weights)
+        self.state: Weights = self.algorithm.init_state(weights, num_clients)
 
     def payload(self) -> Weights:
         return self.algorithm.server_payload(self.state)

@@ -356,7 +356,10 @@ def _run_rounds(
         workers[0].init_projector.remote(cfg.seed)
     )
     aggregator = ray.remote(num_cpus=0)(Aggregator).remote(
-        cfg.algorithm.name, cfg.algorithm.params, weights
+        cfg.algorithm.name,
+        cfg.algorithm.params,
+        weights,
+        1 if pooled else cfg.scenario.num_clients,
     )
     actors.append(aggregator)
 

@@ -179,9 +179,7 @@ def train_client(
     end = get_projector(backbone)
     start32 = {k: v.to(torch.float32) for k, v in start.items()}
     delta = {k: end[k] - start32[k] for k in end}
-    extras, new_state = local.finish(
-        start32, end, len(task.lrs), task.lrs[-1] if task.lrs else 0.0, ctx
-    )
+    extras, new_state = local.finish(start32, end, task.lrs, ctx)
     if local.persistent_optimizer:
         new_state = {**new_state, **optimizer_state_to_tensors(opt)}
     mean_loss = float(np.mean(losses)) if losses else math.nan

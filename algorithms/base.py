@@ -109,6 +109,8 @@ class Algorithm(Protocol):
     paper: ClassVar[str]
     #: Train on the pooled data of every client as one logical client (centralized upper bound).
     pooled: ClassVar[bool]
+    #: Every client keeps its own projector; nothing is aggregated (the local-only baseline).
+    personal: ClassVar[bool]
 
     def init_state(
         self, weights: Weights, num_clients: int | None = None

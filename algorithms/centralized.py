@@ -1,9 +1,10 @@
 """Centralized training on the pooled data of every client: the upper bound of federated training.
 
-Not a federated algorithm: the scenario's client shards are pooled into one logical client, which
-trains ``cohort_size × local_steps`` steps per round (the same samples per round as a federated
-round) with one optimiser whose state persists across rounds, on the same learning-rate schedule.
-The "aggregation" applies the single update as is.
+Not a federated algorithm: the driver pools the scenario's client shards and trains with Ray
+Train's TorchTrainer (``fedsim.pooled``: data parallel over ``ray.workers`` workers, gradients
+all-reduced), ``cohort_size × local_steps`` steps per round (the samples of a federated round) with
+one optimiser whose state persists for the whole run, on the same learning-rate schedule. The
+server half below applies each round's single update as is, so the same pure interface holds.
 """
 
 from __future__ import annotations

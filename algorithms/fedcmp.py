@@ -456,7 +456,9 @@ class FedCMP(ServerDefaults):
 
 
 @register(
-    "fedcmp-cra", paper="Xiong et al. 2026, arXiv 2603.26786: CRA only (no momentum)"
+    "fedcmp-cra",
+    paper="Xiong et al. 2026, arXiv 2603.26786: CRA only (no momentum)",
+    ablation_of="fedcmp",
 )
 @dataclass(frozen=True, kw_only=True)
 class FedCMPCRA(FedCMP):
@@ -468,6 +470,7 @@ class FedCMPCRA(FedCMP):
 @register(
     "fedcmp-opm",
     paper="Xiong et al. 2026, arXiv 2603.26786: OPM with p-weighted fusion",
+    ablation_of="fedcmp",
 )
 @dataclass(frozen=True, kw_only=True)
 class FedCMPOPM(FedCMP):

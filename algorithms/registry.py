@@ -19,6 +19,7 @@ _BUILTINS = (
     "fedsim.algorithms.fedprox",
     "fedsim.algorithms.fedopt",
     "fedsim.algorithms.scaffold",
+    "fedsim.algorithms.local",
 )
 _loaded = False
 T = TypeVar("T", bound=type)
@@ -28,11 +29,21 @@ class AlgorithmError(ConfigError):
     """An unknown algorithm or a bad algorithm parameter."""
 
 
-def register(name: str, *, paper: str, pooled: bool = False) -> Callable[[T], T]:
+def register(
+    name: str,
+    *,
+    paper: str,
+    pooled: bool = False,
+    personal: bool = False,
+    ablation_of: str | None = None,
+) -> Callable[[T], T]:
     """Class decorator: register a frozen dataclass algorithm under ``name``.
 
     ``paper`` is shown by ``fedsim algorithms list``; ``pooled`` marks algorithms that train on the
-    pooled data of all clients (the centralized upper bound).
+    pooled data of all clients (the centralized upper bound, run with Ray Train); ``personal``
+    marks algorithms whose clients keep their own projector (kept in the client-state store and
+    evaluated one by one); ``ablation_of`` marks a variant of another algorithm with one part
+    switched off (left out of ``fedsim compare --algorithms all``).
     """
 
     def wrap(cls: T) -> T:
@@ -45,6 +56,8 @@ def register(name: str, *, paper: str, pooled: bool = False) -> Callable[[T], T]
         cls.name = name  # type: ignore[attr-defined]
         cls.paper = paper  # type: ignore[attr-defined]
         cls.pooled = pooled  # type: ignore[attr-defined]
+        cls.personal = personal  # type: ignore[attr-defined]
+        cls.ablation_of = ablation_of  # type: ignore[attr-defined]
         _REGISTRY[name] = cls
         return cls
 
@@ -71,6 +84,13 @@ def available() -> dict[str, type]:
     """Registered algorithms by name, sorted."""
     _load()
     return dict(sorted(_REGISTRY.items()))
+
+
+def comparable() -> list[str]:
+    """What ``--algorithms all`` means: every registered algorithm except ablation variants."""
+    return [
+        n for n, cls in available().items() if not getattr(cls, "ablation_of", None)
+    ]
 
 
 def get_algorithm_class(name: str) -> type:

@@ -195,6 +195,12 @@ class Evaluator:
         self.backend = HFBackend(self.backbone, batch_size)
         self.max_new_tokens = max_new_tokens
 
+    def init_projector(self, seed: int) -> Weights:
+        """W_0 for ``seed``, the same as a BackboneWorker draws (for runs without workers)."""
+        from fedsim.models.backbone import init_projector
+
+        return init_projector(self.backbone, seed)
+
     def evaluate(self, weights: Mapping[str, torch.Tensor]) -> dict[str, float]:
         from fedsim.eval.toy import evaluate_toy
         from fedsim.models.backbone import set_projector_

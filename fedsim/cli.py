@@ -108,7 +108,12 @@ def run(
 @app.command()
 def compare(
     algorithms: Annotated[
-        str, typer.Option("--algorithms", "-a", help="Comma-separated algorithm names.")
+        str,
+        typer.Option(
+            "--algorithms",
+            "-a",
+            help="Comma-separated algorithm names, or 'all' (every algorithm but ablations).",
+        ),
     ],
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
     config: Annotated[
@@ -127,10 +132,13 @@ def compare(
     ] = False,
 ) -> None:
     """Run several algorithms on the same scenario and seeds; write a mean ± std table and plots."""
+    from fedsim.algorithms.registry import comparable
     from fedsim.compare import compare as run_compare
     from fedsim.models.backbone import BackboneError
 
     names = [a.strip() for a in algorithms.split(",") if a.strip()]
+    if names == ["all"]:
+        names = comparable()
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
@@ -220,10 +228,20 @@ def algorithms_list() -> None:
     table = Table()
     table.add_column("name")
     table.add_column("paper")
+    table.add_column("kind")
     table.add_column("parameters (defaults)")
     for name, cls in available().items():
         params = ", ".join(f"{k}={v}" for k, v in parameters(cls).items()) or "–"
-        table.add_row(name, cls.paper, params)
+        kind = (
+            "pooled (Ray Train)"
+            if cls.pooled
+            else "per-client models"
+            if cls.personal
+            else f"ablation of {cls.ablation_of}"
+            if cls.ablation_of
+            else "federated"
+        )
+        table.add_row(name, cls.paper, kind, params)
     console.print(table)
 
 

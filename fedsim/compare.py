@@ -77,6 +77,7 @@ def compare(
 ) -> Comparison:
     """Run every algorithm with every seed (reusing finished runs) and write the comparison."""
     from fedsim.driver import connect_ray, run
+    from fedsim.pool import ActorPool
 
     console = console or Console()
     out_dir = Path(out_dir)
@@ -93,6 +94,7 @@ def compare(
     import ray
 
     started = connect_ray(next(iter(configs.values())))
+    pool = ActorPool()  # workers and Evaluator started once for every run
     try:
         for (algo, seed), cfg in configs.items():
             run_dir = out_dir / algo / f"seed-{seed}"
@@ -108,12 +110,17 @@ def compare(
                     console.print(f"[yellow]{run_dir} was incomplete; moved to {aside}")
                 console.rule(f"{algo}, seed {seed}")
                 done = run(
-                    cfg, run_dir, console=console, show_progress=show_progress
+                    cfg,
+                    run_dir,
+                    console=console,
+                    show_progress=show_progress,
+                    pool=pool,
                 ).final_eval
             else:
                 console.print(f"{algo}, seed {seed}: reusing finished run in {run_dir}")
             finals[algo][seed] = done
     finally:
+        pool.close()
         if started:
             ray.shutdown()
     result = Comparison(out_dir, finals, run_dirs)

@@ -22,14 +22,15 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from fedsim.actors import Aggregator, BackboneWorker, Evaluator, ModelSpec, peak_rss_mb
+from fedsim.actors import Aggregator, ModelSpec, peak_rss_mb
 from fedsim.algorithms import build_algorithm
+from fedsim.algorithms.base import add
 from fedsim.config import Config, config_to_yaml_data
 from fedsim.configtools import ConfigError
 from fedsim.data.scenes_dataset import ensure_scenes
 from fedsim.data.streams import Cursor, take
 from fedsim.eval.toy import ATTRIBUTES
-from fedsim.models.backbone import BackboneError
+from fedsim.pool import ActorPool
 from fedsim.progress import build_reporter, make_progress
 from fedsim.runio import (
     MetricsLog,
@@ -51,7 +52,6 @@ from fedsim.training import ClientResult, ClientTask, TrainSettings
 DATA_SEED = 0
 TRAIN_STREAM = 1
 EVAL_STREAM = 2
-POOLED_CLIENT = 0
 
 # Metrics shown in the final table, with their labels.
 HEADLINE = [
@@ -175,6 +175,14 @@ def partition(cfg: Config, train_path: Path) -> list[np.ndarray]:
     return by_domain(labels, sc.num_clients, cfg.seed)
 
 
+MODEL = "model/"  # client-state prefix of a personal algorithm's own projector
+
+
+def personal_model(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A personal algorithm's own projector from its client state (empty when never trained)."""
+    return {k[len(MODEL) :]: v for k, v in state.items() if k.startswith(MODEL)}
+
+
 def connect_ray(cfg: Config) -> bool:
     """Start or join Ray; returns True when this call started it (and so should shut it down)."""
     import ray
@@ -263,8 +271,13 @@ def run(
     out_dir: Path,
     console: Console | None = None,
     show_progress: bool = True,
+    pool: ActorPool | None = None,
 ) -> RunResult:
-    """Run ``cfg`` to the end, writing everything to ``out_dir`` (which must be new or empty)."""
+    """Run ``cfg`` to the end, writing everything to ``out_dir`` (which must be new or empty).
+
+    ``pool`` lends resident workers and an Evaluator kept across runs (``fedsim compare``); by
+    default the run starts its own and stops them at the end.
+    """
     import ray
 
     console = console or Console()
@@ -283,13 +296,18 @@ def run(
         prep = prepare(cfg, build_reporter(progress))
         started_ray = connect_ray(cfg)
         actors: list[Any] = []
+        own_pool = pool is None
+        pool = pool or ActorPool()
         try:
-            result = _run_rounds(
-                cfg, algorithm, prep, out_dir, metrics, progress, console, actors
+            loop = _run_pooled if getattr(algorithm, "pooled", False) else _run_rounds
+            result = loop(
+                cfg, algorithm, prep, out_dir, metrics, progress, console, actors, pool
             )
         finally:
             for actor in actors:
                 ray.kill(actor)
+            if own_pool:
+                pool.close()
             if started_ray:
                 ray.shutdown()
     wall = time.perf_counter() - t_start
@@ -315,6 +333,152 @@ def run(
     return result
 
 
+def _lrs(cfg: Config, rnd: int, steps: int) -> tuple[float, ...]:
+    """The learning rate of each of round ``rnd``'s ``steps`` local steps (global schedule)."""
+    return tuple(
+        lr_at(
+            (rnd - 1) * steps + s,
+            cfg.rounds * steps,
+            cfg.train.lr,
+            cfg.train.warmup,
+            cfg.train.schedule,
+        )
+        for s in range(steps)
+    )
+
+
+def _settings(cfg: Config) -> TrainSettings:
+    return TrainSettings(
+        optimizer=cfg.train.optimizer,
+        weight_decay=cfg.train.weight_decay,
+        grad_clip=cfg.train.grad_clip,
+        loss=cfg.train.loss,
+        qa_fraction=cfg.data.qa_fraction,
+    )
+
+
+def _eval_due(cfg: Config, rnd: int) -> bool:
+    return rnd == cfg.rounds or (cfg.eval_every > 0 and rnd % cfg.eval_every == 0)
+
+
+def _initial_eval(
+    cfg: Config,
+    pool: ActorPool,
+    weights: dict[str, torch.Tensor],
+    metrics: MetricsLog,
+    history: list[dict[str, Any]],
+    console: Console,
+) -> dict[str, float] | None:
+    """The untrained projector's evaluation, logged as round 0 (when ``eval.at_start``)."""
+    import ray
+
+    if not cfg.eval.at_start:
+        return None
+    t0 = time.perf_counter()
+    result = pool.initial_eval(cfg.seed, ray.put(weights))
+    record = {
+        "round": 0,
+        "wall_seconds": round(time.perf_counter() - t0, 3),
+        "eval": result,
+    }
+    metrics.append(record)
+    history.append(record)
+    console.print(
+        f"round 0 (untrained): attr_mean {result['attr_mean']:.3f}, yes/no {result['yesno_acc']:.3f}"
+    )
+    return result
+
+
+def _finish(
+    cfg: Config,
+    out_dir: Path,
+    initial_eval: dict[str, float] | None,
+    final_eval: dict[str, float],
+    resources: dict[str, Any],
+) -> None:
+    write_json(
+        out_dir / "eval.json",
+        {"round": cfg.rounds, "initial": initial_eval, "final": final_eval},
+    )
+    write_json(out_dir / "resources.json", {"peak_rss_mb": resources})
+
+
+def _run_pooled(
+    cfg: Config,
+    algorithm: Any,
+    prep: Prepared,
+    out_dir: Path,
+    metrics: MetricsLog,
+    progress: Progress,
+    console: Console,
+    actors: list[Any],
+    pool: ActorPool,
+) -> RunResult:
+    """The centralized upper bound: Ray Train's TorchTrainer over the pooled shards."""
+    import ray
+
+    from fedsim.pooled import PooledPlan, fit
+
+    evaluator = pool.evaluator(cfg, prep)
+    w0: dict[str, torch.Tensor] = ray.get(evaluator.init_projector.remote(cfg.seed))
+    history: list[dict[str, Any]] = []
+    initial_eval = _initial_eval(cfg, pool, w0, metrics, history, console)
+    steps = cfg.train.local_steps * cfg.scenario.cohort_size
+    plan = PooledPlan(
+        model=prep.model,
+        train_path=str(prep.train_path),
+        rows=np.concatenate(prep.shards),
+        w0=w0,
+        algorithm=cfg.algorithm.name,
+        params=dict(cfg.algorithm.params),
+        seed=cfg.seed,
+        rounds=cfg.rounds,
+        steps=steps,
+        batch_size=cfg.train.batch_size,
+        lrs=tuple(_lrs(cfg, r, steps) for r in range(1, cfg.rounds + 1)),
+        settings=_settings(cfg),
+        threads=cfg.ray.threads_per_worker,
+        eval_rounds=frozenset(r for r in range(1, cfg.rounds + 1) if _eval_due(cfg, r)),
+    )
+    round_task = progress.add_task("rounds (Ray Train)", total=cfg.rounds, info="")
+    final_eval: dict[str, float] = {}
+
+    def on_record(record: dict[str, Any]) -> None:
+        nonlocal final_eval
+        metrics.append(record)
+        history.append(record)
+        if "eval" in record:
+            final_eval = record["eval"]
+            console.print(
+                f"round {record['round']}: loss {record['loss']:.3f}, attr_mean "
+                f"{final_eval['attr_mean']:.3f}, yes/no {final_eval['yesno_acc']:.3f}"
+            )
+        progress.update(round_task, advance=1, info=f"loss {record['loss']:.3f}")
+
+    weights, train_peak = fit(
+        plan,
+        evaluator,
+        cfg.ray.workers,
+        cfg.ray.worker_cpus,
+        cfg.ray.worker_gpus,
+        out_dir / "train",
+        on_record,
+    )
+    meta = {
+        "algorithm": cfg.algorithm.name,
+        "rounds": str(cfg.rounds),
+        "seed": str(cfg.seed),
+    }
+    save_weights(out_dir / "final" / "projector.safetensors", weights, meta)
+    resources = {
+        "driver": peak_rss_mb(),
+        "train_rank0": train_peak,
+        "evaluator": ray.get(evaluator.peak_rss_mb.remote()),
+    }
+    _finish(cfg, out_dir, initial_eval, final_eval, resources)
+    return RunResult(out_dir, weights, initial_eval, final_eval, history, resources)
+
+
 def _run_rounds(
     cfg: Config,
     algorithm: Any,
@@ -324,33 +488,13 @@ def _run_rounds(
     progress: Progress,
     console: Console,
     actors: list[Any],
+    pool: ActorPool,
 ) -> RunResult:
     import ray
 
-    pooled = bool(getattr(algorithm, "pooled", False))
-    worker_cls = ray.remote(num_cpus=cfg.ray.worker_cpus, num_gpus=cfg.ray.worker_gpus)(
-        BackboneWorker
-    )
-    workers = [
-        worker_cls.remote(prep.model, str(prep.train_path), cfg.ray.threads_per_worker)
-        for _ in range(cfg.ray.workers)
-    ]
-    actors.extend(workers)
-    eval_threads = cfg.eval.threads or os.cpu_count() or 1
-    evaluator = ray.remote(num_cpus=0, num_gpus=0)(Evaluator).remote(
-        prep.model,
-        str(prep.eval_path),
-        eval_threads,
-        cfg.eval.batch_size,
-        cfg.eval.max_new_tokens,
-    )
-    actors.append(evaluator)
-    try:
-        ray.get([w.ready.remote() for w in workers])
-    except ray.exceptions.RayActorError as e:
-        raise BackboneError(
-            f"model.backbone: workers could not load {prep.model.backbone_path!r}: {e}"
-        ) from None
+    personal = bool(getattr(algorithm, "personal", False))
+    evaluator = pool.evaluator(cfg, prep)
+    workers = pool.workers(cfg, prep)
     # W_0 from the run seed (not from the checkpoint's stored projector).
     weights: dict[str, torch.Tensor] = ray.get(
         workers[0].init_projector.remote(cfg.seed)
@@ -359,82 +503,77 @@ def _run_rounds(
         cfg.algorithm.name,
         cfg.algorithm.params,
         weights,
-        1 if pooled else cfg.scenario.num_clients,
+        cfg.scenario.num_clients,
     )
     actors.append(aggregator)
 
-    shards = [np.concatenate(prep.shards)] if pooled else prep.shards
+    w0 = weights
+    shards = prep.shards
     cursors = [Cursor() for _ in shards]
     store = MemoryStore()
-    steps = cfg.train.local_steps * (cfg.scenario.cohort_size if pooled else 1)
-    total_steps = cfg.rounds * steps
-    settings = TrainSettings(
-        optimizer=cfg.train.optimizer,
-        weight_decay=cfg.train.weight_decay,
-        grad_clip=cfg.train.grad_clip,
-        loss=cfg.train.loss,
-        qa_fraction=cfg.data.qa_fraction,
-    )
+    steps = cfg.train.local_steps
+    settings = _settings(cfg)
 
     def evaluate(ref: Any) -> dict[str, float]:
         return ray.get(evaluator.evaluate.remote(ref))
 
-    history: list[dict[str, Any]] = []
-    initial_eval = None
-    if cfg.eval.at_start:
-        t0 = time.perf_counter()
-        initial_eval = evaluate(ray.put(weights))
-        start = {
-            "round": 0,
-            "wall_seconds": round(time.perf_counter() - t0, 3),
-            "eval": initial_eval,
+    w0_eval: dict[str, float] = {}
+
+    def evaluate_clients() -> tuple[dict[str, float], dict[str, float]]:
+        """Mean and std over all clients of each client's own projector's evaluation."""
+        if not w0_eval:
+            w0_eval.update(evaluate(ray.put(w0)))
+        models = [personal_model(store.load(c)) for c in range(len(shards))]
+        refs = {
+            c: evaluator.evaluate.remote(ray.put(m)) for c, m in enumerate(models) if m
         }
-        metrics.append(start)
-        history.append(start)
-        console.print(
-            f"round 0 (untrained): attr_mean {initial_eval['attr_mean']:.3f}, yes/no {initial_eval['yesno_acc']:.3f}"
+        per_client = [
+            ray.get(refs[c]) if c in refs else w0_eval for c in range(len(shards))
+        ]
+        keys = per_client[0].keys()
+        vals = {k: np.array([e[k] for e in per_client], dtype=float) for k in keys}
+        return (
+            {k: float(v.mean()) for k, v in vals.items()},
+            {k: float(v.std()) for k, v in vals.items()},
         )
+
+    history: list[dict[str, Any]] = []
+    initial_eval = _initial_eval(cfg, pool, weights, metrics, history, console)
+    # At round 0 every client of a personal algorithm holds W_0 too: one evaluation.
+    w0_eval.update(initial_eval or {})
 
     round_task = progress.add_task("rounds", total=cfg.rounds, info="")
     client_task = progress.add_task("client tasks", total=1, info="")
     final_eval: dict[str, float] = {}
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
-        cohort = (
-            [POOLED_CLIENT]
-            if pooled
-            else uniform_cohort(
-                cfg.scenario.num_clients, cfg.scenario.cohort_size, cfg.seed, rnd
-            )
+        cohort = uniform_cohort(
+            cfg.scenario.num_clients, cfg.scenario.cohort_size, cfg.seed, rnd
         )
-        lrs = tuple(
-            lr_at(
-                (rnd - 1) * steps + s,
-                total_steps,
-                cfg.train.lr,
-                cfg.train.warmup,
-                cfg.train.schedule,
-            )
-            for s in range(steps)
-        )
+        lrs = _lrs(cfg, rnd, steps)
         tasks = []
+        starts: dict[int, Any] = {}
         for cid in cohort:
             rows, cursors[cid] = take(
                 shards[cid], cursors[cid], steps * cfg.train.batch_size, cfg.seed, cid
             )
+            state = store.load(cid)
+            if personal:
+                # The client continues from its own projector (W_0 until it first trains).
+                starts[cid] = personal_model(state) or w0
+                state = {k: v for k, v in state.items() if not k.startswith(MODEL)}
             tasks.append(
-                ClientTask(
-                    cid, rnd, cfg.seed, rows, lrs, cfg.train.batch_size, store.load(cid)
-                )
+                ClientTask(cid, rnd, cfg.seed, rows, lrs, cfg.train.batch_size, state)
             )
         weights_ref = ray.put(weights)
+        start_refs = {cid: ray.put(w) for cid, w in starts.items()}
         payload_ref = aggregator.payload.remote()
         waiting = []
         for w, plan in zip(workers, _assign(tasks, len(workers))):
             for task in plan:
                 ref = w.train.remote(
                     task,
-                    weights_ref,
+                    start_refs.get(task.client_id, weights_ref),
                     payload_ref,
                     cfg.algorithm.name,
                     cfg.algorithm.params,
@@ -459,10 +598,19 @@ def _run_rounds(
                 info=f"client {res.update.client_id} loss {res.update.loss:.3f}",
             )
         results.sort(key=lambda r: r.update.client_id)
-        for res in results:
-            store.save(res.update.client_id, res.client_state)
         updates = [r.update for r in results]
         weights, agg = ray.get(aggregator.aggregate.remote(weights_ref, updates, rnd))
+        # A rejected update changes nothing: neither the client's state nor its own projector.
+        rejected = {r["client_id"] for r in agg.get("rejected", [])}
+        for res in results:
+            cid = res.update.client_id
+            if cid in rejected:
+                continue
+            new_state = dict(res.client_state)
+            if personal:
+                own = add(starts[cid], res.update.delta)
+                new_state.update({MODEL + k: v for k, v in own.items()})
+            store.save(cid, new_state)
         samples = sum(u.num_samples for u in updates)
         record: dict[str, Any] = {
             "round": rnd,
@@ -482,8 +630,14 @@ def _run_rounds(
             "data_passes_max": max(c.passes for c in cursors),
         }
         last = rnd == cfg.rounds
-        if last or (cfg.eval_every and rnd % cfg.eval_every == 0):
-            final_eval = evaluate(ray.put(weights))
+        due = _eval_due(cfg, rnd)
+        if personal and not (last or getattr(algorithm, "eval_all_rounds", False)):
+            due = False
+        if due:
+            if personal:
+                final_eval, record["eval_client_std"] = evaluate_clients()
+            else:
+                final_eval = evaluate(ray.put(weights))
             record["eval"] = final_eval
             console.print(
                 f"round {rnd}: loss {record['loss']:.3f}, attr_mean {final_eval['attr_mean']:.3f}, "
@@ -494,22 +648,27 @@ def _run_rounds(
         history.append(record)
         progress.update(round_task, advance=1, info=f"loss {record['loss']:.3f}")
 
-    save_weights(
-        out_dir / "final" / "projector.safetensors",
-        weights,
-        {
-            "algorithm": cfg.algorithm.name,
-            "rounds": str(cfg.rounds),
-            "seed": str(cfg.seed),
-        },
-    )
+    meta = {
+        "algorithm": cfg.algorithm.name,
+        "rounds": str(cfg.rounds),
+        "seed": str(cfg.seed),
+    }
+    if personal:
+        # No global model: every client's own projector, keyed "client-<id>/<name>".
+        save_weights(
+            out_dir / "final" / "client_projectors.safetensors",
+            {
+                f"client-{c}/{k}": v.clone()
+                for c in range(len(shards))
+                for k, v in (personal_model(store.load(c)) or w0).items()
+            },
+            meta,
+        )
+    else:
+        save_weights(out_dir / "final" / "projector.safetensors", weights, meta)
     server_state = ray.get(aggregator.server_state.remote())
     if server_state:
         save_weights(out_dir / "final" / "server_state.safetensors", server_state)
-    write_json(
-        out_dir / "eval.json",
-        {"round": cfg.rounds, "initial": initial_eval, "final": final_eval},
-    )
     resources = {
         "driver": peak_rss_mb(),
         **{
@@ -519,5 +678,5 @@ def _run_rounds(
         "aggregator": ray.get(aggregator.peak_rss_mb.remote()),
         "evaluator": ray.get(evaluator.peak_rss_mb.remote()),
     }
-    write_json(out_dir / "resources.json", {"peak_rss_mb": resources})
+    _finish(cfg, out_dir, initial_eval, final_eval, resources)
     return RunResult(out_dir, weights, initial_eval, final_eval, history, resources)

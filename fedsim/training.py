@@ -39,6 +39,10 @@ class ClientTask:
         The learning rate of each local step (global schedule).
     client_state:
         What the client-state store holds for this client (e.g. optimiser state), or empty.
+    qa_flags:
+        Which rows are questions rather than captions; None draws them from the task's private
+        generator (:func:`task_flags`). Data-parallel training passes each rank its share of the
+        flags drawn for the whole batch, so that the split does not change the task.
     """
 
     client_id: int
@@ -48,6 +52,7 @@ class ClientTask:
     lrs: tuple[float, ...]
     batch_size: int
     client_state: Weights = field(default_factory=dict)
+    qa_flags: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -132,12 +137,16 @@ def train_client(
         load_optimizer_state(opt, task.client_state)
     ctx = local.prepare(task.client_state, payload)
     start = {k: v.detach().clone() for k, v in named.items()}
-    flags = task_flags(
-        task.seed,
-        task.server_round,
-        task.client_id,
-        len(task.rows),
-        settings.qa_fraction,
+    flags = (
+        task.qa_flags
+        if task.qa_flags is not None
+        else task_flags(
+            task.seed,
+            task.server_round,
+            task.client_id,
+            len(task.rows),
+            settings.qa_fraction,
+        )
     )
     loss_fn = per_example_loss if settings.loss == "per_example" else token_mean_loss
     device = next(backbone.model.parameters()).device

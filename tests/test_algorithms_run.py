@@ -58,3 +58,50 @@ def test_fedprox_mu_zero_equals_fedavg_end_to_end(
     )
     assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
     assert not all(torch.equal(a.weights[k], c.weights[k]) for k in a.weights)
+
+
+@pytest.mark.slow
+def test_local_with_one_client_is_fedavg_and_unsampled_clients_keep_w0(
+    tmp_path, toy_path, cache_dir, ray_session
+):
+    # With one client, "continue from your own projector" and "continue from the global one"
+    # are the same rule: local and fedavg must give the same bits after two rounds.
+    one = ["scenario.num_clients=1", "scenario.cohort_size=1"]
+    avg = _run(tmp_path, "avg1", [*one, "algorithm.name=fedavg"], cache_dir)
+    loc = _run(tmp_path, "loc1", [*one, "algorithm.name=local"], cache_dir)
+    own = load_weights(tmp_path / "loc1" / "final" / "client_projectors.safetensors")
+    for k, v in avg.weights.items():
+        assert torch.equal(own[f"client-0/{k}"], v)
+    assert loc.final_eval == avg.final_eval
+    assert not (tmp_path / "loc1" / "final" / "projector.safetensors").exists()
+
+    # Many clients: the sampled ones moved, the others still hold W_0 exactly.
+    many = _run(tmp_path, "loc", ["algorithm.name=local"], cache_dir)
+    own = load_weights(tmp_path / "loc" / "final" / "client_projectors.safetensors")
+    sampled = {c for rec in many.history for c in rec["clients"]}
+    w0 = many.weights  # the global weights of "local" never move from W_0
+    for c in range(20):
+        same = all(torch.equal(own[f"client-{c}/{k}"], w0[k]) for k in w0)
+        assert same == (c not in sampled)
+    assert "eval_client_std" in many.history[-1]
+
+
+@pytest.mark.slow
+def test_centralized_runs_on_ray_train_and_data_parallel_matches_one_worker(
+    tmp_path, toy_path, cache_dir, ray_session
+):
+    one = _run(
+        tmp_path, "c1", ["algorithm.name=centralized", "ray.workers=1"], cache_dir
+    )
+    two = _run(
+        tmp_path, "c2", ["algorithm.name=centralized", "ray.workers=2"], cache_dir
+    )
+    # Two workers split every batch and average gradients: the same steps up to rounding.
+    for k, v in one.weights.items():
+        rel = float((two.weights[k] - v).norm() / v.norm())
+        assert rel < 1e-5, (k, rel)
+    assert two.history[-1]["train_workers"] == 2
+    # The projector came back through a Ray Train checkpoint.
+    assert list((tmp_path / "c2" / "train").rglob("checkpoint_*/projector.safetensors"))
+    # One pooled stream: each round trains cohort_size × local_steps steps of batch_size rows.
+    assert all(rec["samples"] == 3 * 2 * 4 for rec in two.history)

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from rich.console import Console
 
 from fedsim.compare import compare
@@ -62,3 +63,13 @@ def test_compare_table_matches_the_runs(tmp_path, toy_path, cache_dir, ray_sessi
     before = (out / "fedavg" / "seed-0" / "metrics.jsonl").stat().st_mtime_ns
     compare(["fedavg", "fedcmp"], [0, 1], out, "toy-dirichlet", sets, quiet, False)
     assert (out / "fedavg" / "seed-0" / "metrics.jsonl").stat().st_mtime_ns == before
+
+    # Runs on the pool's reused actors give the same bits as a run on fresh ones.
+    from fedsim.config import load_config
+    from fedsim.driver import run
+    from fedsim.runio import load_weights
+
+    cfg = load_config("toy-dirichlet", [*sets, "algorithm.name=fedcmp", "seed=1"])
+    fresh = run(cfg, tmp_path / "fresh", console=quiet, show_progress=False)
+    reused = load_weights(out / "fedcmp" / "seed-1" / "final" / "projector.safetensors")
+    assert all(torch.equal(fresh.weights[k], reused[k]) for k in fresh.weights)

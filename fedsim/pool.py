@@ -1,0 +1,103 @@
+"""Resident actors kept across runs: ``fedsim compare`` starts its workers and Evaluator once.
+
+A BackboneWorker holds only its frozen backbone and the memory-mapped data (the projector is set
+per task); the Evaluator sets the projector it is sent before every evaluation. Neither keeps
+anything from one run to the next, so a run on reused actors gives the same bits as a run on
+fresh ones (tests/test_compare.py) and saves their start-up (a process per actor importing torch
+and loading the backbone). The untrained projector's evaluation depends only on the backbone, the
+evaluation set and the seed, so it is computed once per seed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fedsim.actors import BackboneWorker, Evaluator
+from fedsim.config import Config
+from fedsim.models.backbone import BackboneError
+
+
+class ActorPool:
+    """Workers and Evaluator for runs that share a backbone, data and placement."""
+
+    def __init__(self) -> None:
+        self._workers: list[Any] = []
+        self._workers_key: tuple[Any, ...] | None = None
+        self._evaluator: Any = None
+        self._evaluator_key: tuple[Any, ...] | None = None
+        self._initial: dict[tuple[Any, ...], dict[str, float]] = {}
+
+    def workers(self, cfg: Config, prep: Any) -> list[Any]:
+        import ray
+
+        key = (
+            prep.model,
+            str(prep.train_path),
+            cfg.ray.workers,
+            cfg.ray.worker_cpus,
+            cfg.ray.worker_gpus,
+            cfg.ray.threads_per_worker,
+        )
+        if key != self._workers_key:
+            self._kill(self._workers)
+            cls = ray.remote(
+                num_cpus=cfg.ray.worker_cpus, num_gpus=cfg.ray.worker_gpus
+            )(BackboneWorker)
+            self._workers = [
+                cls.remote(prep.model, str(prep.train_path), cfg.ray.threads_per_worker)
+                for _ in range(cfg.ray.workers)
+            ]
+            self._workers_key = None
+            try:
+                ray.get([w.ready.remote() for w in self._workers])
+            except ray.exceptions.RayActorError as e:
+                raise BackboneError(
+                    f"model.backbone: workers could not load {prep.model.backbone_path!r}: {e}"
+                ) from None
+            self._workers_key = key
+        return self._workers
+
+    def evaluator(self, cfg: Config, prep: Any) -> Any:
+        import ray
+
+        threads = cfg.eval.threads or os.cpu_count() or 1
+        key = (
+            prep.model,
+            str(prep.eval_path),
+            threads,
+            cfg.eval.batch_size,
+            cfg.eval.max_new_tokens,
+        )
+        if key != self._evaluator_key:
+            self._kill([self._evaluator] if self._evaluator is not None else [])
+            self._evaluator = ray.remote(num_cpus=0, num_gpus=0)(Evaluator).remote(
+                prep.model, str(prep.eval_path), *key[2:]
+            )
+            self._evaluator_key = key
+            self._initial.clear()
+        return self._evaluator
+
+    def initial_eval(self, seed: int, weights: Any) -> dict[str, float]:
+        """The evaluation of W_0 for ``seed`` (computed by the current Evaluator once)."""
+        import ray
+
+        key = (self._evaluator_key, seed)
+        if key not in self._initial:
+            self._initial[key] = ray.get(self._evaluator.evaluate.remote(weights))
+        return dict(self._initial[key])
+
+    @staticmethod
+    def _kill(actors: list[Any]) -> None:
+        import ray
+
+        for a in actors:
+            ray.kill(a)
+
+    def close(self) -> None:
+        self._kill(self._workers)
+        if self._evaluator is not None:
+            self._kill([self._evaluator])
+        self._workers, self._evaluator = [], None
+        self._workers_key = self._evaluator_key = None
+        self._initial.clear()

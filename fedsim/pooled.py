@@ -1,0 +1,260 @@
+"""Centralized training, the pooled-data upper bound, with Ray Train's TorchTrainer.
+
+The scenario's client shards are pooled into one stream. Each "round" trains ``cohort_size ×
+local_steps`` optimiser steps of ``batch_size`` rows (the samples of one federated round) with one
+optimiser whose state persists for the whole run, on the same learning-rate schedule, so that
+curves line up round for round with the federated algorithms.
+
+Data parallel over ``ray.workers`` Ray Train workers (one per GPU on a GPU cluster): every step's
+global batch is split across the workers (rank r takes rows r, r+W, ...), gradients are averaged
+with ``torch.distributed.all_reduce`` before clipping and the optimiser step, so every worker holds
+the same projector. The task of each row (caption or question) is drawn for the whole global batch
+before the split, so one worker and several train on the same examples. Rank 0 sends each round's
+record to the driver through a Ray queue (the driver writes metrics.jsonl and shows progress),
+asks the Evaluator actor for the evaluation rounds, and reports the final projector as a Ray Train
+checkpoint, from which the driver saves ``final/projector.safetensors``.
+"""
+
+from __future__ import annotations
+
+import queue as queue_mod
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsim.actors import ModelSpec, peak_rss_mb
+from fedsim.algorithms import build_algorithm
+from fedsim.algorithms.base import LocalTraining, Weights
+from fedsim.data.streams import Cursor, take
+from fedsim.runio import load_weights, save_weights
+from fedsim.training import ClientTask, TrainSettings, task_flags, train_client
+
+POOLED_CLIENT = 0  # the generator key of the pooled stream
+
+
+@dataclass(frozen=True)
+class PooledPlan:
+    """Everything the Ray Train workers need (sent once, in ``train_loop_config``)."""
+
+    model: ModelSpec
+    train_path: str
+    rows: np.ndarray
+    w0: dict[str, torch.Tensor]
+    algorithm: str
+    params: Mapping[str, Any]
+    seed: int
+    rounds: int
+    steps: int
+    batch_size: int
+    lrs: tuple[tuple[float, ...], ...]
+    settings: TrainSettings
+    threads: int
+    eval_rounds: frozenset[int]
+
+
+class AllReduceGradients(LocalTraining):
+    """Wraps a client half: after its own gradient change, averages gradients over the workers."""
+
+    def __init__(self, inner: LocalTraining, world: int) -> None:
+        self.inner = inner
+        self.world = world
+        self.persistent_optimizer = inner.persistent_optimizer  # type: ignore[misc]
+
+    def loss_term(
+        self,
+        params: Mapping[str, torch.Tensor],
+        start: Mapping[str, torch.Tensor],
+        ctx: dict[str, Any],
+    ) -> torch.Tensor | None:
+        return self.inner.loss_term(params, start, ctx)
+
+    def prepare(
+        self,
+        client_state: Mapping[str, torch.Tensor],
+        payload: Mapping[str, torch.Tensor],
+    ) -> dict[str, Any]:
+        return self.inner.prepare(client_state, payload)
+
+    def correct_gradients(
+        self, params: Mapping[str, torch.nn.Parameter], ctx: dict[str, Any]
+    ) -> None:
+        import torch.distributed as dist
+
+        self.inner.correct_gradients(params, ctx)
+        for p in params.values():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad.div_(self.world)
+
+    def finish(
+        self,
+        start: Mapping[str, torch.Tensor],
+        end: Mapping[str, torch.Tensor],
+        lrs: Sequence[float],
+        ctx: dict[str, Any],
+    ) -> tuple[Weights, Weights]:
+        return self.inner.finish(start, end, lrs, ctx)
+
+
+def rank_rows(steps: int, batch_size: int, world: int, rank: int) -> np.ndarray:
+    """Positions (within a round's ``steps × batch_size`` rows) that worker ``rank`` trains on."""
+    if batch_size % world:
+        raise ValueError(
+            f"train.batch_size: {batch_size} does not split evenly over {world} Ray Train workers (ray.workers)"
+        )
+    return np.concatenate(
+        [
+            np.arange(s * batch_size, (s + 1) * batch_size)[rank::world]
+            for s in range(steps)
+        ]
+    )
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: resident backbone, the pooled stream, the rank's share of each batch."""
+    import datasets
+    import ray
+    import ray.train
+
+    from fedsim.actors import _load, _quiet
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    plan: PooledPlan = config["plan"]
+    _quiet()
+    backbone = _load(plan.model, plan.threads)
+    dataset = datasets.load_from_disk(plan.train_path)
+    algorithm = build_algorithm(plan.algorithm, plan.params)
+    local = algorithm.local_training()
+    if world > 1:
+        local = AllReduceGradients(local, world)
+    share = rank_rows(plan.steps, plan.batch_size, world, rank)
+    weights: Weights = dict(plan.w0)
+    state = algorithm.init_state(weights, 1)
+    client_state: Weights = {}
+    cursor = Cursor()
+    for rnd in range(1, plan.rounds + 1):
+        t0 = time.perf_counter()
+        rows, cursor = take(
+            plan.rows, cursor, plan.steps * plan.batch_size, plan.seed, POOLED_CLIENT
+        )
+        flags = task_flags(
+            plan.seed, rnd, POOLED_CLIENT, len(rows), plan.settings.qa_fraction
+        )
+        task = ClientTask(
+            POOLED_CLIENT,
+            rnd,
+            plan.seed,
+            rows[share],
+            plan.lrs[rnd - 1],
+            plan.batch_size // world,
+            client_state,
+            flags[share],
+        )
+        res = train_client(backbone, dataset, task, weights, {}, local, plan.settings)
+        client_state = res.client_state
+        loss = torch.tensor([res.update.loss], dtype=torch.float64)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+            loss /= world
+        update = replace(res.update, num_samples=len(rows), loss=float(loss))
+        out = algorithm.aggregate(weights, [update], state, rnd)
+        weights, state = out.weights, out.state
+        last = rnd == plan.rounds
+        if rank == 0:
+            record: dict[str, Any] = {
+                "round": rnd,
+                "clients": "pooled",
+                "samples": len(rows),
+                "loss": update.loss,
+                "lr": plan.lrs[rnd - 1][0],
+                "update_norm": out.metrics.get("update_norm"),
+                "rejected": [],
+                "train_workers": world,
+                "data_passes_max": cursor.passes,
+            }
+            if rnd in plan.eval_rounds or last:
+                record["eval"] = ray.get(config["evaluator"].evaluate.remote(weights))
+            record["wall_seconds"] = round(time.perf_counter() - t0, 3)
+            if last:
+                record["peak_rss_mb"] = peak_rss_mb()
+            config["queue"].put(record)
+        checkpoint = None
+        with tempfile.TemporaryDirectory() as tmp:
+            if last and rank == 0:
+                save_weights(Path(tmp) / "projector.safetensors", weights)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({"round": rnd, "loss": update.loss}, checkpoint=checkpoint)
+
+
+def fit(
+    plan: PooledPlan,
+    evaluator: Any,
+    workers: int,
+    worker_cpus: float,
+    worker_gpus: float,
+    storage: Path,
+    on_record: Any,
+) -> tuple[Weights, float]:
+    """Run the TorchTrainer; ``on_record`` gets each round's record as it arrives.
+
+    Returns the final projector (from the run's last checkpoint) and the workers' peak RSS (MiB).
+    """
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    records: Queue = Queue(actor_options={"num_cpus": 0})
+    resources = {"CPU": worker_cpus}
+    if worker_gpus:
+        resources["GPU"] = worker_gpus
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"plan": plan, "queue": records, "evaluator": evaluator},
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=worker_gpus > 0,
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(name="centralized", storage_path=str(storage.resolve())),
+    )
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # re-raised in the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    peak = 0.0
+    seen = 0
+    while seen < plan.rounds:
+        try:
+            record = records.get(timeout=0.5)
+        except queue_mod.Empty:
+            if not thread.is_alive():
+                break
+            continue
+        peak = record.pop("peak_rss_mb", peak)
+        on_record(record)
+        seen += 1
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    checkpoint = outcome["result"].checkpoint
+    if checkpoint is None:
+        raise RuntimeError("centralized: Ray Train finished without a final checkpoint")
+    with checkpoint.as_directory() as d:
+        weights = load_weights(Path(d) / "projector.safetensors")
+    return weights, peak

@@ -18,7 +18,11 @@ from fedsim.models.backbone import Backbone
 
 class GenerationBackend(Protocol):
     def generate(
-        self, images: Sequence[object], prompts: Sequence[str], max_new_tokens: int
+        self,
+        images: Sequence[object],
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        pixels: torch.Tensor | None = None,
     ) -> list[str]: ...
 
 
@@ -31,15 +35,23 @@ class HFBackend:
 
     @torch.no_grad()
     def generate(
-        self, images: Sequence[object], prompts: Sequence[str], max_new_tokens: int
+        self,
+        images: Sequence[object],
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        pixels: torch.Tensor | None = None,
     ) -> list[str]:
+        """Greedy answers; ``pixels`` (processed images, e.g. cached) replaces ``images``."""
         bb = self.backbone
         device = next(bb.model.parameters()).device
         tok = bb.tokenizer
         out: list[str] = []
         for i in range(0, len(prompts), self.batch_size):
             batch = generation_batch(
-                bb, images[i : i + self.batch_size], prompts[i : i + self.batch_size]
+                bb,
+                images[i : i + self.batch_size],
+                prompts[i : i + self.batch_size],
+                pixels[i : i + self.batch_size] if pixels is not None else None,
             )
             batch = {k: v.to(device) for k, v in batch.items()}
             ids = bb.model.generate(

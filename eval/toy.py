@@ -13,6 +13,7 @@ Two tasks, both generated (greedy) and parsed from text, as benchmark answers ar
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from fedsim.data.synthetic import (
     COLOURS,
@@ -110,10 +111,12 @@ def evaluate_toy(
     caption_prompt: str,
     qa_prompt: str,
     max_new_tokens: int = 12,
+    pixels: Any = None,
 ) -> dict[str, float]:
     """Caption and yes/no scores of ``backend`` on every scene of ``dataset``.
 
-    ``dataset`` is a ``datasets.Dataset`` of scenes or a mapping of its columns.
+    ``dataset`` is a ``datasets.Dataset`` of scenes or a mapping of its columns; ``pixels``, the
+    scenes' processed images when the caller keeps them (the Evaluator does).
     """
     rows = dataset if isinstance(dataset, dict) else dataset[:]  # type: ignore[index]
     images = rows["image"]
@@ -128,8 +131,10 @@ def evaluate_toy(
             rows["position"],
         )
     ]
-    captions = backend.generate(images, [caption_prompt] * len(images), max_new_tokens)
+    captions = backend.generate(
+        images, [caption_prompt] * len(images), max_new_tokens, pixels
+    )
     answers = backend.generate(
-        images, [qa_prompt.format(question=q) for q in rows["question"]], 3
+        images, [qa_prompt.format(question=q) for q in rows["question"]], 3, pixels
     )
     return {**caption_scores(captions, refs), **yesno_scores(answers, rows["answer"])}

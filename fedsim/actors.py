@@ -67,12 +67,19 @@ def _load(spec: ModelSpec, threads: int) -> Any:
 class BackboneWorker:
     """Holds one frozen backbone and the training data (memory-mapped) for the whole run."""
 
-    def __init__(self, spec: ModelSpec, dataset_path: str, threads: int) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        dataset_path: str,
+        threads: int,
+        pixel_path: str | None = None,
+        bad_images: str = "skip",
+    ) -> None:
         _quiet()
-        import datasets
+        from fedsim.data.rows import RowReader
 
         self.backbone = _load(spec, threads)
-        self.dataset = datasets.load_from_disk(dataset_path)
+        self.rows = RowReader.open(dataset_path, pixel_path, bad_images)
         self._algorithms: dict[tuple[str, str], Any] = {}
 
     def ready(self) -> dict[str, float]:
@@ -101,7 +108,7 @@ class BackboneWorker:
             self._algorithms[key] = build_algorithm(algorithm, params)
         local = self._algorithms[key].local_training()
         return train_client(
-            self.backbone, self.dataset, task, global_weights, payload, local, settings
+            self.backbone, self.rows, task, global_weights, payload, local, settings
         )
 
 
@@ -188,10 +195,19 @@ class Evaluator:
         _quiet()
         import datasets
 
+        from fedsim.data.collate import pixel_values
         from fedsim.eval.generation import HFBackend
 
         self.backbone = _load(spec, threads)
-        self.dataset = datasets.load_from_disk(dataset_path)
+        # The held-out scenes, decoded and processed once (not at every evaluation) when
+        # their pixels stay small; the same tensors the image processor gives per call.
+        self.rows = datasets.load_from_disk(dataset_path)[:]
+        first = pixel_values(self.backbone, self.rows["image"][:1])
+        small = (
+            first.numel() * first.element_size() * len(self.rows["image"])
+            <= 256 * 2**20
+        )
+        self.pixels = pixel_values(self.backbone, self.rows["image"]) if small else None
         self.backend = HFBackend(self.backbone, batch_size)
         self.max_new_tokens = max_new_tokens
 
@@ -208,10 +224,11 @@ class Evaluator:
         set_projector_(self.backbone, weights)
         return evaluate_toy(
             self.backend,
-            self.dataset,
+            self.rows,
             self.backbone.caption_prompt,
             self.backbone.qa_prompt,
             self.max_new_tokens,
+            self.pixels,
         )
 
     def peak_rss_mb(self) -> float:

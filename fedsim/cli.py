@@ -247,15 +247,61 @@ def algorithms_list() -> None:
 
 @scenarios_app.command("list")
 def scenarios_list() -> None:
-    """Scenario presets shipped with fedsim."""
+    """Scenario presets shipped with fedsim: clients, partition, and what each one is."""
+    from rich.table import Table
+
     from fedsim.configtools import read_yaml
     from fedsim.scenarios import presets
 
+    table = Table()
+    for col in ("name", "clients", "partition", "data", "what"):
+        table.add_column(col)
     for name, path in presets().items():
-        data = read_yaml(path).get("scenario", {})
-        console.print(
-            f"{name}: {data.get('num_clients', '?')} clients, partition {data.get('partition', '?')}"
-        )
+        raw = read_yaml(path)
+        sc = raw.get("scenario", {})
+        part = sc.get("partition", "iid")
+        if part != "iid":
+            part += f" over {sc.get('label', 'shape')}"
+        if sc.get("dirichlet_alpha") is not None and sc.get("partition") == "dirichlet":
+            part += f" (α={sc['dirichlet_alpha']})"
+        if sc.get("quantity_skew"):
+            part += f", power-law sizes (a={sc['quantity_skew']})"
+        corpora = raw.get("data", {}).get("corpora") or []
+        data = " + ".join(c.get("format", "?") for c in corpora) or "synthetic scenes"
+        lines = [
+            line.lstrip("# ").strip()
+            for line in path.read_text().splitlines()
+            if line.startswith("#")
+        ]
+        what = lines[0].split(":", 1)[-1].strip() if lines else ""  # the summary line
+        table.add_row(name, str(sc.get("num_clients", "?")), part, data, what)
+    console.print(table)
+
+
+@scenarios_app.command("show")
+def scenarios_show(
+    name: Annotated[str, typer.Argument(help="Preset name or YAML file.")],
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", "-s", help="Config override key=value."),
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="PNG to write.")
+    ] = None,
+) -> None:
+    """Per-client statistics of a scenario's partition: a table and a PNG of the heterogeneity."""
+    from fedsim.config import load_config
+    from fedsim.scenario_stats import plot_stats, scenario_stats, stats_table
+
+    try:
+        cfg = load_config(name, list(set_ or []))
+        stats = scenario_stats(cfg)
+    except ConfigError as e:
+        _fail(str(e))
+        return
+    console.print(stats_table(stats))
+    png = plot_stats(stats, out or Path(f"scenario-{cfg.scenario.name}.png"))
+    console.print(f"wrote {png}")
 
 
 def main() -> None:

@@ -191,7 +191,7 @@ def _series(run_dir: Path, key: str, is_eval: bool) -> dict[int, float]:
     for r in MetricsLog(run_dir / "metrics.jsonl").read():
         if is_eval and "eval" in r:
             out[r["round"]] = r["eval"][key]
-        elif not is_eval and key in r:
+        elif not is_eval and r.get(key) is not None:
             out[r["round"]] = r[key]
     return out
 

@@ -19,6 +19,7 @@ from fedsim.configtools import (
     read_yaml,
     to_dict,
 )
+from fedsim.data.loaders import CorpusSpec
 from fedsim.data.synthetic import SceneSpec
 
 
@@ -76,6 +77,19 @@ class DataConfig:
         Share of training examples that are yes/no questions instead of captions.
     scene:
         What scenes contain; must stay within what the backbone was pre-trained on.
+    corpora:
+        Train on image–text corpora read from disk instead of generated scenes: a list of
+        ``{format: lcs558k|coco|parquet|hf, path, image_root, ...}`` (fields:
+        ``fedsim.data.loaders.CorpusSpec``); several corpora are concatenated, with a
+        ``dataset`` column naming each row's corpus. Held-out evaluation stays on the
+        synthetic scenes.
+    bad_images:
+        A missing or undecodable image: ``skip`` the row (counted: ``missing_images`` in the
+        corpus, ``bad_images`` per round in metrics.jsonl) or ``fail`` with its path.
+    pixel_cache:
+        Run the image processor once per dataset and read pixel values from a memory-mapped
+        cache during training (same results, faster steps): ``auto`` when the cache stays under
+        4 GiB, ``on`` always, ``off`` never.
     """
 
     num_scenes: int = 40000
@@ -84,6 +98,9 @@ class DataConfig:
     scene: SceneSpec = field(
         default_factory=lambda: SceneSpec(styles=("filled", "outline"))
     )
+    pixel_cache: Literal["auto", "on", "off"] = "auto"
+    corpora: tuple[CorpusSpec, ...] = ()
+    bad_images: Literal["skip", "fail"] = "skip"
 
     def __post_init__(self) -> None:
         _positive("data", num_scenes=self.num_scenes, eval_scenes=self.eval_scenes)
@@ -112,10 +129,32 @@ class ScenarioConfig:
         ``background+style`` joins columns into one key).
     dirichlet_alpha:
         α of the label skew (small: few labels per client).
+    quantity_skew:
+        Power-law exponent of the client sizes (n_k ∝ r_k^−a over seeded ranks r); 0 = equal
+        sizes. Composes with every partition: ``iid`` contents, label skew with those sizes, or
+        power-law sizes within each domain.
     participation:
-        ``uniform``: each round samples ``cohort_size`` clients uniformly without replacement.
+        ``uniform``: each round samples ``cohort_size`` clients uniformly without replacement;
+        ``size_weighted``: with probability ∝ the client's number of rows (successive draws).
     cohort_size:
-        Clients per round (|S_t|).
+        Clients per round (|S_t|), or all online clients when fewer are online.
+    availability:
+        ``always``, or ``diurnal``: client k is online ``diurnal_on`` of every
+        ``diurnal_period``-round day at its own seeded phase; only online clients are sampled.
+    dropout:
+        Probability that a sampled client drops out of the round (keyed by seed, round, client).
+    tier_speeds, tier_shares, tier_upload_mbps:
+        Device tiers: relative compute speed, share of the clients (seeded assignment) and
+        upload bandwidth of each tier.
+    step_seconds:
+        Simulated compute time of one local step at speed 1.
+    time_budget:
+        Seconds of compute per round: a client runs min(local_steps, ⌊budget · speed /
+        step_seconds⌋) steps (at least one). Null: every client runs ``local_steps``.
+    deadline:
+        Seconds after which the server stops waiting: slower clients (compute + upload) are
+        stragglers, dropped from the round. Null: no deadline. Each round's simulated time
+        (the slowest reporting client, or the deadline) is ``sim_seconds`` in metrics.jsonl.
     """
 
     name: str = "toy-iid"
@@ -123,13 +162,60 @@ class ScenarioConfig:
     partition: Literal["iid", "dirichlet", "domain"] = "iid"
     label: str = "shape"
     dirichlet_alpha: float = 0.3
-    participation: Literal["uniform"] = "uniform"
+    quantity_skew: float = 0.0
+    participation: Literal["uniform", "size_weighted"] = "uniform"
     cohort_size: int = 10
+    availability: Literal["always", "diurnal"] = "always"
+    diurnal_period: int = 24
+    diurnal_on: float = 0.5
+    dropout: float = 0.0
+    tier_speeds: tuple[float, ...] = (1.0,)
+    tier_shares: tuple[float, ...] = (1.0,)
+    tier_upload_mbps: tuple[float, ...] = (100.0,)
+    step_seconds: float = 0.05
+    time_budget: float | None = None
+    deadline: float | None = None
 
     def __post_init__(self) -> None:
         _positive(
             "scenario", num_clients=self.num_clients, cohort_size=self.cohort_size
         )
+        _positive(
+            "scenario",
+            diurnal_period=self.diurnal_period,
+            diurnal_on=self.diurnal_on,
+            step_seconds=self.step_seconds,
+            **{f"tier_speeds[{i}]": v for i, v in enumerate(self.tier_speeds)},
+            **{
+                f"tier_upload_mbps[{i}]": v for i, v in enumerate(self.tier_upload_mbps)
+            },
+        )
+        if self.time_budget is not None:
+            _positive("scenario", time_budget=self.time_budget)
+        if self.deadline is not None:
+            _positive("scenario", deadline=self.deadline)
+        if self.diurnal_on > 1:
+            raise ConfigError(
+                f"scenario.diurnal_on: must be in (0, 1], got {self.diurnal_on!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(
+                f"scenario.dropout: must be in [0, 1), got {self.dropout!r}"
+            )
+        n = len(self.tier_speeds)
+        if not n or len(self.tier_shares) != n or len(self.tier_upload_mbps) != n:
+            raise ConfigError(
+                "scenario.tier_speeds, tier_shares, tier_upload_mbps: need one value per tier "
+                f"(got {n}, {len(self.tier_shares)}, {len(self.tier_upload_mbps)})"
+            )
+        if any(v < 0 for v in self.tier_shares) or sum(self.tier_shares) <= 0:
+            raise ConfigError(
+                f"scenario.tier_shares: must be >= 0 with a positive sum, got {list(self.tier_shares)}"
+            )
+        if self.quantity_skew < 0:
+            raise ConfigError(
+                f"scenario.quantity_skew: must be >= 0, got {self.quantity_skew!r}"
+            )
         if self.cohort_size > self.num_clients:
             raise ConfigError(
                 f"scenario.cohort_size: {self.cohort_size} is more than scenario.num_clients ({self.num_clients})"

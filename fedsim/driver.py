@@ -41,8 +41,15 @@ from fedsim.runio import (
     write_text,
     write_yaml,
 )
-from fedsim.scenarios.participation import uniform_cohort
-from fedsim.scenarios.partition import by_domain, dirichlet, iid
+from fedsim.scenarios.participation import ParticipationSpec, plan_round
+from fedsim.scenarios.partition import (
+    by_domain,
+    dirichlet,
+    dirichlet_sized,
+    iid,
+    power_law_sizes,
+    quantity,
+)
 from fedsim.schedule import lr_at
 from fedsim.state_store import MemoryStore
 from fedsim.training import ClientResult, ClientTask, TrainSettings
@@ -84,12 +91,38 @@ class Prepared:
     train_path: Path
     eval_path: Path
     shards: list[np.ndarray]
+    pixel_path: str | None = None
 
 
 def cache_root(cfg: Config) -> Path:
     from fedsim.models.toy import default_cache_dir
 
     return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+
+
+def missing_inputs(cfg: Config) -> list[str]:
+    """Every input path the config names that does not exist (backbone, LM, corpus files)."""
+    from fedsim.data.loaders import missing_files
+
+    out = []
+    if (
+        cfg.model.backbone != "toy"
+        and not Path(cfg.model.backbone).expanduser().exists()
+    ):
+        out.append(f"model.backbone {cfg.model.backbone!r}")
+    if cfg.model.lm and not Path(cfg.model.lm).expanduser().exists():
+        out.append(f"model.lm {cfg.model.lm!r}")
+    return out + missing_files(getattr(cfg.data, "corpora", ()))
+
+
+def check_inputs(cfg: Config) -> None:
+    """One error listing every missing input, before anything is written."""
+    missing = missing_inputs(cfg)
+    if missing:
+        raise ConfigError(
+            f"missing input{'s' if len(missing) > 1 else ''} for scenario "
+            f"{cfg.scenario.name!r}: " + "; ".join(missing)
+        )
 
 
 def resolve_backbone(
@@ -140,9 +173,14 @@ def prepare(
     model = resolve_backbone(cfg, report)
     check_scene_fits_backbone(cfg, read_manifest(model))
     cache = cache_root(cfg)
-    train_path = ensure_scenes(
-        cache, cfg.data.scene, DATA_SEED, TRAIN_STREAM, cfg.data.num_scenes
-    )
+    if cfg.data.corpora:
+        from fedsim.data.loaders import ensure_corpus
+
+        train_path = ensure_corpus(cache, list(cfg.data.corpora), cfg.data.bad_images)
+    else:
+        train_path = ensure_scenes(
+            cache, cfg.data.scene, DATA_SEED, TRAIN_STREAM, cfg.data.num_scenes
+        )
     eval_path = ensure_scenes(
         cache, cfg.data.scene, DATA_SEED, EVAL_STREAM, cfg.data.eval_scenes
     )
@@ -150,17 +188,38 @@ def prepare(
         shards = partition(cfg, train_path)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return Prepared(model, train_path, eval_path, shards)
+    for k, shard in enumerate(shards):
+        if len(shard) == 0:
+            raise ConfigError(
+                f"scenario: client {k} has no data under partition {cfg.scenario.partition!r}"
+            )
+    pixel_path = None
+    # auto: generated scenes only (real corpora at full resolution are far larger than 4 GiB).
+    if cfg.data.pixel_cache == "on" or (
+        cfg.data.pixel_cache == "auto" and not cfg.data.corpora
+    ):
+        from fedsim.data.pixel_cache import ensure_pixel_cache
+        from fedsim.models.backbone import load_image_processor
+
+        processor = load_image_processor(model.backbone_path, model.lm_path)
+        found = ensure_pixel_cache(
+            cache, train_path, processor, cfg.data.pixel_cache, report
+        )
+        pixel_path = str(found) if found else None
+    return Prepared(model, train_path, eval_path, shards, pixel_path)
 
 
 def partition(cfg: Config, train_path: Path) -> list[np.ndarray]:
-    """Client shards (row ids) for the scenario's partitioner."""
-    sc = cfg.scenario
-    if sc.partition == "iid":
-        return iid(cfg.data.num_scenes, sc.num_clients, cfg.seed)
+    """Client shards (row ids) for the scenario's partitioner, composed with its quantity skew."""
     import datasets
 
+    sc = cfg.scenario
+    skew = sc.quantity_skew
     ds = datasets.load_from_disk(str(train_path))
+    if sc.partition == "iid":
+        if skew > 0:
+            return quantity(len(ds), sc.num_clients, skew, cfg.seed)
+        return iid(len(ds), sc.num_clients, cfg.seed)
     columns = sc.label.split("+")
     for col in columns:
         if col not in ds.column_names:
@@ -171,8 +230,11 @@ def partition(cfg: Config, train_path: Path) -> list[np.ndarray]:
     cols = [ds.data.column(c).to_pylist() for c in columns]
     labels = np.array(["+".join(map(str, v)) for v in zip(*cols)])
     if sc.partition == "dirichlet":
+        if skew > 0:
+            sizes = power_law_sizes(len(labels), sc.num_clients, skew, cfg.seed)
+            return dirichlet_sized(labels, sizes, sc.dirichlet_alpha, cfg.seed)
         return dirichlet(labels, sc.num_clients, sc.dirichlet_alpha, cfg.seed)
-    return by_domain(labels, sc.num_clients, cfg.seed)
+    return by_domain(labels, sc.num_clients, cfg.seed, skew)
 
 
 MODEL = "model/"  # client-state prefix of a personal algorithm's own projector
@@ -283,6 +345,7 @@ def run(
     console = console or Console()
     algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
     # Cheap checks first, so that bad input leaves nothing behind.
+    check_inputs(cfg)
     check_run_dir(Path(out_dir))
     if cfg.model.backbone != "toy":
         resolve_backbone(cfg)
@@ -357,6 +420,29 @@ def _settings(cfg: Config) -> TrainSettings:
     )
 
 
+def _loss(record: dict[str, Any]) -> str:
+    """The round's loss for display ("–" for a round in which no client reported)."""
+    return "–" if record.get("loss") is None else f"{record['loss']:.3f}"
+
+
+def participation_spec(cfg: Config) -> ParticipationSpec:
+    sc = cfg.scenario
+    return ParticipationSpec(
+        sampling=sc.participation,
+        cohort_size=sc.cohort_size,
+        availability=sc.availability,
+        diurnal_period=sc.diurnal_period,
+        diurnal_on=sc.diurnal_on,
+        dropout=sc.dropout,
+        tier_speeds=tuple(sc.tier_speeds),
+        tier_shares=tuple(sc.tier_shares),
+        tier_upload_mbps=tuple(sc.tier_upload_mbps),
+        step_seconds=sc.step_seconds,
+        time_budget=sc.time_budget,
+        deadline=sc.deadline,
+    )
+
+
 def _eval_due(cfg: Config, rnd: int) -> bool:
     return rnd == cfg.rounds or (cfg.eval_every > 0 and rnd % cfg.eval_every == 0)
 
@@ -427,6 +513,8 @@ def _run_pooled(
     plan = PooledPlan(
         model=prep.model,
         train_path=str(prep.train_path),
+        pixel_path=prep.pixel_path,
+        bad_images=cfg.data.bad_images,
         rows=np.concatenate(prep.shards),
         w0=w0,
         algorithm=cfg.algorithm.name,
@@ -453,7 +541,7 @@ def _run_pooled(
                 f"round {record['round']}: loss {record['loss']:.3f}, attr_mean "
                 f"{final_eval['attr_mean']:.3f}, yes/no {final_eval['yesno_acc']:.3f}"
             )
-        progress.update(round_task, advance=1, info=f"loss {record['loss']:.3f}")
+        progress.update(round_task, advance=1, info=f"loss {_loss(record)}")
 
     weights, train_peak = fit(
         plan,
@@ -509,6 +597,10 @@ def _run_rounds(
 
     w0 = weights
     shards = prep.shards
+    sizes = np.array([len(s) for s in shards])
+    participation = participation_spec(cfg)
+    upload_bytes = sum(v.numel() * 4 for v in weights.values())  # fp32 delta
+    sim_clock = 0.0
     cursors = [Cursor() for _ in shards]
     store = MemoryStore()
     steps = cfg.train.local_steps
@@ -547,15 +639,15 @@ def _run_rounds(
     final_eval: dict[str, float] = {}
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
-        cohort = uniform_cohort(
-            cfg.scenario.num_clients, cfg.scenario.cohort_size, cfg.seed, rnd
-        )
+        plan = plan_round(participation, sizes, steps, upload_bytes, cfg.seed, rnd)
+        cohort = plan.cohort
         lrs = _lrs(cfg, rnd, steps)
         tasks = []
         starts: dict[int, Any] = {}
         for cid in cohort:
+            n = plan.steps[cid]
             rows, cursors[cid] = take(
-                shards[cid], cursors[cid], steps * cfg.train.batch_size, cfg.seed, cid
+                shards[cid], cursors[cid], n * cfg.train.batch_size, cfg.seed, cid
             )
             state = store.load(cid)
             if personal:
@@ -563,14 +655,16 @@ def _run_rounds(
                 starts[cid] = personal_model(state) or w0
                 state = {k: v for k, v in state.items() if not k.startswith(MODEL)}
             tasks.append(
-                ClientTask(cid, rnd, cfg.seed, rows, lrs, cfg.train.batch_size, state)
+                ClientTask(
+                    cid, rnd, cfg.seed, rows, lrs[:n], cfg.train.batch_size, state
+                )
             )
         weights_ref = ray.put(weights)
         start_refs = {cid: ray.put(w) for cid, w in starts.items()}
         payload_ref = aggregator.payload.remote()
         waiting = []
-        for w, plan in zip(workers, _assign(tasks, len(workers))):
-            for task in plan:
+        for w, assigned in zip(workers, _assign(tasks, len(workers))):
+            for task in assigned:
                 ref = w.train.remote(
                     task,
                     start_refs.get(task.client_id, weights_ref),
@@ -612,13 +706,16 @@ def _run_rounds(
                 new_state.update({MODEL + k: v for k, v in own.items()})
             store.save(cid, new_state)
         samples = sum(u.num_samples for u in updates)
+        sim_clock += plan.sim_seconds
         record: dict[str, Any] = {
             "round": rnd,
             "clients": cohort,
             "num_clients": len(cohort),
             "samples": samples,
-            "loss": float(
-                sum(u.loss * u.num_samples for u in updates) / max(samples, 1)
+            "loss": (
+                float(sum(u.loss * u.num_samples for u in updates) / samples)
+                if samples
+                else None
             ),
             "lr": lrs[0],
             "update_norm": agg.get("update_norm"),
@@ -626,9 +723,18 @@ def _run_rounds(
             "algorithm": {
                 k: v for k, v in agg.items() if k not in ("update_norm", "rejected")
             },
-            "client_seconds_max": max(r.seconds for r in results),
+            "client_seconds_max": max((r.seconds for r in results), default=0.0),
+            "bad_images": sum(r.bad_images for r in results),
             "data_passes_max": max(c.passes for c in cursors),
+            "available": plan.available,
+            "sampled": plan.sampled,
+            "dropped": plan.dropped,
+            "stragglers": plan.stragglers,
+            "sim_seconds": round(plan.sim_seconds, 6),
+            "sim_clock": round(sim_clock, 6),
         }
+        if any(n != steps for n in plan.steps.values()):
+            record["local_steps"] = {str(c): n for c, n in plan.steps.items()}
         last = rnd == cfg.rounds
         due = _eval_due(cfg, rnd)
         if personal and not (last or getattr(algorithm, "eval_all_rounds", False)):
@@ -640,13 +746,13 @@ def _run_rounds(
                 final_eval = evaluate(ray.put(weights))
             record["eval"] = final_eval
             console.print(
-                f"round {rnd}: loss {record['loss']:.3f}, attr_mean {final_eval['attr_mean']:.3f}, "
+                f"round {rnd}: loss {_loss(record)}, attr_mean {final_eval['attr_mean']:.3f}, "
                 f"yes/no {final_eval['yesno_acc']:.3f}"
             )
         record["wall_seconds"] = round(time.perf_counter() - t0, 3)
         metrics.append(record)
         history.append(record)
-        progress.update(round_task, advance=1, info=f"loss {record['loss']:.3f}")
+        progress.update(round_task, advance=1, info=f"loss {_loss(record)}")
 
     meta = {
         "algorithm": cfg.algorithm.name,

@@ -39,7 +39,7 @@ def plot_runs(
             if is_eval:
                 pts = [(r["round"], r["eval"][key]) for r in records if "eval" in r]
             else:
-                pts = [(r["round"], r[key]) for r in records if key in r]
+                pts = [(r["round"], r[key]) for r in records if r.get(key) is not None]
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(

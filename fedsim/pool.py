@@ -34,6 +34,8 @@ class ActorPool:
         key = (
             prep.model,
             str(prep.train_path),
+            prep.pixel_path,
+            cfg.data.bad_images,
             cfg.ray.workers,
             cfg.ray.worker_cpus,
             cfg.ray.worker_gpus,
@@ -45,7 +47,13 @@ class ActorPool:
                 num_cpus=cfg.ray.worker_cpus, num_gpus=cfg.ray.worker_gpus
             )(BackboneWorker)
             self._workers = [
-                cls.remote(prep.model, str(prep.train_path), cfg.ray.threads_per_worker)
+                cls.remote(
+                    prep.model,
+                    str(prep.train_path),
+                    cfg.ray.threads_per_worker,
+                    prep.pixel_path,
+                    cfg.data.bad_images,
+                )
                 for _ in range(cfg.ray.workers)
             ]
             self._workers_key = None

@@ -45,6 +45,8 @@ class PooledPlan:
 
     model: ModelSpec
     train_path: str
+    pixel_path: str | None
+    bad_images: str
     rows: np.ndarray
     w0: dict[str, torch.Tensor]
     algorithm: str
@@ -65,6 +67,7 @@ class AllReduceGradients(LocalTraining):
     def __init__(self, inner: LocalTraining, world: int) -> None:
         self.inner = inner
         self.world = world
+        self.collective = True  # every worker must take every step (all-reduce)
         self.persistent_optimizer = inner.persistent_optimizer  # type: ignore[misc]
 
     def loss_term(
@@ -88,10 +91,17 @@ class AllReduceGradients(LocalTraining):
         import torch.distributed as dist
 
         self.inner.correct_gradients(params, ctx)
-        for p in params.values():
-            if p.grad is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad.div_(self.world)
+        grads = [p.grad for p in params.values() if p.grad is not None]
+        if not grads:
+            return
+        # One all-reduce per step over a flat buffer (a message per tensor costs ~5 ms each).
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(self.world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def finish(
         self,
@@ -119,18 +129,18 @@ def rank_rows(steps: int, batch_size: int, world: int, rank: int) -> np.ndarray:
 
 def train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: resident backbone, the pooled stream, the rank's share of each batch."""
-    import datasets
     import ray
     import ray.train
 
     from fedsim.actors import _load, _quiet
+    from fedsim.data.rows import RowReader
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     plan: PooledPlan = config["plan"]
     _quiet()
     backbone = _load(plan.model, plan.threads)
-    dataset = datasets.load_from_disk(plan.train_path)
+    reader = RowReader.open(plan.train_path, plan.pixel_path, plan.bad_images)
     algorithm = build_algorithm(plan.algorithm, plan.params)
     local = algorithm.local_training()
     if world > 1:
@@ -158,7 +168,7 @@ def train_loop(config: dict[str, Any]) -> None:
             client_state,
             flags[share],
         )
-        res = train_client(backbone, dataset, task, weights, {}, local, plan.settings)
+        res = train_client(backbone, reader, task, weights, {}, local, plan.settings)
         client_state = res.client_state
         loss = torch.tensor([res.update.loss], dtype=torch.float64)
         if world > 1:

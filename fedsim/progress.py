@@ -34,9 +34,9 @@ def build_reporter(progress: Progress) -> Callable[[str, int, int, float], None]
 
     def report(stage: str, step: int, total: int, loss: float) -> None:
         if stage not in tasks:
-            tasks[stage] = progress.add_task(
-                f"toy backbone: {stage}", total=total, info=""
-            )
-        progress.update(tasks[stage], completed=step, info=f"loss {loss:.3f}")
+            label = stage if stage == "pixel cache" else f"toy backbone: {stage}"
+            tasks[stage] = progress.add_task(label, total=total, info="")
+        info = "" if stage == "pixel cache" else f"loss {loss:.3f}"
+        progress.update(tasks[stage], completed=step, info=info)
 
     return report

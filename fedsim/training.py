@@ -19,6 +19,8 @@ import torch
 
 from fedsim.algorithms.base import ClientUpdate, LocalTraining, Weights
 from fedsim.data.collate import training_batch
+from fedsim.data.loaders import DataError
+from fedsim.data.rows import RowReader
 from fedsim.losses import per_example_loss, token_mean_loss
 from fedsim.models.backbone import Backbone, get_projector, set_projector_
 
@@ -73,6 +75,7 @@ class ClientResult:
     update: ClientUpdate
     client_state: Weights
     seconds: float
+    bad_images: int = 0
 
 
 def _optimizer(
@@ -120,7 +123,7 @@ def task_flags(
 
 def train_client(
     backbone: Backbone,
-    dataset: object,
+    reader: RowReader,
     task: ClientTask,
     global_weights: Mapping[str, torch.Tensor],
     payload: Mapping[str, torch.Tensor],
@@ -153,21 +156,35 @@ def train_client(
     losses: list[float] = []
     backbone.model.train()
     b = task.batch_size
+    trained = bad_images = 0
     for step, lr in enumerate(task.lrs):
         rows = task.rows[step * b : (step + 1) * b]
-        qa = flags[step * b : (step + 1) * b]
-        data = dataset[rows.tolist()]  # type: ignore[index]
-        prompts = [
-            backbone.qa_prompt.format(question=q) if f else backbone.caption_prompt
-            for q, f in zip(data["question"], qa)
-        ]
-        targets = [
-            a if f else c for a, c, f in zip(data["answer"], data["caption"], qa)
-        ]
+        data, pixels, kept = reader.read(rows, backbone)
+        bad_images += len(rows) - len(kept)
+        if pixels is None:  # every image of the step was unreadable (skip policy)
+            if getattr(local, "collective", False):
+                raise DataError(
+                    f"client {task.client_id}: every image of step {step} is unreadable; "
+                    "data-parallel training cannot skip a step on one worker"
+                )
+            continue
+        qa = flags[step * b : (step + 1) * b][kept]
+        if "question" in data:
+            prompts = [
+                backbone.qa_prompt.format(question=q) if f else backbone.caption_prompt
+                for q, f in zip(data["question"], qa)
+            ]
+            targets = [
+                a if f else c for a, c, f in zip(data["answer"], data["caption"], qa)
+            ]
+        else:  # a caption corpus: LLaVA's stage-1 plain template, the image then the caption
+            prompts = [backbone.caption_prompt] * len(kept)
+            targets = list(data["caption"])
+        trained += len(kept)
         batch = {
             k: v.to(device)
             for k, v in training_batch(
-                backbone, data["image"], prompts, targets
+                backbone, (), prompts, targets, pixels=pixels
             ).items()
         }
         labels = batch.pop("labels")
@@ -195,9 +212,9 @@ def train_client(
     update = ClientUpdate(
         client_id=task.client_id,
         delta=delta,
-        num_samples=len(task.rows),
+        num_samples=trained,
         loss=mean_loss,
         steps=len(task.lrs),
         extras=extras,
     )
-    return ClientResult(update, new_state, time.perf_counter() - t0)
+    return ClientResult(update, new_state, time.perf_counter() - t0, bad_images)

@@ -91,3 +91,55 @@ def test_by_domain_gives_each_client_one_domain():
     assert [k.pop() for k in kinds] == ["a", "b", "c", "a", "b", "c", "a"]
     with pytest.raises(ValueError, match="each domain needs a client"):
         by_domain(domains, 2, seed=0)
+
+
+def test_power_law_sizes_follow_the_ranks():
+    from fedsim.scenarios.partition import power_law_sizes
+
+    sizes = power_law_sizes(10_000, 10, 1.0, seed=2)
+    assert sizes.sum() == 10_000 and sizes.min() >= 1
+    # n ∝ 1/r: sorted sizes against ranks 1..10, up to integer rounding (±1 row each).
+    h = sum(1 / r for r in range(1, 11))
+    expected = [1 + (10_000 - 10) / (r * h) for r in range(1, 11)]
+    assert np.allclose(sorted(sizes, reverse=True), expected, atol=1.0)
+    flat = power_law_sizes(1003, 10, 0.0, seed=2)
+    assert flat.max() - flat.min() <= 1 and flat.sum() == 1003
+    assert np.array_equal(sizes, power_law_sizes(10_000, 10, 1.0, seed=2))
+    with pytest.raises(ValueError, match="quantity_skew"):
+        power_law_sizes(100, 10, -1.0, seed=0)
+
+
+def test_quantity_and_sized_dirichlet_are_partitions_with_those_sizes():
+    from fedsim.scenarios.partition import (
+        dirichlet_sized,
+        power_law_sizes,
+        quantity,
+    )
+
+    shards = quantity(5000, 12, 1.5, seed=1)
+    assert sorted(np.concatenate(shards).tolist()) == list(range(5000))
+    assert [len(s) for s in shards] == power_law_sizes(5000, 12, 1.5, 1).tolist()
+
+    labels = np.random.default_rng(1).integers(0, 6, 5000)
+    sizes = power_law_sizes(5000, 12, 1.0, seed=1)
+    parts = dirichlet_sized(labels, sizes, 0.1, seed=1)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(5000))
+    assert [len(p) for p in parts] == sizes.tolist()
+    top = np.mean([np.bincount(labels[p], minlength=6).max() / len(p) for p in parts])
+    iid_top = np.mean(
+        [np.bincount(labels[p], minlength=6).max() / len(p) for p in shards]
+    )
+    assert top > iid_top + 0.2  # label skew survives the size constraint
+    again = dirichlet_sized(labels, sizes, 0.1, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+def test_domain_with_quantity_skew_keeps_one_domain_per_client():
+    from fedsim.scenarios.partition import by_domain
+
+    domains = np.repeat(np.array(["a", "b", "c"]), [900, 600, 300])
+    shards = by_domain(domains, 9, seed=0, exponent=1.0)
+    assert sorted(np.concatenate(shards).tolist()) == list(range(1800))
+    assert all(len(set(domains[s])) == 1 for s in shards)
+    sizes = sorted(len(s) for s in shards if domains[s[0]] == "a")
+    assert sizes[-1] > 2 * sizes[0]  # power law within the domain, not an even split

@@ -26,13 +26,24 @@ def _expand(backbone: Backbone, ids: list[int]) -> list[int]:
     return out
 
 
+TOKEN_CACHE_MAX = (
+    100_000  # texts remembered per backbone (captions and questions repeat)
+)
+
+
 def encode_prompt(backbone: Backbone, prompt: str) -> list[int]:
-    """Token ids of ``prompt`` with BOS first and the image placeholder expanded."""
+    """Token ids of ``prompt`` with BOS first and the image placeholder expanded (memoised)."""
+    cached = backbone.token_cache.get(prompt)
+    if cached is not None:
+        return list(cached)
     tok = backbone.tokenizer
     ids = tok(prompt, add_special_tokens=True)["input_ids"]
     if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
         ids = [tok.bos_token_id, *ids]
-    return _expand(backbone, ids)
+    out = _expand(backbone, ids)
+    if len(backbone.token_cache) < TOKEN_CACHE_MAX:
+        backbone.token_cache[prompt] = tuple(out)
+    return out
 
 
 def pixel_values(backbone: Backbone, images: Sequence[object]) -> torch.Tensor:
@@ -46,8 +57,12 @@ def training_batch(
     images: Sequence[object],
     prompts: Sequence[str],
     targets: Sequence[str],
+    pixels: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A right-padded training batch: input_ids, attention_mask, labels ``[B, L]``, pixel_values."""
+    """A right-padded training batch: input_ids, attention_mask, labels ``[B, L]``, pixel_values.
+
+    ``pixels`` (already processed, e.g. from the pixel cache) replaces processing ``images``.
+    """
     tok = backbone.tokenizer
     rows: list[tuple[list[int], int]] = []
     for prompt, target in zip(prompts, targets, strict=True):
@@ -72,12 +87,17 @@ def training_batch(
         "input_ids": input_ids,
         "attention_mask": mask,
         "labels": labels,
-        "pixel_values": pixel_values(backbone, images),
+        "pixel_values": pixels
+        if pixels is not None
+        else pixel_values(backbone, images),
     }
 
 
 def generation_batch(
-    backbone: Backbone, images: Sequence[object], prompts: Sequence[str]
+    backbone: Backbone,
+    images: Sequence[object],
+    prompts: Sequence[str],
+    pixels: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """A left-padded prompt batch for ``generate``: input_ids, attention_mask, pixel_values."""
     tok = backbone.tokenizer
@@ -92,5 +112,7 @@ def generation_batch(
     return {
         "input_ids": input_ids,
         "attention_mask": mask,
-        "pixel_values": pixel_values(backbone, images),
+        "pixel_values": pixels
+        if pixels is not None
+        else pixel_values(backbone, images),
     }

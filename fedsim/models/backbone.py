@@ -14,7 +14,7 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -57,6 +57,8 @@ class Backbone:
     image_token_id: int
     source: str
     manifest: dict
+    #: Token ids by text, filled by ``fedsim.data.collate.encode_prompt``.
+    token_cache: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
 
     @property
     def projector(self) -> torch.nn.Module:
@@ -162,6 +164,13 @@ def load_backbone(
         source=str(path),
         manifest=manifest,
     )
+
+
+def load_image_processor(source: str | Path, lm: str | Path | None = None) -> object:
+    """The image processor :func:`load_backbone` gives the same arguments (without the model)."""
+    if lm is None:
+        return AutoProcessor.from_pretrained(source).image_processor
+    return AutoImageProcessor.from_pretrained(source)
 
 
 def _assemble_pair(

@@ -1,0 +1,93 @@
+"""Reading training rows: text columns from the Arrow dataset, pixels from the cache or the images.
+
+Workers hold one :class:`RowReader` for the whole run. With a pixel cache
+(:mod:`fedsim.data.pixel_cache`) the image column is never decoded during training: the rows'
+``pixel_values`` are a slice of the memory-mapped cache. Without one, each image is decoded on its
+own (embedded bytes, or the file at its path) and run through the backbone's image processor; an
+image that cannot be decoded is handled by the ``bad_images`` policy: ``skip`` leaves its row out of
+the batch (and counts it), ``fail`` raises :class:`fedsim.data.loaders.DataError` with its path.
+Both paths give the same tensors for the same images.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsim.data.collate import pixel_values
+from fedsim.data.loaders import DataError
+from fedsim.data.pixel_cache import PixelStore
+
+
+def decode_image(entry: dict[str, Any]) -> Any:
+    """A PIL image from a ``datasets.Image`` storage entry, as ``datasets`` decodes it."""
+    from PIL import Image
+
+    if entry.get("bytes"):
+        image = Image.open(io.BytesIO(entry["bytes"]))
+    elif entry.get("path"):
+        image = Image.open(entry["path"])
+    else:
+        raise OSError("no bytes and no path")
+    image.load()
+    return image
+
+
+class RowReader:
+    """``read(rows, backbone)`` → (the kept rows' non-image columns, their pixels, kept)."""
+
+    def __init__(
+        self, dataset: Any, pixel_path: str | None = None, bad_images: str = "skip"
+    ) -> None:
+        import datasets
+
+        self.pixels = PixelStore(pixel_path) if pixel_path else None
+        if self.pixels is not None and len(self.pixels) != len(dataset):
+            raise ValueError(
+                f"pixel cache {pixel_path}: {len(self.pixels)} rows for a dataset of {len(dataset)}"
+            )
+        self.bad_images = bad_images
+        self.text = dataset.select_columns(
+            [c for c in dataset.column_names if c != "image"]
+        )
+        images = dataset.select_columns(["image"])
+        if isinstance(images.features["image"], datasets.Image):
+            images = images.cast_column("image", datasets.Image(decode=False))
+        self.images = images
+        self.length = len(dataset)
+
+    @classmethod
+    def open(
+        cls, dataset_path: str, pixel_path: str | None = None, bad_images: str = "skip"
+    ) -> RowReader:
+        import datasets
+
+        return cls(datasets.load_from_disk(dataset_path), pixel_path, bad_images)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(
+        self, rows: Sequence[int] | np.ndarray, backbone: Any
+    ) -> tuple[dict[str, list[Any]], torch.Tensor | None, list[int]]:
+        """The rows' columns and pixels, and the positions (in ``rows``) that were kept."""
+        ids = [int(r) for r in rows]
+        if self.pixels is not None:
+            pixels = self.pixels[ids].to(backbone.model.dtype)
+            return self.text[ids], pixels, list(range(len(ids)))
+        kept, decoded = [], []
+        for pos, (i, entry) in enumerate(zip(ids, self.images[ids]["image"])):
+            try:
+                decoded.append(decode_image(entry))
+                kept.append(pos)
+            except Exception as e:  # PIL raises several types for a broken file
+                where = entry.get("path") or f"row {i} (embedded bytes)"
+                if self.bad_images == "fail":
+                    raise DataError(f"image {where}: cannot be decoded ({e})") from None
+        data = self.text[[ids[p] for p in kept]] if kept else {}
+        pixels = pixel_values(backbone, decoded) if decoded else None
+        return data, pixels, kept

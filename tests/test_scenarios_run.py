@@ -1,0 +1,76 @@
+"""Scenario presets: the toy twins run end to end; partitions depend on (config, seed) only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from fedsim.config import load_config
+
+TWINS = ["toy-iid", "toy-dirichlet", "toy-domain", "toy-mixed"]
+TINY = [
+    "data.num_scenes=1200",
+    "data.eval_scenes=20",
+    "rounds=2",
+    "eval_every=0",
+    "eval.at_start=false",
+    "train.local_steps=1",
+    "train.batch_size=4",
+    "scenario.cohort_size=4",
+]
+
+
+def test_partitions_are_identical_for_a_seed_and_independent_of_workers(cache_dir):
+    from fedsim.data.scenes_dataset import ensure_scenes
+    from fedsim.driver import DATA_SEED, TRAIN_STREAM, partition
+
+    for name in TWINS:
+        base = [*TINY, f"cache_dir={cache_dir}"]
+        cfgs = [
+            load_config(name, [*base, "ray.workers=1"]),
+            load_config(name, [*base, "ray.workers=2"]),
+            load_config(name, [*base, "seed=1"]),
+        ]
+        path = ensure_scenes(
+            cache_dir, cfgs[0].data.scene, DATA_SEED, TRAIN_STREAM, 1200
+        )
+        a, b, c = (partition(cfg, path) for cfg in cfgs)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b)), name
+        assert sorted(np.concatenate(a).tolist()) == list(range(1200)), name
+        assert all(len(x) > 0 for x in a), name
+        assert not all(np.array_equal(x, y) for x, y in zip(a, c)), name
+
+
+def test_toy_mixed_has_power_law_sizes_and_mixed_domains(cache_dir):
+    from fedsim.scenario_stats import scenario_stats
+
+    s = scenario_stats(load_config("toy-mixed", [f"cache_dir={cache_dir}"]))
+    sizes = np.sort(s.sizes)[::-1]
+    assert sizes[0] > 10 * sizes[-1]  # n ∝ 1/r over 20 ranks: largest ≈ 20× smallest
+    held = (s.label_counts > 0).sum(1)
+    assert np.median(held) >= 3  # Dirichlet(1.0): most clients mix several domains
+
+
+@pytest.mark.slow
+def test_every_toy_twin_runs_with_fedavg_and_fedcmp(
+    tmp_path, toy_path, cache_dir, ray_session
+):
+    from fedsim.compare import compare
+
+    quiet = Console(quiet=True)
+    for name in TWINS:
+        out = tmp_path / name
+        result = compare(
+            ["fedavg", "fedcmp"],
+            [0],
+            out,
+            name,
+            [*TINY, f"cache_dir={cache_dir}"],
+            quiet,
+            False,
+        )
+        for algo in ("fedavg", "fedcmp"):
+            final = result.finals[algo][0]
+            assert 0.0 <= final["attr_mean"] <= 1.0, (name, algo)
+            assert (out / algo / "seed-0" / "final" / "projector.safetensors").exists()

@@ -4,21 +4,25 @@ Karimireddy, Kale, Mohri, Reddi, Stich & Suresh, "SCAFFOLD: Stochastic Controlle
 Federated Learning", ICML 2020, arXiv 1910.06378 (Algorithm 1, option II).
 
 Client i with server control variate c and its own c_i (0 before its first round): every local
-step uses the corrected gradient g(y) − c_i + c; afterwards
-    c_i⁺ = c_i − c + (x − y_i) / (Σ_s η_s)        (option II; Σ_s η_s = K η_l for a constant rate)
+step uses the corrected gradient g(y) − c_i + c; afterwards c_i⁺ is, with ``option``
+    "I":  c_i⁺ = g_i(x), the client's gradient at the server model x
+    "II": c_i⁺ = c_i − c + (x − y_i) / (Σ_s η_s)   (Σ_s η_s = K η_l for a constant rate)
 and it uploads Δy_i = y_i − x and Δc_i = c_i⁺ − c_i, keeping c_i⁺ in the client-state store.
 Server: x ← x + η_g Σ_i p_i Δy_i,  c ← c + (1/N) Σ_{i∈S} Δc_i  (N = all clients).
 
-The paper analyses local SGD; with ``train.optimizer=adamw`` (fedsim's default) the correction is
-applied to the gradient AdamW receives, and (x − y)/Σ η no longer estimates the mean gradient as
-well. Use ``train.optimizer=sgd`` for the paper's setting.
+Option I's g_i(x) is estimated on the minibatch of the first local step — the one step taken at x,
+so it costs nothing extra (the paper evaluates it on the client's data at x). It is the default:
+option II's (x − y)/Σ η estimates a gradient only for plain local SGD; under AdamW (fedsim's
+default optimiser) a step moves each coordinate by ≈ η, so that quotient is of order 0.1–1 per
+coordinate, far above the gradients it should correct, and training breaks down (README, the
+all-algorithms table). Option II with ``train.optimizer=sgd`` is the paper's cheaper variant.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -67,6 +71,9 @@ def server_control_update(
 class ScaffoldTraining(LocalTraining):
     """Gradient correction with (c − c_i); c_i⁺ kept per client, Δc_i uploaded."""
 
+    def __init__(self, option: str = "I") -> None:
+        self.option = option
+
     def prepare(
         self,
         client_state: Mapping[str, torch.Tensor],
@@ -74,11 +81,22 @@ class ScaffoldTraining(LocalTraining):
     ) -> dict[str, Any]:
         c = {k[2:]: v for k, v in payload.items() if k.startswith("c/")}
         c_i = {k: client_state.get(f"c/{k}", torch.zeros_like(v)) for k, v in c.items()}
-        return {"c": c, "c_i": c_i, "correction": {k: c[k] - c_i[k] for k in c}}
+        return {
+            "c": c,
+            "c_i": c_i,
+            "correction": {k: c[k] - c_i[k] for k in c},
+            "g0": None,
+        }
 
     def correct_gradients(
         self, params: Mapping[str, torch.nn.Parameter], ctx: dict[str, Any]
     ) -> None:
+        if ctx["g0"] is None:  # the first step's gradient, at the server model x
+            ctx["g0"] = {
+                k: p.grad.detach().to(torch.float32).clone()
+                for k, p in params.items()
+                if p.grad is not None
+            }
         for k, p in params.items():
             if p.grad is not None:
                 p.grad.add_(ctx["correction"][k].to(p.grad.dtype))
@@ -90,7 +108,12 @@ class ScaffoldTraining(LocalTraining):
         lrs: Sequence[float],
         ctx: dict[str, Any],
     ) -> tuple[Weights, Weights]:
-        c_new = client_control_update(ctx["c_i"], ctx["c"], start, end, float(sum(lrs)))
+        if self.option == "I" and ctx["g0"] is not None:
+            c_new = {k: ctx["g0"].get(k, ctx["c_i"][k]) for k in ctx["c_i"]}
+        else:
+            c_new = client_control_update(
+                ctx["c_i"], ctx["c"], start, end, float(sum(lrs))
+            )
         extras = {f"dc/{k}": c_new[k] - ctx["c_i"][k] for k in c_new}
         return extras, {f"c/{k}": v for k, v in c_new.items()}
 
@@ -98,18 +121,24 @@ class ScaffoldTraining(LocalTraining):
 @register("scaffold", paper="Karimireddy et al. 2020, arXiv 1910.06378")
 @dataclass(frozen=True, kw_only=True)
 class Scaffold:
-    """SCAFFOLD with option II control variates.
+    """SCAFFOLD.
 
     Attributes
     ----------
     server_lr:
         η_g, the global step on the averaged delta.
+    option:
+        The client control variate: ``I`` (its gradient at the server model) or ``II``
+        (from the local progress; sound for local SGD only).
     """
 
     server_lr: float = 1.0
+    option: Literal["I", "II"] = "I"
 
     def __post_init__(self) -> None:
         check_positive(server_lr=self.server_lr)
+        if self.option not in ("I", "II"):
+            raise ValueError(f"option must be I or II, got {self.option!r}")
 
     def init_state(self, weights: Weights, num_clients: int | None = None) -> Weights:
         if not num_clients or num_clients < 1:
@@ -125,7 +154,7 @@ class Scaffold:
         return {k: v for k, v in state.items() if k.startswith("c/")}
 
     def local_training(self) -> LocalTraining:
-        return ScaffoldTraining()
+        return ScaffoldTraining(self.option)
 
     def aggregate(
         self,

@@ -143,8 +143,18 @@ class Aggregator:
         weights: Weights,
         num_clients: int | None = None,
     ) -> None:
+        self.reset(algorithm, params, weights, num_clients)
+
+    def reset(
+        self,
+        algorithm: str,
+        params: Mapping[str, Any],
+        weights: Weights,
+        num_clients: int | None = None,
+    ) -> None:
+        """Start over for a new run: a fresh algorithm instance and its initial server state."""
         self.algorithm = build_algorithm(algorithm, params)
-        self.state: Weights = self.algorithm.init_state(weights, num_clients)
+        self.state = self.algorithm.init_state(weights, num_clients)
 
     def payload(self) -> Weights:
         return self.algorithm.server_payload(self.state)

@@ -219,17 +219,26 @@ def plot_comparison(result: Comparison, path: Path, title: str) -> Path:
                 vals.std(0, ddof=1) if len(vals) > 1 else np.zeros(len(rounds)),
             )
             c = colours[i % 10]
+            # Dashed: only evaluated at the start and the end (``local``'s default).
+            style = "--" if is_eval and len(rounds) <= 2 else "-"
             ax.plot(
-                rounds, mean, color=c, label=algo, marker="o" if is_eval else None, ms=3
+                rounds,
+                mean,
+                style,
+                color=c,
+                label=algo,
+                marker="o" if is_eval else None,
+                ms=3,
             )
             ax.fill_between(rounds, mean - std, mean + std, color=c, alpha=0.2, lw=0)
     for ax, (_, name, _) in zip(axes, PANELS):
         ax.set_xlabel("round")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    axes[-1].legend(loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", title="algorithm", frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

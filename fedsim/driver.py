@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from fedsim.actors import Aggregator, ModelSpec, peak_rss_mb
+from fedsim.actors import ModelSpec, peak_rss_mb
 from fedsim.algorithms import build_algorithm
 from fedsim.algorithms.base import add
 from fedsim.config import Config, config_to_yaml_data
@@ -271,16 +271,14 @@ def connect_ray(cfg: Config) -> bool:
     return True
 
 
-def _assign(tasks: list[ClientTask], workers: int) -> list[list[ClientTask]]:
-    """Push scheduling: tasks by predicted cost (rows) descending, each to the least-loaded worker."""
-    order = sorted(tasks, key=lambda t: (-len(t.rows), t.client_id))
-    load = [0] * workers
-    plan: list[list[ClientTask]] = [[] for _ in range(workers)]
-    for task in order:
-        w = min(range(workers), key=lambda i: (load[i], i))
-        plan[w].append(task)
-        load[w] += len(task.rows)
-    return plan
+IN_FLIGHT = (
+    2  # tasks queued per worker: one running, one waiting (hides the call latency)
+)
+
+
+def _by_cost(tasks: list[ClientTask]) -> list[ClientTask]:
+    """Tasks by predicted cost (rows) descending, ties by client id: the dispatch order."""
+    return sorted(tasks, key=lambda t: (-len(t.rows), t.client_id))
 
 
 def results_table(
@@ -587,13 +585,9 @@ def _run_rounds(
     weights: dict[str, torch.Tensor] = ray.get(
         workers[0].init_projector.remote(cfg.seed)
     )
-    aggregator = ray.remote(num_cpus=0)(Aggregator).remote(
-        cfg.algorithm.name,
-        cfg.algorithm.params,
-        weights,
-        cfg.scenario.num_clients,
+    aggregator = pool.aggregator(
+        cfg.algorithm.name, cfg.algorithm.params, weights, cfg.scenario.num_clients
     )
-    actors.append(aggregator)
 
     w0 = weights
     shards = prep.shards
@@ -662,18 +656,21 @@ def _run_rounds(
         weights_ref = ray.put(weights)
         start_refs = {cid: ray.put(w) for cid, w in starts.items()}
         payload_ref = aggregator.payload.remote()
-        waiting = []
-        for w, assigned in zip(workers, _assign(tasks, len(workers))):
-            for task in assigned:
-                ref = w.train.remote(
-                    task,
-                    start_refs.get(task.client_id, weights_ref),
-                    payload_ref,
-                    cfg.algorithm.name,
-                    cfg.algorithm.params,
-                    settings,
-                )
-                waiting.append(ref)
+        # Pull scheduling: largest tasks first, each worker kept IN_FLIGHT deep and topped up
+        # as its tasks finish, so no worker idles while another still has a queue. Which
+        # worker trains a client does not change its result.
+        pending = _by_cost(tasks)
+        owner: dict[Any, Any] = {}
+        waiting: list[Any] = []
+        rest = (payload_ref, cfg.algorithm.name, cfg.algorithm.params, settings)
+        for _ in range(IN_FLIGHT):
+            for w in workers:
+                if pending:
+                    task = pending.pop(0)
+                    start = start_refs.get(task.client_id, weights_ref)
+                    ref = w.train.remote(task, start, *rest)
+                    owner[ref] = w
+                    waiting.append(ref)
         progress.update(
             client_task,
             total=len(tasks),
@@ -684,6 +681,13 @@ def _run_rounds(
         results: list[ClientResult] = []
         while waiting:
             done, waiting = ray.wait(waiting, num_returns=1)
+            freed = owner.pop(done[0])
+            if pending:
+                task = pending.pop(0)
+                start = start_refs.get(task.client_id, weights_ref)
+                ref = freed.train.remote(task, start, *rest)
+                owner[ref] = freed
+                waiting.append(ref)
             res: ClientResult = ray.get(done[0])
             results.append(res)
             progress.update(

@@ -27,6 +27,7 @@ class ActorPool:
         self._evaluator: Any = None
         self._evaluator_key: tuple[Any, ...] | None = None
         self._initial: dict[tuple[Any, ...], dict[str, float]] = {}
+        self._aggregator: Any = None
 
     def workers(self, cfg: Config, prep: Any) -> list[Any]:
         import ray
@@ -86,6 +87,24 @@ class ActorPool:
             self._initial.clear()
         return self._evaluator
 
+    def aggregator(
+        self, algorithm: str, params: Any, weights: Any, num_clients: int
+    ) -> Any:
+        """The Aggregator actor, reset to a fresh server state for a new run."""
+        import ray
+
+        from fedsim.actors import Aggregator
+
+        if self._aggregator is None:
+            self._aggregator = ray.remote(num_cpus=0)(Aggregator).remote(
+                algorithm, params, weights, num_clients
+            )
+        else:
+            ray.get(
+                self._aggregator.reset.remote(algorithm, params, weights, num_clients)
+            )
+        return self._aggregator
+
     def initial_eval(self, seed: int, weights: Any) -> dict[str, float]:
         """The evaluation of W_0 for ``seed`` (computed by the current Evaluator once)."""
         import ray
@@ -106,6 +125,9 @@ class ActorPool:
         self._kill(self._workers)
         if self._evaluator is not None:
             self._kill([self._evaluator])
+        if self._aggregator is not None:
+            self._kill([self._aggregator])
+        self._aggregator = None
         self._workers, self._evaluator = [], None
         self._workers_key = self._evaluator_key = None
         self._initial.clear()

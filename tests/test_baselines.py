@@ -128,7 +128,7 @@ def test_fedopt_by_hand(name, v1, v2):
 
 
 def test_scaffold_control_variates_two_rounds_by_hand():
-    algo = build_algorithm("scaffold")
+    algo = build_algorithm("scaffold", {"option": "II"})
     local = algo.local_training()
     x = {"w": torch.tensor([1.0])}
     state = algo.init_state(x, num_clients=4)
@@ -163,6 +163,50 @@ def test_scaffold_control_variates_two_rounds_by_hand():
     # c = 0.25 + (1.75 − 0.75)/4 = 0.5; x = 0.9 + (−0.4 + 0.1)/2 = 0.75
     assert float(res.state["c/w"]) == pytest.approx(0.5)
     assert float(res.weights["w"]) == pytest.approx(0.75)
+
+
+def test_scaffold_option_one_control_variates_two_rounds_by_hand():
+    algo = build_algorithm("scaffold")  # option I is the default
+    local = algo.local_training()
+    x = {"w": torch.tensor([1.0])}
+    state = algo.init_state(x, num_clients=2)
+    client_states: dict[int, dict] = {}
+
+    def client(cid, grads, y):
+        # Local steps: each gets its raw gradient, then the correction (c − c_i).
+        ctx = local.prepare(client_states.get(cid, {}), algo.server_payload(state))
+        p = torch.nn.Parameter(x["w"].clone())
+        seen = []
+        for g in grads:
+            p.grad = torch.tensor([g])
+            local.correct_gradients({"w": p}, ctx)
+            seen.append(float(p.grad))
+        extras, client_states[cid] = local.finish(
+            x, {"w": torch.tensor([y])}, [0.1] * len(grads), ctx
+        )
+        update = ClientUpdate(
+            cid, {"w": torch.tensor([y]) - x["w"]}, 10, 0.0, len(grads), extras
+        )
+        return update, seen
+
+    # Round 1 (c = c_i = 0): c_i⁺ = the first step's raw gradient, whatever the path after it.
+    (u0, seen0), (u1, _) = client(0, [4.0, 9.0], 0.5), client(1, [-2.0, 7.0], 1.1)
+    assert seen0 == [4.0, 9.0]  # no correction yet
+    assert (
+        float(client_states[0]["c/w"]) == 4.0 and float(client_states[1]["c/w"]) == -2.0
+    )
+    res = algo.aggregate(x, [u0, u1], state, 1)
+    x, state = res.weights, res.state
+    assert float(state["c/w"]) == pytest.approx(
+        (4.0 - 2.0) / 2
+    )  # c = 0 + (1/N) Σ Δc_i = 1
+    # Round 2, client 0 (c_0 = 4, c = 1): steps see g − 4 + 1; c_0⁺ = its new first gradient.
+    ((u0, seen0),) = [client(0, [3.0, 5.0], 0.7)]
+    assert seen0 == [0.0, 2.0]
+    assert float(client_states[0]["c/w"]) == 3.0
+    assert float(u0.extras["dc/w"]) == -1.0  # Δc_0 = 3 − 4
+    res = algo.aggregate(x, [u0], state, 2)
+    assert float(res.state["c/w"]) == pytest.approx(1.0 + (-1.0) / 2)
 
 
 def test_scaffold_gradient_correction():

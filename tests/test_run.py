@@ -93,28 +93,6 @@ def test_same_seed_same_bits_other_seed_other_bits(
     assert not all(torch.equal(a.weights[k], c.weights[k]) for k in a.weights)
 
 
-@pytest.mark.slow
-def test_centralized_pools_the_data_into_one_client(
-    tmp_path, toy_path, cache_dir, ray_session
-):
-    r = _run(
-        tmp_path,
-        "central",
-        [
-            "algorithm.name=centralized",
-            "rounds=2",
-            "eval_every=0",
-            "eval.at_start=false",
-        ],
-        cache_dir,
-    )
-    for rec in r.history:
-        assert rec["clients"] == [0]
-        assert (
-            rec["samples"] == 4 * 2 * 4
-        )  # the same samples per round as the federated cohort
-
-
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(

@@ -74,3 +74,40 @@ def test_every_toy_twin_runs_with_fedavg_and_fedcmp(
             final = result.finals[algo][0]
             assert 0.0 <= final["attr_mean"] <= 1.0, (name, algo)
             assert (out / algo / "seed-0" / "final" / "projector.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_heterogeneous_participation_end_to_end(
+    tmp_path, toy_path, cache_dir, ray_session
+):
+    """Tiers with a time budget, dropout and a deadline shape who trains and for how long."""
+    from fedsim.driver import run
+    from fedsim.scenarios.participation import assign_tiers
+
+    cfg = load_config(
+        "toy-iid",
+        [
+            *TINY,
+            f"cache_dir={cache_dir}",
+            "rounds=3",
+            "train.local_steps=4",
+            "scenario.cohort_size=8",
+            "scenario.dropout=0.25",
+            "scenario.tier_speeds=[1.0, 0.25]",
+            "scenario.tier_shares=[0.5, 0.5]",
+            "scenario.tier_upload_mbps=[100.0, 100.0]",
+            "scenario.step_seconds=0.1",
+            "scenario.time_budget=0.2",
+        ],
+    )
+    r = run(cfg, tmp_path / "run", console=Console(quiet=True), show_progress=False)
+    tiers = assign_tiers(20, (0.5, 0.5), cfg.seed)
+    clock = 0.0
+    for rec in r.history:
+        assert set(rec["clients"]) == set(rec["sampled"]) - set(rec["dropped"])
+        steps = {int(c): n for c, n in rec["local_steps"].items()}
+        # budget 0.2 s: fast tier ⌊0.2·1/0.1⌋ = 2 steps, slow tier max(1, ⌊0.05⌋) = 1 step
+        assert steps == {c: (2 if tiers[c] == 0 else 1) for c in rec["clients"]}
+        assert rec["samples"] == 4 * sum(steps.values())
+        clock += rec["sim_seconds"]
+        assert rec["sim_clock"] == pytest.approx(clock)

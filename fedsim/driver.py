@@ -300,6 +300,15 @@ def results_table(
     return table
 
 
+def corpus_summary(train_path: Path) -> dict[str, Any]:
+    """A built corpus's rows and the images skipped as missing (empty for generated scenes)."""
+    from fedsim.data.loaders import read_info
+
+    info = read_info(train_path)
+    keys = ("rows", "missing_images", "missing_examples", "per_dataset")
+    return {k: info[k] for k in keys if k in info}
+
+
 def _summary_md(cfg: Config, result: RunResult, wall: float) -> str:
     lines = [
         f"# fedsim run: {cfg.algorithm.name} on {cfg.scenario.name}",
@@ -729,6 +738,7 @@ def _run_rounds(
             },
             "client_seconds_max": max((r.seconds for r in results), default=0.0),
             "bad_images": sum(r.bad_images for r in results),
+            **({"corpus": corpus_summary(prep.train_path)} if rnd == 1 else {}),
             "data_passes_max": max(c.passes for c in cursors),
             "available": plan.available,
             "sampled": plan.sampled,

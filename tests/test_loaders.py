@@ -246,3 +246,6 @@ def test_a_run_on_a_corpus_in_the_lcs558k_format(
     # is skipped and counted instead of being trained on.
     bad = sum(rec["bad_images"] for rec in r.history)
     assert sum(rec["samples"] for rec in r.history) == 96 - bad
+    # The corpus (400 rows, none missing) is summarised in the first round's record.
+    assert r.history[0]["corpus"]["rows"] == 400
+    assert r.history[0]["corpus"]["missing_images"] == 0

@@ -166,6 +166,19 @@ def check_scene_fits_backbone(cfg: Config, manifest: dict[str, Any]) -> None:
                 )
 
 
+def training_data(cfg: Config) -> Path:
+    """The training rows on disk: the built corpus of ``data.corpora``, or generated scenes."""
+    if cfg.data.corpora:
+        from fedsim.data.loaders import ensure_corpus
+
+        return ensure_corpus(
+            cache_root(cfg), list(cfg.data.corpora), cfg.data.bad_images
+        )
+    return ensure_scenes(
+        cache_root(cfg), cfg.data.scene, DATA_SEED, TRAIN_STREAM, cfg.data.num_scenes
+    )
+
+
 def prepare(
     cfg: Config, report: Callable[[str, int, int, float], None] | None = None
 ) -> Prepared:
@@ -173,14 +186,7 @@ def prepare(
     model = resolve_backbone(cfg, report)
     check_scene_fits_backbone(cfg, read_manifest(model))
     cache = cache_root(cfg)
-    if cfg.data.corpora:
-        from fedsim.data.loaders import ensure_corpus
-
-        train_path = ensure_corpus(cache, list(cfg.data.corpora), cfg.data.bad_images)
-    else:
-        train_path = ensure_scenes(
-            cache, cfg.data.scene, DATA_SEED, TRAIN_STREAM, cfg.data.num_scenes
-        )
+    train_path = training_data(cfg)
     eval_path = ensure_scenes(
         cache, cfg.data.scene, DATA_SEED, EVAL_STREAM, cfg.data.eval_scenes
     )
@@ -365,17 +371,14 @@ def run(
     with progress:
         prep = prepare(cfg, build_reporter(progress))
         started_ray = connect_ray(cfg)
-        actors: list[Any] = []
         own_pool = pool is None
         pool = pool or ActorPool()
         try:
             loop = _run_pooled if getattr(algorithm, "pooled", False) else _run_rounds
             result = loop(
-                cfg, algorithm, prep, out_dir, metrics, progress, console, actors, pool
+                cfg, algorithm, prep, out_dir, metrics, progress, console, pool
             )
         finally:
-            for actor in actors:
-                ray.kill(actor)
             if own_pool:
                 pool.close()
             if started_ray:
@@ -504,7 +507,6 @@ def _run_pooled(
     metrics: MetricsLog,
     progress: Progress,
     console: Console,
-    actors: list[Any],
     pool: ActorPool,
 ) -> RunResult:
     """The centralized upper bound: Ray Train's TorchTrainer over the pooled shards."""
@@ -582,7 +584,6 @@ def _run_rounds(
     metrics: MetricsLog,
     progress: Progress,
     console: Console,
-    actors: list[Any],
     pool: ActorPool,
 ) -> RunResult:
     import ray

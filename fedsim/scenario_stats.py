@@ -48,30 +48,10 @@ def scenario_stats(cfg: Config) -> ScenarioStats:
     """Partition the scenario's training data and count rows per client, label and domain."""
     import datasets
 
-    from fedsim.data.scenes_dataset import ensure_scenes
-    from fedsim.driver import (
-        DATA_SEED,
-        TRAIN_STREAM,
-        cache_root,
-        check_inputs,
-        partition,
-    )
+    from fedsim.driver import check_inputs, partition, training_data
 
     check_inputs(cfg)
-    if getattr(cfg.data, "corpora", ()):
-        from fedsim.data.loaders import ensure_corpus
-
-        path = ensure_corpus(
-            cache_root(cfg), list(cfg.data.corpora), cfg.data.bad_images
-        )
-    else:
-        path = ensure_scenes(
-            cache_root(cfg),
-            cfg.data.scene,
-            DATA_SEED,
-            TRAIN_STREAM,
-            cfg.data.num_scenes,
-        )
+    path = training_data(cfg)
     shards = partition(cfg, path)
     ds = datasets.load_from_disk(str(path))
 

@@ -512,7 +512,7 @@ def _run_pooled(
     """The centralized upper bound: Ray Train's TorchTrainer over the pooled shards."""
     import ray
 
-    from fedsim.pooled import PooledPlan, fit
+    from fedsim.pooled import PooledPlan
 
     evaluator = pool.evaluator(cfg, prep)
     w0: dict[str, torch.Tensor] = ray.get(evaluator.init_projector.remote(cfg.seed))
@@ -552,15 +552,7 @@ def _run_pooled(
             )
         progress.update(round_task, advance=1, info=f"loss {_loss(record)}")
 
-    weights, train_peak = fit(
-        plan,
-        evaluator,
-        cfg.ray.workers,
-        cfg.ray.worker_cpus,
-        cfg.ray.worker_gpus,
-        out_dir / "train",
-        on_record,
-    )
+    weights, train_peak = pool.trainer(cfg).train(plan, evaluator, on_record)
     meta = {
         "algorithm": cfg.algorithm.name,
         "rounds": str(cfg.rounds),

@@ -11,11 +11,20 @@ evaluation set and the seed, so it is computed once per seed.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from fedsim.actors import BackboneWorker, Evaluator
 from fedsim.config import Config
 from fedsim.models.backbone import BackboneError
+
+
+def _fits(cpus: float, gpus: float) -> bool:
+    """Whether the Ray cluster has ``cpus`` and ``gpus`` free now."""
+    import ray
+
+    free = ray.available_resources()
+    return free.get("CPU", 0.0) + 1e-9 >= cpus and free.get("GPU", 0.0) + 1e-9 >= gpus
 
 
 class ActorPool:
@@ -28,6 +37,9 @@ class ActorPool:
         self._evaluator_key: tuple[Any, ...] | None = None
         self._initial: dict[tuple[Any, ...], dict[str, float]] = {}
         self._aggregator: Any = None
+        self._trainer: Any = None
+        self._trainer_key: tuple[Any, ...] | None = None
+        self._trainer_dir: str | None = None
 
     def workers(self, cfg: Config, prep: Any) -> list[Any]:
         import ray
@@ -44,6 +56,12 @@ class ActorPool:
         )
         if key != self._workers_key:
             self._kill(self._workers)
+            self._workers, self._workers_key = [], None
+            if not _fits(
+                cfg.ray.workers * cfg.ray.worker_cpus,
+                cfg.ray.workers * cfg.ray.worker_gpus,
+            ):
+                self._close_trainer()  # the centralized worker group holds what they need
             cls = ray.remote(
                 num_cpus=cfg.ray.worker_cpus, num_gpus=cfg.ray.worker_gpus
             )(BackboneWorker)
@@ -66,6 +84,45 @@ class ActorPool:
                 ) from None
             self._workers_key = key
         return self._workers
+
+    def trainer(self, cfg: Config) -> Any:
+        """The Ray Train worker group of centralized runs (:class:`fedsim.pooled.PooledTrainer`).
+
+        Kept for consecutive centralized runs with the same placement, so that Ray Train starts
+        once; a new placement, or a dead worker group, starts a new one.
+        """
+        import tempfile
+
+        from fedsim.pooled import PooledTrainer
+
+        key = (cfg.ray.workers, cfg.ray.worker_cpus, cfg.ray.worker_gpus)
+        if self._trainer is not None and (
+            key != self._trainer_key or not self._trainer.alive
+        ):
+            self._close_trainer()
+        if self._trainer is None:
+            if not _fits(
+                cfg.ray.workers * cfg.ray.worker_cpus,
+                cfg.ray.workers * cfg.ray.worker_gpus,
+            ):
+                self._kill(self._workers)  # the federated workers hold what it needs
+                self._workers, self._workers_key = [], None
+            self._trainer_dir = tempfile.mkdtemp(prefix="fedsim-train-")
+            self._trainer = PooledTrainer(*key, Path(self._trainer_dir))
+            self._trainer_key = key
+        return self._trainer
+
+    def _close_trainer(self) -> None:
+        import shutil
+
+        if self._trainer is not None:
+            try:
+                self._trainer.close()
+            finally:
+                self._trainer, self._trainer_key = None, None
+                if self._trainer_dir:
+                    shutil.rmtree(self._trainer_dir, ignore_errors=True)
+                self._trainer_dir = None
 
     def evaluator(self, cfg: Config, prep: Any) -> Any:
         import ray
@@ -122,6 +179,7 @@ class ActorPool:
             ray.kill(a)
 
     def close(self) -> None:
+        self._close_trainer()
         self._kill(self._workers)
         if self._evaluator is not None:
             self._kill([self._evaluator])

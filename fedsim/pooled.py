@@ -11,14 +11,17 @@ with ``torch.distributed.all_reduce`` before clipping and the optimiser step, so
 the same projector. The task of each row (caption or question) is drawn for the whole global batch
 before the split, so one worker and several train on the same examples. Rank 0 sends each round's
 record to the driver through a Ray queue (the driver writes metrics.jsonl and shows progress),
-asks the Evaluator actor for the evaluation rounds, and reports the final projector as a Ray Train
-checkpoint, from which the driver saves ``final/projector.safetensors``.
+asks the Evaluator actor for the evaluation rounds, and sends the final projector with the last
+record, from which the driver saves ``final/projector.safetensors``.
+
+The worker group is a service: it trains one plan after another from a queue until it is closed,
+so ``fedsim compare`` pays Ray Train's start-up (new processes, imports, process group, about 30 s
+on 2 cores) once for all its seeds rather than once per run.
 """
 
 from __future__ import annotations
 
 import queue as queue_mod
-import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -33,7 +36,6 @@ from fedsim.actors import ModelSpec, peak_rss_mb
 from fedsim.algorithms import build_algorithm
 from fedsim.algorithms.base import LocalTraining, Weights
 from fedsim.data.streams import Cursor, take
-from fedsim.runio import load_weights, save_weights
 from fedsim.training import ClientTask, TrainSettings, task_flags, train_client
 
 POOLED_CLIENT = 0  # the generator key of the pooled stream
@@ -127,20 +129,73 @@ def rank_rows(steps: int, batch_size: int, world: int, rank: int) -> np.ndarray:
     )
 
 
+def _broadcast(obj: Any, world: int) -> Any:
+    """Rank 0's ``obj`` on every rank (torch.distributed, gloo or nccl)."""
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: resident backbone, the pooled stream, the rank's share of each batch."""
-    import ray
+    """One Ray Train worker: serves plans from the driver's queue until it sends None.
+
+    The worker group stays up between runs (``fedsim compare`` trains every seed on it), so the
+    start-up of Ray Train (processes, imports, process group) is paid once. Rank 0 takes each plan
+    from the queue and broadcasts it; the backbone and row reader are loaded once per model and
+    dataset and kept.
+    """
     import ray.train
 
-    from fedsim.actors import _load, _quiet
-    from fedsim.data.rows import RowReader
+    from fedsim.actors import _quiet
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    plan: PooledPlan = config["plan"]
     _quiet()
-    backbone = _load(plan.model, plan.threads)
-    reader = RowReader.open(plan.train_path, plan.pixel_path, plan.bad_images)
+    backbones: dict[tuple[Any, ...], Any] = {}
+    readers: dict[tuple[Any, ...], Any] = {}
+    while True:
+        item = config["plans"].get() if rank == 0 else None
+        plan: PooledPlan | None = _broadcast(
+            item[0] if item is not None else None, world
+        )
+        if plan is None:
+            return
+        evaluator = item[1] if item is not None else None
+        _train_plan(plan, evaluator, config["records"], rank, world, backbones, readers)
+
+
+def _train_plan(
+    plan: PooledPlan,
+    evaluator: Any,
+    records: Any,
+    rank: int,
+    world: int,
+    backbones: dict[tuple[Any, ...], Any],
+    readers: dict[tuple[Any, ...], Any],
+) -> None:
+    """One centralized run, from W_0 and a fresh optimiser, on the resident backbone."""
+    import ray
+    import ray.train
+
+    from fedsim.actors import _load
+    from fedsim.data.rows import RowReader
+
+    key = (plan.model, plan.threads)
+    if key not in backbones:
+        backbones.clear()
+        backbones[key] = _load(plan.model, plan.threads)
+    backbone = backbones[key]
+    rkey = (plan.train_path, plan.pixel_path, plan.bad_images)
+    if rkey not in readers:
+        readers.clear()
+        readers[rkey] = RowReader.open(
+            plan.train_path, plan.pixel_path, plan.bad_images
+        )
+    reader = readers[rkey]
     algorithm = build_algorithm(plan.algorithm, plan.params)
     local = algorithm.local_training()
     if world > 1:
@@ -193,78 +248,98 @@ def train_loop(config: dict[str, Any]) -> None:
                 "data_passes_max": cursor.passes,
             }
             if rnd in plan.eval_rounds or last:
-                record["eval"] = ray.get(config["evaluator"].evaluate.remote(weights))
+                record["eval"] = ray.get(evaluator.evaluate.remote(weights))
             record["wall_seconds"] = round(time.perf_counter() - t0, 3)
             if last:
                 record["peak_rss_mb"] = peak_rss_mb()
-            config["queue"].put(record)
-        checkpoint = None
-        with tempfile.TemporaryDirectory() as tmp:
-            if last and rank == 0:
-                save_weights(Path(tmp) / "projector.safetensors", weights)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({"round": rnd, "loss": update.loss}, checkpoint=checkpoint)
+                record["final_weights"] = {k: v.clone() for k, v in weights.items()}
+            records.put(record)
+        ray.train.report({"seed": plan.seed, "round": rnd, "loss": update.loss})
 
 
-def fit(
-    plan: PooledPlan,
-    evaluator: Any,
-    workers: int,
-    worker_cpus: float,
-    worker_gpus: float,
-    storage: Path,
-    on_record: Any,
-) -> tuple[Weights, float]:
-    """Run the TorchTrainer; ``on_record`` gets each round's record as it arrives.
+class PooledTrainer:
+    """A TorchTrainer whose worker group serves one centralized run after another.
 
-    Returns the final projector (from the run's last checkpoint) and the workers' peak RSS (MiB).
+    ``fit`` runs in a background thread for the trainer's lifetime; :meth:`train` sends a plan
+    and streams its round records back; :meth:`close` ends the worker group. Every run starts from
+    its own W_0 with a fresh optimiser, so sharing the group changes no result (test).
     """
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.util.queue import Queue
 
-    records: Queue = Queue(actor_options={"num_cpus": 0})
-    resources = {"CPU": worker_cpus}
-    if worker_gpus:
-        resources["GPU"] = worker_gpus
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"plan": plan, "queue": records, "evaluator": evaluator},
-        scaling_config=ScalingConfig(
-            num_workers=workers,
-            use_gpu=worker_gpus > 0,
-            resources_per_worker=resources,
-        ),
-        run_config=RunConfig(name="centralized", storage_path=str(storage.resolve())),
-    )
-    outcome: dict[str, Any] = {}
+    def __init__(
+        self, workers: int, worker_cpus: float, worker_gpus: float, storage: Path
+    ) -> None:
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+        from ray.util.queue import Queue
 
-    def target() -> None:
+        self.plans: Queue = Queue(actor_options={"num_cpus": 0})
+        self.records: Queue = Queue(actor_options={"num_cpus": 0})
+        resources = {"CPU": worker_cpus}
+        if worker_gpus:
+            resources["GPU"] = worker_gpus
+        self._trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"plans": self.plans, "records": self.records},
+            scaling_config=ScalingConfig(
+                num_workers=workers,
+                use_gpu=worker_gpus > 0,
+                resources_per_worker=resources,
+            ),
+            run_config=RunConfig(
+                name="centralized", storage_path=str(storage.resolve())
+            ),
+        )
+        self._outcome: dict[str, Any] = {}
+        self._thread = threading.Thread(
+            target=self._fit, name="ray-train-fit", daemon=True
+        )
+        self._thread.start()
+
+    def _fit(self) -> None:
         try:
-            outcome["result"] = trainer.fit()
+            self._outcome["result"] = self._trainer.fit()
         except BaseException as e:  # re-raised in the caller's thread
-            outcome["error"] = e
+            self._outcome["error"] = e
 
-    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
-    thread.start()
-    peak = 0.0
-    seen = 0
-    while seen < plan.rounds:
-        try:
-            record = records.get(timeout=0.5)
-        except queue_mod.Empty:
-            if not thread.is_alive():
-                break
-            continue
-        peak = record.pop("peak_rss_mb", peak)
-        on_record(record)
-        seen += 1
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    checkpoint = outcome["result"].checkpoint
-    if checkpoint is None:
-        raise RuntimeError("centralized: Ray Train finished without a final checkpoint")
-    with checkpoint.as_directory() as d:
-        weights = load_weights(Path(d) / "projector.safetensors")
-    return weights, peak
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def train(
+        self, plan: PooledPlan, evaluator: Any, on_record: Any
+    ) -> tuple[Weights, float]:
+        """Train ``plan``; ``on_record`` gets each round's record as it arrives.
+
+        Returns the final projector and rank 0's peak RSS (MiB).
+        """
+        self.plans.put((plan, evaluator))
+        seen = 0
+        while True:
+            try:
+                record = self.records.get(timeout=0.5)
+            except queue_mod.Empty:
+                if not self._thread.is_alive():
+                    break
+                continue
+            weights = record.pop("final_weights", None)
+            peak = record.pop("peak_rss_mb", 0.0)
+            on_record(record)
+            seen += 1
+            if weights is not None:
+                return weights, peak
+        self._thread.join()
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        raise RuntimeError(
+            f"centralized: Ray Train stopped after {seen} of {plan.rounds} rounds"
+        )
+
+    def close(self) -> None:
+        """End the worker group (after the run in progress, if any)."""
+        import ray
+
+        if self._thread.is_alive():
+            self.plans.put(None)
+            self._thread.join()
+        for q in (self.plans, self.records):
+            ray.kill(q.actor)

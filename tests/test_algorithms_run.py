@@ -101,7 +101,42 @@ def test_centralized_runs_on_ray_train_and_data_parallel_matches_one_worker(
         rel = float((two.weights[k] - v).norm() / v.norm())
         assert rel < 1e-5, (k, rel)
     assert two.history[-1]["train_workers"] == 2
-    # The projector came back through a Ray Train checkpoint.
-    assert list((tmp_path / "c2" / "train").rglob("checkpoint_*/projector.safetensors"))
     # One pooled stream: each round trains cohort_size × local_steps steps of batch_size rows.
     assert all(rec["samples"] == 3 * 2 * 4 for rec in two.history)
+
+
+@pytest.mark.slow
+def test_centralized_worker_group_serves_runs_one_after_another(
+    tmp_path, toy_path, cache_dir, ray_session
+):
+    # As in `fedsim compare`: one Ray Train worker group trains several runs in turn. Each run
+    # must give the bits of a run on its own worker group, whatever ran before it.
+    from fedsim.driver import run
+    from fedsim.pool import ActorPool
+
+    def cfg(seed):
+        return load_config(
+            None,
+            [
+                *TINY,
+                f"cache_dir={cache_dir}",
+                "algorithm.name=centralized",
+                f"seed={seed}",
+            ],
+        )
+
+    pool = ActorPool()
+    quiet = Console(quiet=True)
+    try:
+        shared = {}
+        for name, seed in (("s1", 1), ("s0", 0)):
+            shared[name] = run(cfg(seed), tmp_path / name, quiet, False, pool).weights
+            if name == "s1":
+                trainer = pool._trainer
+        assert pool._trainer is trainer  # started once, still serving
+    finally:
+        pool.close()
+    alone = run(cfg(0), tmp_path / "alone", quiet, False).weights
+    for k, v in alone.items():
+        assert torch.equal(shared["s0"][k], v), k
+    assert not torch.equal(shared["s1"][k], v)

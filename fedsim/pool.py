@@ -54,14 +54,12 @@ class ActorPool:
             cfg.ray.worker_gpus,
             cfg.ray.threads_per_worker,
         )
+        # A federated run next: the centralized worker group (idle now, but its controller
+        # polls its health) gives back its processes and resources.
+        self._close_trainer()
         if key != self._workers_key:
             self._kill(self._workers)
             self._workers, self._workers_key = [], None
-            if not _fits(
-                cfg.ray.workers * cfg.ray.worker_cpus,
-                cfg.ray.workers * cfg.ray.worker_gpus,
-            ):
-                self._close_trainer()  # the centralized worker group holds what they need
             cls = ray.remote(
                 num_cpus=cfg.ray.worker_cpus, num_gpus=cfg.ray.worker_gpus
             )(BackboneWorker)

@@ -268,7 +268,7 @@ class PooledTrainer:
     def __init__(
         self, workers: int, worker_cpus: float, worker_gpus: float, storage: Path
     ) -> None:
-        from ray.train import RunConfig, ScalingConfig
+        from ray.train import LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
         from ray.util.queue import Queue
 
@@ -286,7 +286,11 @@ class PooledTrainer:
                 resources_per_worker=resources,
             ),
             run_config=RunConfig(
-                name="centralized", storage_path=str(storage.resolve())
+                name="centralized",
+                storage_path=str(storage.resolve()),
+                # Errors only: per-report INFO lines, and the placement-group cleaner's
+                # warning each second when the state API (the dashboard) is off.
+                logging_config=LoggingConfig(log_level="ERROR"),
             ),
         )
         self._outcome: dict[str, Any] = {}

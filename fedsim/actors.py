@@ -241,5 +241,21 @@ class Evaluator:
             self.pixels,
         )
 
+    def answer_benchmark(
+        self, weights: Mapping[str, torch.Tensor], bench: str, root: str
+    ) -> list[str]:
+        """Greedy answers of ``weights`` to benchmark ``bench`` of the suite at ``root``."""
+        from pathlib import Path
+
+        from fedsim.eval.run import generate_answers
+        from fedsim.eval.suite import get, locate
+        from fedsim.models.backbone import set_projector_
+
+        set_projector_(self.backbone, weights)
+        questions = get(bench).load(*locate(bench, Path(root)))
+        return generate_answers(
+            self.backend, self.backbone, bench, questions, self.backend.batch_size
+        )
+
     def peak_rss_mb(self) -> float:
         return peak_rss_mb()

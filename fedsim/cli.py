@@ -30,6 +30,9 @@ scenarios_app = typer.Typer(help="Scenario presets.", no_args_is_help=True)
 app.add_typer(backbones_app, name="backbones")
 app.add_typer(algorithms_app, name="algorithms")
 app.add_typer(scenarios_app, name="scenarios")
+from fedsim.cli_eval import eval_app  # noqa: E402
+
+app.add_typer(eval_app, name="eval")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -182,6 +185,36 @@ def plot(
         _fail(str(e))
         return
     console.print(f"wrote {path}")
+
+
+@app.command("export")
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    out: Annotated[Path, typer.Argument(help="New folder for the LLaVA checkpoint.")],
+    projector: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--projector",
+            help="A projector file to export instead of the run's final one.",
+        ),
+    ] = None,
+    client: Annotated[
+        Optional[int],
+        typer.Option("--client", help="A `local` run: export this client's projector."),
+    ] = None,
+) -> None:
+    """Write the run's backbone with its projector as an HF LLaVA checkpoint (transformers, vLLM)."""
+    from fedsim.export import ExportError, export_checkpoint
+    from fedsim.models.backbone import BackboneError
+
+    try:
+        path = export_checkpoint(run_dir, out, projector=projector, client=client)
+    except (ExportError, ConfigError, BackboneError) as e:
+        _fail(str(e))
+        return
+    console.print(
+        f"wrote {path}: LlavaForConditionalGeneration.from_pretrained and `vllm serve` load it"
+    )
 
 
 @backbones_app.command("build")

@@ -305,12 +305,20 @@ class EvalConfig:
         Generation budget for a caption.
     threads:
         Torch threads of the evaluator; null = all CPUs of the machine.
+    benchmarks:
+        Benchmarks of the toy suite (:mod:`fedsim.eval.toy_suite`: POPE, MME, MMBench and MMVP
+        in their official formats, scored by the official rules) answered with the final
+        projector, on the toy backbone; ``[]`` for none. Other backbones: ``fedsim eval run``.
+    suite_images:
+        Held-out scenes the toy suite is built from.
     """
 
     at_start: bool = True
     batch_size: int = 100
     max_new_tokens: int = 12
     threads: int | None = None
+    benchmarks: tuple[str, ...] = ("pope", "mme", "mmbench", "mmvp")
+    suite_images: int = 40
 
     def __post_init__(self) -> None:
         _positive(
@@ -318,6 +326,20 @@ class EvalConfig:
         )
         if self.threads is not None:
             _positive("eval", threads=self.threads)
+        _positive("eval", suite_images=self.suite_images)
+        from fedsim.eval.benchmark import BenchmarkError
+        from fedsim.eval.suite import TOY_SUITE, canonical
+
+        for name in self.benchmarks:
+            try:
+                key = canonical(name)
+            except BenchmarkError as e:
+                raise ConfigError(f"eval.benchmarks: {e}") from None
+            if key not in TOY_SUITE:
+                raise ConfigError(
+                    f"eval.benchmarks: {name!r} has no toy version (the toy suite has "
+                    f"{', '.join(TOY_SUITE)}); score it with `fedsim eval run`"
+                )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -81,6 +81,7 @@ class RunResult:
     final_eval: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
     resources: dict[str, Any] = field(default_factory=dict)
+    benchmarks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -306,6 +307,19 @@ def results_table(
     return table
 
 
+def benchmarks_table(benchmarks: dict[str, dict[str, Any]]) -> Table:
+    """The toy suite's headline numbers (official scorers) as a rich table."""
+    from fedsim.eval.run import headline
+
+    table = Table(title="toy benchmark suite (official scorers), final projector")
+    for col, justify in (("benchmark", "left"), ("metric", "left"), ("value", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for bench, scores in benchmarks.items():
+        for label, value in headline(bench, scores):
+            table.add_row(bench, label, f"{value:.3f}")
+    return table
+
+
 def corpus_summary(train_path: Path) -> dict[str, Any]:
     """A built corpus's rows and the images skipped as missing (empty for generated scenes)."""
     from fedsim.data.loaders import read_info
@@ -332,6 +346,19 @@ def _summary_md(cfg: Config, result: RunResult, wall: float) -> str:
         if key in result.final_eval:
             a = f"{init[key]:.3f}" if init else "–"
             lines.append(f"| {label.strip()} | {a} | {result.final_eval[key]:.3f} |")
+    if result.benchmarks:
+        from fedsim.eval.run import headline
+
+        lines += [
+            "",
+            "Toy benchmark suite, official scorers (final projector; answers in eval/):",
+            "",
+            "| benchmark | metric | value |",
+            "|---|---|---:|",
+        ]
+        for bench, scores in result.benchmarks.items():
+            for label, value in headline(bench, scores):
+                lines.append(f"| {bench} | {label} | {value:.3f} |")
     lines += [
         "",
         "Peak resident memory (MiB): "
@@ -400,6 +427,8 @@ def run(
             f"{cfg.algorithm.name} on {cfg.scenario.name}: held-out toy evaluation",
         )
     )
+    if result.benchmarks:
+        console.print(benchmarks_table(result.benchmarks))
     console.print(
         f"run folder: {out_dir}  (metrics.jsonl, final/projector.safetensors, eval.json, summary.md, curves.png)"
     )
@@ -485,16 +514,70 @@ def _initial_eval(
     return result
 
 
+def toy_benchmarks(
+    cfg: Config, evaluator: Any, weights: dict[str, torch.Tensor], out_dir: Path
+) -> dict[str, dict[str, Any]]:
+    """The toy suite's benchmarks, answered by the Evaluator, scored by the official rules.
+
+    Answers and scores land in ``out_dir/eval/<bench>/`` as ``fedsim eval run`` writes them.
+    """
+    import ray
+
+    from fedsim.eval import suite
+    from fedsim.eval.run import save_and_score
+    from fedsim.eval.toy_suite import ensure_toy_suite
+
+    if not cfg.eval.benchmarks or cfg.model.backbone != "toy":
+        return {}
+    root = ensure_toy_suite(
+        cache_root(cfg), cfg.data.scene, images=cfg.eval.suite_images
+    )
+    ref = ray.put(weights)
+    names = [suite.canonical(b) for b in cfg.eval.benchmarks]
+    pending = {b: evaluator.answer_benchmark.remote(ref, b, str(root)) for b in names}
+    prompts = _ToyPrompts()
+    results: dict[str, dict[str, Any]] = {}
+    for b in names:
+        questions = suite.get(b).load(*suite.locate(b, root))
+        results[b] = save_and_score(
+            b,
+            questions,
+            ray.get(pending[b]),
+            [suite.render_prompt(prompts, b, q) for q in questions],
+            out_dir / "eval" / b,
+            f"fedsim-{cfg.algorithm.name}-seed{cfg.seed}",
+            {"backend": "hf", "data": str(root), "round": cfg.rounds},
+        )
+    return results
+
+
+class _ToyPrompts:
+    """The toy backbone's templates, to record prompts in answer files without loading it."""
+
+    def __init__(self) -> None:
+        from fedsim.models.toy import CAPTION_PROMPT, IMAGE_TOKEN, QA_PROMPT
+
+        self.manifest = {"kind": "toy"}
+        self.caption_prompt = f"{IMAGE_TOKEN} {CAPTION_PROMPT}"
+        self.qa_prompt = f"{IMAGE_TOKEN} {QA_PROMPT}"
+
+
 def _finish(
     cfg: Config,
     out_dir: Path,
     initial_eval: dict[str, float] | None,
     final_eval: dict[str, float],
     resources: dict[str, Any],
+    benchmarks: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     write_json(
         out_dir / "eval.json",
-        {"round": cfg.rounds, "initial": initial_eval, "final": final_eval},
+        {
+            "round": cfg.rounds,
+            "initial": initial_eval,
+            "final": final_eval,
+            "benchmarks": benchmarks or {},
+        },
     )
     write_json(out_dir / "resources.json", {"peak_rss_mb": resources})
 
@@ -564,8 +647,11 @@ def _run_pooled(
         "train_rank0": train_peak,
         "evaluator": ray.get(evaluator.peak_rss_mb.remote()),
     }
-    _finish(cfg, out_dir, initial_eval, final_eval, resources)
-    return RunResult(out_dir, weights, initial_eval, final_eval, history, resources)
+    benchmarks = toy_benchmarks(cfg, evaluator, weights, out_dir)
+    _finish(cfg, out_dir, initial_eval, final_eval, resources, benchmarks)
+    return RunResult(
+        out_dir, weights, initial_eval, final_eval, history, resources, benchmarks
+    )
 
 
 def _run_rounds(
@@ -791,5 +877,8 @@ def _run_rounds(
         "aggregator": ray.get(aggregator.peak_rss_mb.remote()),
         "evaluator": ray.get(evaluator.peak_rss_mb.remote()),
     }
-    _finish(cfg, out_dir, initial_eval, final_eval, resources)
-    return RunResult(out_dir, weights, initial_eval, final_eval, history, resources)
+    benchmarks = {} if personal else toy_benchmarks(cfg, evaluator, weights, out_dir)
+    _finish(cfg, out_dir, initial_eval, final_eval, resources, benchmarks)
+    return RunResult(
+        out_dir, weights, initial_eval, final_eval, history, resources, benchmarks
+    )

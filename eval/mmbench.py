@@ -1,0 +1,273 @@
+"""MMBench: is your multi-modal model an all-around player? (Liu et al., ECCV 2024,
+arXiv:2307.06281).
+
+Single-choice questions in a TSV (``mmbench_dev_20230712.tsv`` and later releases):
+``index``, ``question``, ``hint``, options ``A`` … ``D``, ``answer``, ``category``,
+``l2-category``, ``split``, ``source``, and the image as base64 (``image``; a value of at
+most 64 characters is the ``index`` of the row holding the image, as VLMEvalKit reads
+it). Circular evaluation: a question's option-rotated copies are rows ``index + k·10^6``
+sharing ``index mod 10^6``; the question counts as right only when every copy is.
+
+Prompt (LLaVA-1.5, ``llava/eval/model_vqa_mmbench.py`` with ``--single-pred-prompt`` as in
+``scripts/v1_5/eval/mmbench.sh``): the hint and a line break when there is a hint, the
+question, each option as ``\\n<letter>. <text>``, then ``\\n`` and
+:data:`~fedsim.eval.benchmark.OPTION_LETTER`. Options are read up to the first empty cell;
+empty means what pandas reads as NaN (``""``, ``"nan"``, ``"None"``, ``"NA"``, ``"N/A"``,
+``"null"``, ...), since LLaVA and VLMEvalKit both read the TSV with pandas. Generation
+length: ``model_vqa_mmbench.py`` fixes ``max_new_tokens=1024``.
+
+Scoring follows VLMEvalKit (open-compass/VLMEvalKit ``vlmeval/utils/matching_util.py``
+``can_infer``, ``vlmeval/dataset/utils/multiple_choice.py`` ``mcq_circular_eval`` and
+``report_acc``) in its exact-matching mode: the option is extracted by rule, first as a
+letter (punctuation ``.()[],:;!*#{}`` turned to spaces, the answer split on whitespace,
+exactly one option letter among the words), else as option text (exactly one option's
+text, lower-cased, inside the lower-cased answer). The GPT fallback that VLMEvalKit uses
+for answers the rule cannot read is not run: such an answer is wrong, and ``unextracted``
+counts them. Accuracy is over circular groups, overall, per ``category`` and per
+``l2-category`` (and per ``split`` when several are present).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedsim.eval.answers import read_answers
+from fedsim.eval.benchmark import (
+    OPTION_LETTER,
+    BenchmarkError,
+    Question,
+    check_answered,
+)
+
+#: The option columns LLaVA's model_vqa_mmbench.py reads (MMBench has at most four).
+OPTION_LETTERS = ("A", "B", "C", "D")
+CIRCULAR_STRIDE = 1_000_000
+# pandas.read_csv's default NA strings (keep_default_na): such a cell is NaN to LLaVA and
+# VLMEvalKit, so an option or hint spelled like this counts as absent.
+_PANDAS_NA = frozenset(
+    {
+        "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan",
+        "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a",
+        "nan", "null",
+    }
+)  # fmt: skip
+# can_infer_option: answers that refuse are read as "Z" (no option, hence wrong).
+_REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
+)
+
+
+def is_none(value: object) -> bool:
+    """LLaVA's ``is_none`` on a cell as pandas reads it (NaN, or "nan"/"none")."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    text = str(value)
+    return text in _PANDAS_NA or text.lower() in ("nan", "none")
+
+
+def can_infer_option(answer: str, choices: Mapping[str, str]) -> str | bool:
+    """The option letter named in ``answer``, ``"Z"`` for a refusal, else False.
+
+    VLMEvalKit's ``can_infer_option``: punctuation becomes spaces, and the answer names an
+    option when exactly one of the option letters is one of its words.
+    """
+    if "Failed to obtain answer via API" in answer:
+        return False
+    if any(refusal in answer for refusal in _REFUSALS):
+        return "Z"
+    for c in ".()[],:;!*#{}":
+        answer = answer.replace(c, " ")
+    words = answer.split()
+    named = [ch for ch in choices if ch in words]
+    if len(named) == 1:
+        # (VLMEvalKit's VERBOSE-only "A might be a quantifier" check is off by default.)
+        return named[0]
+    if not named and "Z" in words:
+        return "Z"
+    return False
+
+
+def can_infer_text(answer: str, choices: Mapping[str, str]) -> str | bool:
+    """The option whose text (lower-cased) is in ``answer``, when exactly one is."""
+    answer = answer.lower()
+    found = [k for k, v in choices.items() if str(v).lower() in answer]
+    return found[0] if len(found) == 1 else False
+
+
+def can_infer(answer: object, choices: Mapping[str, str]) -> str | bool:
+    """VLMEvalKit's rule-based option extraction: by letter, else by option text."""
+    answer = str(answer)
+    # VLMEvalKit's can_infer_text lower-cases the choices dict in place; use a copy.
+    choices = dict(choices)
+    return can_infer_option(answer, choices) or can_infer_text(answer, choices)
+
+
+class MMBench:
+    """MMBench (English or Chinese TSV) with circular evaluation."""
+
+    name = "mmbench"
+    judged = False
+    max_new_tokens = 1024
+
+    def load(self, questions: Path, data_root: Path | None = None) -> list[Question]:
+        """Questions from the TSV; images decoded from base64 to encoded bytes.
+
+        ``data_root`` is not used: the images are inside the TSV.
+        """
+        path = Path(questions)
+        if not path.is_file():
+            raise BenchmarkError(f"{path}: MMBench TSV not found")
+        csv.field_size_limit(sys.maxsize)
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t")
+            header = reader.fieldnames or []
+            for col in ("index", "question", "image", "A", "B"):
+                if col not in header:
+                    raise BenchmarkError(
+                        f"{path}: column {col!r} missing from the header"
+                    )
+            # line_num: the (last) file line of the row, quoted line breaks included.
+            rows = [(reader.line_num, row) for row in reader]
+        images = {row["index"]: row["image"] for _, row in rows if row.get("image")}
+        out = []
+        seen: set[int] = set()
+        for n, row in rows:
+            if None in row or any(v is None for v in row.values()):
+                raise BenchmarkError(
+                    f"{path}:{n}: {len(header)} columns in the header, not on this row"
+                )
+            try:
+                index = int(row["index"])
+            except ValueError:
+                raise BenchmarkError(
+                    f"{path}:{n}: field 'index' is {row['index']!r}, not an integer"
+                ) from None
+            if index in seen:
+                raise BenchmarkError(f"{path}:{n}: index {index} repeated")
+            seen.add(index)
+            options = {}
+            for letter in OPTION_LETTERS:
+                if letter not in row or is_none(row[letter]):
+                    break  # LLaVA's get_options stops at the first missing option
+                options[letter] = row[letter]
+            answer = row.get("answer")
+            if answer is not None and not is_none(answer) and answer not in options:
+                raise BenchmarkError(
+                    f"{path}:{n}: field 'answer' is {answer!r}, not one of the options "
+                    f"{''.join(options)}"
+                )
+            image = row["image"]
+            if len(image) <= 64:  # a reference to the row holding the image
+                image = images.get(image, "")
+                if len(image) <= 64:
+                    raise BenchmarkError(
+                        f"{path}:{n}: field 'image' refers to index {row['image']!r}, "
+                        "which holds no image"
+                    )
+            try:
+                data = base64.b64decode(image, validate=True)
+            except (binascii.Error, ValueError):
+                raise BenchmarkError(
+                    f"{path}:{n}: field 'image' is not base64"
+                ) from None
+            hint = row.get("hint")
+            question = row["question"]
+            if not is_none(hint):
+                question = f"{hint}\n{question}"
+            for letter, option in options.items():
+                question += f"\n{letter}. {option}"
+            out.append(
+                Question(
+                    question_id=index,
+                    image=data,
+                    text=f"{question}\n{OPTION_LETTER}",
+                    meta={
+                        "answer": None if is_none(answer) else answer,
+                        "options": options,
+                        "group": index % CIRCULAR_STRIDE,
+                        "category": row.get("category"),
+                        "l2_category": row.get("l2-category"),
+                        "split": row.get("split"),
+                    },
+                )
+            )
+        return out
+
+    def score(
+        self,
+        questions: Sequence[Question],
+        predictions: Mapping[int | str, str],
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Circular accuracy: overall, per category, per l2-category (per split).
+
+        A group counts when its main row (``index < 10^6``) is among ``questions``; all its
+        given rows must be answered with the right option.
+        """
+        check_answered(self.name, questions, predictions)
+        for q in questions:
+            if q.meta["answer"] is None:
+                raise BenchmarkError(
+                    f"mmbench: question {q.question_id} has no answer (a test split?)"
+                )
+        groups: dict[int, list[Question]] = {}
+        for q in questions:
+            groups.setdefault(q.meta["group"], []).append(q)
+        unextracted = 0
+        hit: dict[int, bool] = {}
+        for g, members in groups.items():
+            ok = True
+            for q in members:
+                opt = can_infer(predictions[q.question_id], q.meta["options"])
+                unextracted += opt is False
+                ok &= opt == q.meta["answer"]
+            hit[g] = ok
+        # VLMEvalKit reports the main rows (index == index mod 10^6), one per group.
+        mains = [q for q in questions if q.question_id == q.meta["group"]]
+        if not mains:
+            raise BenchmarkError(
+                "mmbench: no main row (index < 10^6) among the questions"
+            )
+        out: dict[str, Any] = {
+            "overall": _mean(hit[q.meta["group"]] for q in mains),
+            "categories": _by(mains, hit, "category"),
+            "l2_categories": _by(mains, hit, "l2_category"),
+            "unextracted": unextracted,
+        }
+        if len({q.meta["split"] for q in mains}) > 1:
+            out["splits"] = _by(mains, hit, "split")
+        return out
+
+    def read_predictions(
+        self, path: Path, questions: Sequence[Question]
+    ) -> dict[int | str, str]:
+        """A LLaVA answer file (``question_id`` = the TSV ``index``)."""
+        return read_answers(path)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _by(mains: Sequence[Question], hit: Mapping[int, bool], key: str) -> dict:
+    names = sorted({q.meta[key] for q in mains if q.meta[key] is not None})
+    return {
+        name: _mean(hit[q.meta["group"]] for q in mains if q.meta[key] == name)
+        for name in names
+    }
+
+
+BENCHMARK = MMBench()

@@ -130,6 +130,13 @@ def compare(
     out: Annotated[Path, typer.Option("--out", "-o", help="Comparison folder.")] = Path(
         "runs/compare"
     ),
+    lanes: Annotated[
+        Optional[int],
+        typer.Option(
+            "--lanes",
+            help="Runs at a time, one BackboneWorker each (default: ray.workers).",
+        ),
+    ] = None,
     no_progress: Annotated[
         bool, typer.Option("--no-progress", help="No live progress display.")
     ] = False,
@@ -153,7 +160,14 @@ def compare(
         _fail(f"--algorithms {algorithms!r}: an algorithm is named twice")
     try:
         run_compare(
-            names, seed_list, out, config, list(set_ or []), console, not no_progress
+            names,
+            seed_list,
+            out,
+            config,
+            list(set_ or []),
+            console,
+            not no_progress,
+            lanes,
         )
     except (ConfigError, BackboneError) as e:
         _fail(str(e))

@@ -13,17 +13,28 @@ from __future__ import annotations
 import csv
 import json
 import math
+import queue
 import shutil
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from fedsim.config import Config, load_config
+from fedsim.configtools import ConfigError
 from fedsim.runio import MetricsLog, write_text
 
 METRICS = [
@@ -74,10 +85,19 @@ def compare(
     overrides: Sequence[str] = (),
     console: Console | None = None,
     show_progress: bool = True,
+    lanes: int | None = None,
 ) -> Comparison:
-    """Run every algorithm with every seed (reusing finished runs) and write the comparison."""
-    from fedsim.driver import connect_ray, run
-    from fedsim.pool import ActorPool
+    """Run every algorithm with every seed (reusing finished runs) and write the comparison.
+
+    Runs go through ``lanes`` parallel lanes (default: ``ray.workers``), each with its own
+    actor pool of one BackboneWorker, its own Evaluator and Aggregator: while one run evaluates
+    or writes its outputs, the other trains, so the CPUs stay busy. A run's result does not
+    depend on its number of workers (tested bit for bit), so lanes change wall time only.
+    Centralized runs (Ray Train over ``ray.workers`` workers) go first, one at a time, on one
+    worker group.
+    """
+    from fedsim.algorithms import build_algorithm
+    from fedsim.driver import connect_ray
 
     console = console or Console()
     out_dir = Path(out_dir)
@@ -88,39 +108,56 @@ def compare(
             configs[(algo, seed)] = load_config(
                 config, [*overrides, f"algorithm.name={algo}", f"seed={seed}"]
             )
+    first = next(iter(configs.values()))
+    if lanes is not None and lanes < 1:
+        raise ConfigError(f"--lanes: must be >= 1, got {lanes}")
+    n_lanes = first.ray.workers if lanes is None else lanes
     out_dir.mkdir(parents=True, exist_ok=True)
     finals: dict[str, dict[int, dict[str, float]]] = {a: {} for a in algorithms}
     run_dirs: dict[str, dict[int, Path]] = {a: {} for a in algorithms}
+    todo: list[tuple[str, int]] = []
+    for algo, seed in configs:
+        run_dir = out_dir / algo / f"seed-{seed}"
+        run_dirs[algo][seed] = run_dir
+        done = _finished(run_dir)
+        if done is not None:
+            console.print(f"{algo}, seed {seed}: reusing finished run in {run_dir}")
+            finals[algo][seed] = done
+            continue
+        if run_dir.exists() and any(run_dir.iterdir()):
+            # An interrupted run: keep it aside, never delete what was written.
+            aside = run_dir.with_name(f"{run_dir.name}.incomplete-{int(time.time())}")
+            shutil.move(str(run_dir), aside)
+            console.print(f"[yellow]{run_dir} was incomplete; moved to {aside}")
+        todo.append((algo, seed))
+    pooled = [
+        j
+        for j in todo
+        if getattr(
+            build_algorithm(configs[j].algorithm.name, configs[j].algorithm.params),
+            "pooled",
+            False,
+        )
+    ]
+    laned = [j for j in todo if j not in pooled]
+    n_lanes = min(n_lanes, max(len(laned), 1))
+    if n_lanes > 1:
+        # Each lane has one BackboneWorker (results do not depend on the worker count).
+        for algo, seed in laned:
+            configs[(algo, seed)] = load_config(
+                config,
+                [*overrides, f"algorithm.name={algo}", f"seed={seed}", "ray.workers=1"],
+            )
     import ray
 
-    started = connect_ray(next(iter(configs.values())))
-    pool = ActorPool()  # workers and Evaluator started once for every run
+    started = connect_ray(first)
     try:
-        for (algo, seed), cfg in configs.items():
-            run_dir = out_dir / algo / f"seed-{seed}"
-            run_dirs[algo][seed] = run_dir
-            done = _finished(run_dir)
-            if done is None:
-                if run_dir.exists() and any(run_dir.iterdir()):
-                    # An interrupted run: keep it aside, never delete what was written.
-                    aside = run_dir.with_name(
-                        f"{run_dir.name}.incomplete-{int(time.time())}"
-                    )
-                    shutil.move(str(run_dir), aside)
-                    console.print(f"[yellow]{run_dir} was incomplete; moved to {aside}")
-                console.rule(f"{algo}, seed {seed}")
-                done = run(
-                    cfg,
-                    run_dir,
-                    console=console,
-                    show_progress=show_progress,
-                    pool=pool,
-                ).final_eval
-            else:
-                console.print(f"{algo}, seed {seed}: reusing finished run in {run_dir}")
-            finals[algo][seed] = done
+        with _progress(console, show_progress, len(todo)) as bar:
+            if pooled:
+                _run_lanes(pooled, configs, run_dirs, finals, bar, 1)
+            if laned:
+                _run_lanes(laned, configs, run_dirs, finals, bar, n_lanes)
     finally:
-        pool.close()
         if started:
             ray.shutdown()
     result = Comparison(out_dir, finals, run_dirs)
@@ -128,6 +165,108 @@ def compare(
     console.print(result_table(result))
     console.print(f"wrote {out_dir / 'comparison.md'}, comparison.csv, comparison.png")
     return result
+
+
+class _Bar:
+    """Compare's progress: one line per finished run and a bar over all of them."""
+
+    def __init__(self, console: Console, progress: Progress | None, total: int) -> None:
+        self.console, self.progress = console, progress
+        self.task = progress.add_task("runs", total=total) if progress else None
+        self.lock = threading.Lock()
+
+    def done(
+        self, algo: str, seed: int, seconds: float, final: dict[str, float]
+    ) -> None:
+        with self.lock:
+            self.console.print(
+                f"{algo}, seed {seed}: attr. acc. {final['attr_mean']:.3f}, yes/no "
+                f"{final['yesno_acc']:.3f} ({seconds:.0f} s)"
+            )
+            if self.progress is not None:
+                self.progress.update(self.task, advance=1)
+
+
+@contextmanager
+def _progress(console: Console, show: bool, total: int) -> Iterator[_Bar]:
+    if not show:
+        yield _Bar(console, None, total)
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        yield _Bar(console, progress, total)
+
+
+def _lane(
+    jobs: queue.SimpleQueue[tuple[str, int]],
+    configs: dict[tuple[str, int], Config],
+    run_dirs: dict[str, dict[int, Path]],
+    finals: dict[str, dict[int, dict[str, float]]],
+    bar: _Bar,
+    stop: threading.Event,
+) -> None:
+    """Take runs from ``jobs`` until it is empty (or ``stop``), on one actor pool."""
+    from fedsim.driver import run
+    from fedsim.pool import ActorPool
+
+    pool = ActorPool()
+    quiet = Console(quiet=True)
+    try:
+        while not stop.is_set():
+            try:
+                algo, seed = jobs.get_nowait()
+            except queue.Empty:
+                return
+            t0 = time.perf_counter()
+            result = run(
+                configs[(algo, seed)], run_dirs[algo][seed], quiet, False, pool
+            )
+            finals[algo][seed] = result.final_eval
+            bar.done(algo, seed, time.perf_counter() - t0, result.final_eval)
+    finally:
+        pool.close()
+
+
+def _run_lanes(
+    jobs: Sequence[tuple[str, int]],
+    configs: dict[tuple[str, int], Config],
+    run_dirs: dict[str, dict[int, Path]],
+    finals: dict[str, dict[int, dict[str, float]]],
+    bar: _Bar,
+    lanes: int,
+) -> None:
+    """Run ``jobs`` on ``lanes`` threads, each taking the next job when it is free.
+
+    The first error stops every lane before its next run and is raised here.
+    """
+    todo: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
+    for job in jobs:
+        todo.put(job)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def lane() -> None:
+        try:
+            _lane(todo, configs, run_dirs, finals, bar, stop)
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+            stop.set()
+
+    threads = [
+        threading.Thread(target=lane, name=f"compare-lane-{i}")
+        for i in range(max(1, min(lanes, len(jobs))))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def _fmt(mean: float, std: float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ PANELS = [
 ]
 
 
-def plot_runs(
+def _plot_runs(
     run_dirs: Sequence[Path],
     out: Path,
     labels: Sequence[str] | None = None,
@@ -65,3 +66,18 @@ def plot_runs(
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+# pyplot keeps global state: runs finishing at once in `fedsim compare`'s lanes draw in turn.
+PLOT_LOCK = threading.Lock()
+
+
+def plot_runs(
+    run_dirs: Sequence[Path],
+    out: Path,
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """One figure, three panels (loss, attribute accuracy, yes/no accuracy), a line per run."""
+    with PLOT_LOCK:
+        return _plot_runs(run_dirs, out, labels, title)

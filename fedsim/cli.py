@@ -134,7 +134,7 @@ def compare(
         Optional[int],
         typer.Option(
             "--lanes",
-            help="Runs at a time, one BackboneWorker each (default: ray.workers).",
+            help="Runs at a time, each on its own one-worker actor pool (default 1).",
         ),
     ] = None,
     no_progress: Annotated[

@@ -89,12 +89,13 @@ def compare(
 ) -> Comparison:
     """Run every algorithm with every seed (reusing finished runs) and write the comparison.
 
-    Runs go through ``lanes`` parallel lanes (default: ``ray.workers``), each with its own
-    actor pool of one BackboneWorker, its own Evaluator and Aggregator: while one run evaluates
-    or writes its outputs, the other trains, so the CPUs stay busy. A run's result does not
-    depend on its number of workers (tested bit for bit), so lanes change wall time only.
-    Centralized runs (Ray Train over ``ray.workers`` workers) go first, one at a time, on one
-    worker group.
+    Runs go one at a time on one actor pool by default. With ``lanes`` > 1 they go through
+    that many parallel lanes, each with its own pool of one BackboneWorker, Evaluator and
+    Aggregator, so that one run's evaluation and writes overlap another's training (worth it
+    where those serial phases are long against a round; on 2 CPU cores it was not: 60 s per
+    run against 56 s one at a time). A run's result does not depend on its number of workers
+    (tested bit for bit), so lanes change wall time only. Centralized runs (Ray Train over
+    ``ray.workers`` workers) always go first, one at a time, on one worker group.
     """
     from fedsim.algorithms import build_algorithm
     from fedsim.driver import connect_ray
@@ -111,7 +112,7 @@ def compare(
     first = next(iter(configs.values()))
     if lanes is not None and lanes < 1:
         raise ConfigError(f"--lanes: must be >= 1, got {lanes}")
-    n_lanes = first.ray.workers if lanes is None else lanes
+    n_lanes = 1 if lanes is None else lanes
     out_dir.mkdir(parents=True, exist_ok=True)
     finals: dict[str, dict[int, dict[str, float]]] = {a: {} for a in algorithms}
     run_dirs: dict[str, dict[int, Path]] = {a: {} for a in algorithms}
@@ -318,11 +319,55 @@ def write_outputs(result: Comparison, cfg: Config) -> None:
             cell = _fmt(*row[k])
             cells.append(f"**{cell}**" if math.isclose(row[k][0], best[k]) else cell)
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
+    lines += benchmark_lines(result)
     lines.append("")
     write_text(out / "comparison.md", "\n".join(lines))
     plot_comparison(
         result, out / "comparison.png", f"{cfg.scenario.name}, seeds {seeds}"
     )
+
+
+def benchmark_lines(result: Comparison) -> list[str]:
+    """Markdown table of the toy benchmark suite's headline numbers (mean ± std over seeds).
+
+    Read from each run's ``eval.json``; algorithms without scores (``local``: no global
+    projector) are left out. Empty when no run scored the suite.
+    """
+    from fedsim.eval.run import headline
+
+    rows: dict[str, dict[str, list[float]]] = {}
+    columns: list[str] = []
+    for algo, by_seed in result.run_dirs.items():
+        for run_dir in by_seed.values():
+            path = run_dir / "eval.json"
+            benches = (
+                json.loads(path.read_text()).get("benchmarks")
+                if path.exists()
+                else None
+            )
+            for bench, scores in (benches or {}).items():
+                for label, value in headline(bench, scores):
+                    col = f"{bench} {label}"
+                    if col not in columns:
+                        columns.append(col)
+                    rows.setdefault(algo, {}).setdefault(col, []).append(value)
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Toy benchmark suite (official scorers, final projector), mean ± std over seeds:",
+        "",
+        "| algorithm | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for algo, cols in rows.items():
+        cells = []
+        for col in columns:
+            vals = np.array(cols.get(col, []), dtype=float)
+            std = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+            cells.append(_fmt(float(vals.mean()), std) if len(vals) else "–")
+        lines.append(f"| {algo} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _series(run_dir: Path, key: str, is_eval: bool) -> dict[int, float]:

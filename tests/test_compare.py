@@ -27,7 +27,8 @@ def test_compare_table_matches_the_runs(tmp_path, toy_path, cache_dir, ray_sessi
     out = tmp_path / "cmp"
     sets = [*TINY, f"cache_dir={cache_dir}"]
     quiet = Console(quiet=True)
-    compare(["fedavg", "fedcmp"], [0, 1], out, "toy-dirichlet", sets, quiet, False)
+    # Two lanes of one worker each: the runs must still equal a fresh two-worker run (below).
+    compare(["fedavg", "fedcmp"], [0, 1], out, "toy-dirichlet", sets, quiet, False, 2)
     # Same cohorts for both algorithms, seed by seed.
     for seed in (0, 1):
         cohorts = [
@@ -58,6 +59,20 @@ def test_compare_table_matches_the_runs(tmp_path, toy_path, cache_dir, ray_sessi
             vals.std(ddof=1), abs=1e-6
         )
     assert (out / "comparison.png").stat().st_size > 0
+    # The toy benchmark suite's headline numbers, mean over the runs' own eval.json.
+    md = (out / "comparison.md").read_text()
+    assert "Toy benchmark suite" in md
+    pope = [
+        json.loads((out / "fedavg" / f"seed-{s}" / "eval.json").read_text())[
+            "benchmarks"
+        ]["pope"]["accuracy"]
+        for s in (0, 1)
+    ]
+    suite_table = md[md.index("Toy benchmark suite") :]
+    row = next(
+        line for line in suite_table.splitlines() if line.startswith("| fedavg |")
+    )
+    assert f"{np.mean(pope):.3f} ± {np.std(pope, ddof=1):.3f}" in row
     assert "fedcmp" in (out / "comparison.md").read_text()
     # A second call reuses the finished runs instead of running them again.
     before = (out / "fedavg" / "seed-0" / "metrics.jsonl").stat().st_mtime_ns

@@ -84,3 +84,14 @@ def check_answered(
             f"{name}: {len(missing)} of {len(questions)} questions have no prediction "
             f"(first: {missing[0]!r})"
         )
+
+
+def string_cell(
+    row: Mapping[str, Any], key: str, where: str, cell: str = "column"
+) -> str:
+    """``row[key]`` when it is a string; otherwise an error opening with ``where`` (the
+    file and line or row) that calls the cell a ``cell`` ("column", or "field")."""
+    value = row.get(key)
+    if not isinstance(value, str):
+        raise BenchmarkError(f"{where}: {cell} {key!r} is {value!r}, not a string")
+    return value

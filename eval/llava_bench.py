@@ -27,6 +27,14 @@ questions by ``question_id`` (the official script zips the files line by line), 
 released captions are strings, which the official ``'\\n'.join(caption)`` would split
 into one character per line; they are sent whole (as lmms-eval and VLMEvalKit do)
 unless ``literal_context=True`` asks for the official bytes.
+
+lmms-eval's Parquet release loads too (``lmms-lab/llava-bench-in-the-wild``,
+``data/train-*.parquet``; columns from ``lmms_eval/tasks/llava-in-the-wild/utils.py``):
+``question_id``, ``question``, ``image_id`` (the image name, unused), ``image`` ({bytes,
+path}), ``caption`` (the context; a string or a list of strings, joined by lines as
+lmms-eval does), ``gpt_answer`` (the GPT-4 reference) and ``category``. The three files'
+contents are in each row, so nothing else is read; a ``question_id`` that is a string of
+digits becomes the int the official ``questions.jsonl`` has.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsim.eval import parquet
 from fedsim.eval.answers import iter_jsonl, read_answers
 from fedsim.eval.benchmark import BenchmarkError, Question, check_answered
 from fedsim.eval.judge import Judge, JudgeConfig, require_judge
@@ -67,6 +76,14 @@ RULES: dict[str, dict[str, str]] = {
     "llava_bench_complex": {"role": "Assistant", "prompt": _BENCH_PROMPT},
 }
 CATEGORIES = ("conv", "detail", "complex")
+_PARQUET_COLUMNS = (
+    "question_id",
+    "question",
+    "image",
+    "caption",
+    "gpt_answer",
+    "category",
+)
 
 #: eval_gpt_review_bench.py's settings.
 REVIEW_TEMPERATURE = 0.2
@@ -165,8 +182,32 @@ def review(
     return Review(reply.content, parse_score(reply.content), reply.model)
 
 
+def _question(
+    qid: int | str,
+    image: str | bytes,
+    question: str,
+    category: str,
+    caption: str | list[str],
+    reference: str,
+) -> Question:
+    """Question ``qid``: the prompt is the question as is (LLaVA-1.5's); the meta is
+    what the review needs (the image's caption, GPT-4's reference answer)."""
+    return Question(
+        question_id=qid,
+        image=image,
+        text=question,
+        meta={
+            "category": category,
+            "question": question,
+            "caption": caption,
+            "reference": reference,
+        },
+    )
+
+
 class LLaVABench:
-    """LLaVA-Bench (In-the-Wild), reviewed by an LLM judge against GPT-4's answers."""
+    """LLaVA-Bench (In-the-Wild), reviewed by an LLM judge against GPT-4's answers;
+    the official files or lmms-eval's Parquet."""
 
     name = "llava_bench"
     judged = True
@@ -177,9 +218,13 @@ class LLaVABench:
 
         ``context.jsonl`` and ``answers_gpt4.jsonl`` are read from the same folder;
         images resolve to ``data_root/images/<image>`` (``data_root`` defaults to that
-        folder).
+        folder). A ``.parquet`` file, or a folder of ``.parquet`` shards without
+        ``questions.jsonl``, is read as lmms-eval's release (images inside).
         """
         path = Path(questions)
+        shards = parquet.parquet_files(path)
+        if shards and not (path / "questions.jsonl").is_file():
+            return self._load_parquet(shards)
         if path.is_dir():
             path = path / "questions.jsonl"
         folder = path.parent
@@ -235,20 +280,54 @@ class LLaVABench:
                     f"{answers_path}"
                 )
             out.append(
-                Question(
-                    question_id=qid,
-                    image=str(root / "images" / rec["image"]),
-                    text=rec["text"],
-                    meta={
-                        "category": rec["category"],
-                        "question": rec["text"],
-                        "caption": captions[rec["image"]],
-                        "reference": references[qid],
-                    },
+                _question(
+                    qid,
+                    str(root / "images" / rec["image"]),
+                    rec["text"],
+                    rec["category"],
+                    captions[rec["image"]],
+                    references[qid],
                 )
             )
         if not out:
             raise BenchmarkError(f"{path}: no questions")
+        return out
+
+    def _load_parquet(self, files: Sequence[Path]) -> list[Question]:
+        out: list[Question] = []
+        seen: set[int | str] = set()
+        for path, n, row in parquet.iter_rows(files, _PARQUET_COLUMNS):
+            where = f"{path}: row {n}"
+            qid = row["question_id"]
+            if isinstance(qid, str) and qid.strip().isdigit():
+                qid = int(qid)
+            if not isinstance(qid, (int, str)) or isinstance(qid, bool):
+                raise BenchmarkError(
+                    f"{where}: column 'question_id' is {qid!r}, not an id"
+                )
+            if qid in seen:
+                raise BenchmarkError(f"{where}: question_id {qid!r} appears twice")
+            seen.add(qid)
+            category = parquet.string(row, "category", path, n)
+            if category not in CATEGORIES:
+                raise BenchmarkError(
+                    f"{where}: column 'category' is {category!r}, not one of "
+                    f"{', '.join(CATEGORIES)}"
+                )
+            caption = row["caption"]
+            if not isinstance(caption, str) and not (
+                isinstance(caption, list) and all(isinstance(c, str) for c in caption)
+            ):
+                raise BenchmarkError(
+                    f"{where}: column 'caption' is {caption!r}, not a string or a "
+                    "list of strings"
+                )
+            question = parquet.string(row, "question", path, n)
+            image = parquet.image_bytes(row["image"], path, n)
+            reference = parquet.string(row, "gpt_answer", path, n)
+            out.append(_question(qid, image, question, category, caption, reference))
+        if not out:
+            raise BenchmarkError(f"{files[0]}: no rows")
         return out
 
     def read_predictions(

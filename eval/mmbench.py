@@ -25,6 +25,17 @@ text, lower-cased, inside the lower-cased answer). The GPT fallback that VLMEval
 for answers the rule cannot read is not run: such an answer is wrong, and ``unextracted``
 counts them. Accuracy is over circular groups, overall, per ``category`` and per
 ``l2-category`` (and per ``split`` when several are present).
+
+lmms-eval's Parquet release loads too (``lmms-lab/MMBench``, config ``en``:
+``en/dev-*.parquet``, ``en/test-*.parquet``; also ``lmms-lab/MMBench_EN``; columns from the
+dataset cards and ``lmms_eval/tasks/mmbench/en_utils.py``): ``index`` (int, or a string of
+one), ``question``, ``hint``, ``A`` … ``D``, ``answer``, ``category``, ``L2-category``
+(``l2-category`` in ``MMBench_EN``), ``split``, ``source``, ``comment`` and ``image``
+({bytes, path}); a null cell is empty. The release keeps the TSV's rows, circular copies
+(``index + k·10^6``) included, and lmms-eval's ``MMBench_Evaluator.eval_result`` groups
+them by ``index mod 10^6`` as here; a file with main rows only gives one-row groups
+(plain accuracy), in lmms-eval as here. Point ``questions`` at one split's file or
+shards: dev and test in one folder mix answered and unanswered rows.
 """
 
 from __future__ import annotations
@@ -34,16 +45,19 @@ import binascii
 import csv
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from fedsim.eval import parquet
 from fedsim.eval.answers import read_answers
 from fedsim.eval.benchmark import (
     OPTION_LETTER,
     BenchmarkError,
     Question,
     check_answered,
+    string_cell,
 )
 
 #: The option columns LLaVA's model_vqa_mmbench.py reads (MMBench has at most four).
@@ -65,6 +79,11 @@ _REFUSALS = (
     "I'm sorry, but without the image provided",
     "Cannot determine the answer",
 )
+# lmms-lab/MMBench (en) columns; the L2 column is "L2-category" there and "l2-category"
+# in lmms-lab/MMBench_EN.
+_PARQUET_REQUIRED = ("index", "question", "A", "B", "image")
+_PARQUET_OPTIONAL = ("hint", "C", "D", "answer", "category", "split")
+_L2_COLUMNS = ("L2-category", "l2-category")
 
 
 def is_none(value: object) -> bool:
@@ -115,20 +134,26 @@ def can_infer(answer: object, choices: Mapping[str, str]) -> str | bool:
 
 
 class MMBench:
-    """MMBench (English or Chinese TSV) with circular evaluation."""
+    """MMBench (English or Chinese TSV, or lmms-eval's Parquet) with circular evaluation."""
 
     name = "mmbench"
     judged = False
     max_new_tokens = 1024
 
     def load(self, questions: Path, data_root: Path | None = None) -> list[Question]:
-        """Questions from the TSV; images decoded from base64 to encoded bytes.
+        """Questions from the TSV; images decoded from base64 to encoded bytes. Or from a
+        ``.parquet`` file or a folder of ``.parquet`` shards (lmms-eval's release).
 
-        ``data_root`` is not used: the images are inside the TSV.
+        ``data_root`` is not used: the images are inside the TSV (or Parquet).
         """
         path = Path(questions)
+        shards = parquet.parquet_files(path)
+        if shards:
+            return self._load_parquet(shards)
         if not path.is_file():
-            raise BenchmarkError(f"{path}: MMBench TSV not found")
+            raise BenchmarkError(
+                f"{path}: MMBench TSV (or .parquet file or folder of shards) not found"
+            )
         csv.field_size_limit(sys.maxsize)
         with path.open(encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t")
@@ -144,65 +169,26 @@ class MMBench:
         out = []
         seen: set[int] = set()
         for n, row in rows:
+            where = f"{path}:{n}"
             if None in row or any(v is None for v in row.values()):
                 raise BenchmarkError(
-                    f"{path}:{n}: {len(header)} columns in the header, not on this row"
+                    f"{where}: {len(header)} columns in the header, not on this row"
                 )
-            try:
-                index = int(row["index"])
-            except ValueError:
-                raise BenchmarkError(
-                    f"{path}:{n}: field 'index' is {row['index']!r}, not an integer"
-                ) from None
-            if index in seen:
-                raise BenchmarkError(f"{path}:{n}: index {index} repeated")
-            seen.add(index)
-            options = {}
-            for letter in OPTION_LETTERS:
-                if letter not in row or is_none(row[letter]):
-                    break  # LLaVA's get_options stops at the first missing option
-                options[letter] = row[letter]
-            answer = row.get("answer")
-            if answer is not None and not is_none(answer) and answer not in options:
-                raise BenchmarkError(
-                    f"{path}:{n}: field 'answer' is {answer!r}, not one of the options "
-                    f"{''.join(options)}"
-                )
-            image = row["image"]
-            if len(image) <= 64:  # a reference to the row holding the image
-                image = images.get(image, "")
-                if len(image) <= 64:
-                    raise BenchmarkError(
-                        f"{path}:{n}: field 'image' refers to index {row['image']!r}, "
-                        "which holds no image"
-                    )
-            try:
-                data = base64.b64decode(image, validate=True)
-            except (binascii.Error, ValueError):
-                raise BenchmarkError(
-                    f"{path}:{n}: field 'image' is not base64"
-                ) from None
-            hint = row.get("hint")
-            question = row["question"]
-            if not is_none(hint):
-                question = f"{hint}\n{question}"
-            for letter, option in options.items():
-                question += f"\n{letter}. {option}"
-            out.append(
-                Question(
-                    question_id=index,
-                    image=data,
-                    text=f"{question}\n{OPTION_LETTER}",
-                    meta={
-                        "answer": None if is_none(answer) else answer,
-                        "options": options,
-                        "group": index % CIRCULAR_STRIDE,
-                        "category": row.get("category"),
-                        "l2_category": row.get("l2-category"),
-                        "split": row.get("split"),
-                    },
-                )
-            )
+            image = partial(_tsv_image, row, images, where)
+            out.append(_question(row, where, seen, image, cell="field"))
+        return out
+
+    def _load_parquet(self, files: Sequence[Path]) -> list[Question]:
+        l2 = parquet.first_column(_L2_COLUMNS, files)
+        out = []
+        seen: set[int] = set()
+        rows = parquet.iter_rows(files, _PARQUET_REQUIRED, (*_PARQUET_OPTIONAL, l2))
+        for path, n, row in rows:
+            image = partial(parquet.image_bytes, row["image"], path, n)
+            where = f"{path}: row {n}"
+            out.append(_question(row, where, seen, image, l2=l2, min_options=2))
+        if not out:
+            raise BenchmarkError(f"{files[0]}: no rows")
         return out
 
     def score(
@@ -268,6 +254,86 @@ def _by(mains: Sequence[Question], hit: Mapping[int, bool], key: str) -> dict:
         name: _mean(hit[q.meta["group"]] for q in mains if q.meta[key] == name)
         for name in names
     }
+
+
+def _question(
+    row: Mapping[str, Any],
+    where: str,
+    seen: set[int],
+    image: Callable[[], bytes],
+    cell: str = "column",
+    l2: str = "l2-category",
+    min_options: int = 0,
+) -> Question:
+    """One row (TSV or Parquet) as a question: LLaVA's prompt and what scoring needs.
+
+    ``where`` opens the errors (``file:line``, ``file: row n``), which call a column a
+    ``cell``; ``image`` gives the encoded image once the other cells are checked;
+    ``seen`` collects the indices; ``l2`` spells the l2-category column; fewer than
+    ``min_options`` options is an error.
+    """
+    try:
+        index = int(row["index"])
+    except (TypeError, ValueError):
+        raise BenchmarkError(
+            f"{where}: {cell} 'index' is {row['index']!r}, not an integer"
+        ) from None
+    if index in seen:
+        raise BenchmarkError(f"{where}: index {index} repeated")
+    seen.add(index)
+    # A null (Parquet) cell is NaN to pandas, so is_none treats it as absent, as LLaVA
+    # and lmms-eval (pd.notna) do.
+    options = {}
+    for letter in OPTION_LETTERS:
+        if is_none(row.get(letter)):
+            break  # LLaVA's get_options stops at the first missing option
+        options[letter] = str(row[letter])
+    if len(options) < min_options:
+        raise BenchmarkError(
+            f"{where}: {cell} {OPTION_LETTERS[len(options)]!r} is empty"
+        )
+    answer = row.get("answer")
+    if not is_none(answer) and answer not in options:
+        raise BenchmarkError(
+            f"{where}: {cell} 'answer' is {answer!r}, not one of the options "
+            f"{''.join(options)}"
+        )
+    question = string_cell(row, "question", where, cell)
+    hint = row.get("hint")
+    if not is_none(hint):
+        question = f"{hint}\n{question}"
+    for letter, option in options.items():
+        question += f"\n{letter}. {option}"
+    return Question(
+        question_id=index,
+        image=image(),
+        text=f"{question}\n{OPTION_LETTER}",
+        meta={
+            "answer": None if is_none(answer) else answer,
+            "options": options,
+            "group": index % CIRCULAR_STRIDE,
+            "category": row.get("category"),
+            "l2_category": row.get(l2),
+            "split": row.get("split"),
+        },
+    )
+
+
+def _tsv_image(row: Mapping[str, str], images: Mapping[str, str], where: str) -> bytes:
+    """The row's base64 image decoded; a value of at most 64 characters is the index of
+    the row holding the image."""
+    image = row["image"]
+    if len(image) <= 64:  # a reference to the row holding the image
+        image = images.get(image, "")
+        if len(image) <= 64:
+            raise BenchmarkError(
+                f"{where}: field 'image' refers to index {row['image']!r}, "
+                "which holds no image"
+            )
+    try:
+        return base64.b64decode(image, validate=True)
+    except (binascii.Error, ValueError):
+        raise BenchmarkError(f"{where}: field 'image' is not base64") from None
 
 
 BENCHMARK = MMBench()

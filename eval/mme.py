@@ -28,6 +28,16 @@ same.
 
 Question ids are ``"<subtask>/<image>/<k>"``, k = 0, 1 the question's place among its
 image's two (LLaVA's own ids, ``<subtask>/<image path>``, are shared by both questions).
+
+lmms-eval's Parquet release loads too (``lmms-lab/MME``, ``data/test-*.parquet``; columns
+from its dataset card and ``lmms_eval/tasks/mme/utils.py``): ``question_id`` (the image,
+``"<subtask>/<file name>"``, shared by its two questions), ``question`` (with "Please
+answer yes or no."), ``answer`` ("Yes"/"No"), ``category`` (the subtask), ``image``
+({bytes, path}). The two rows of an image become ``k`` = 0, 1 in row order (lmms-eval
+pairs them by ``question_id`` too), so ids match the sheets' when the release keeps the
+sheets' question order; rows are put in subtask order with an image's two questions
+adjacent, as :func:`write_sheets` needs. Scoring stays ``calculation.py``'s (lmms-eval's
+``parse_pred_ans`` also drops periods and reads a lone "y"/"n").
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedsim.eval import parquet
 from fedsim.eval.answers import read_answers
 from fedsim.eval.benchmark import SHORT_ANSWER, BenchmarkError, Question, check_answered
 
@@ -64,6 +75,8 @@ SUBTASKS = PERCEPTION + COGNITION
 # Subtasks whose images sit in an images/ subfolder of the MME release.
 _IMAGES_SUBFOLDER = frozenset({"artwork", "celebrity", "landmark", "posters", "scene"})
 _YES_NO_SUFFIX = "Please answer yes or no."
+# lmms-lab/MME's columns (dataset card; lmms_eval/tasks/mme/utils.py).
+_PARQUET_COLUMNS = ("question_id", "question", "answer", "category", "image")
 
 
 def mme_answer(response: str) -> str:
@@ -90,30 +103,66 @@ def llava_prompt(question: str) -> str:
     return f"{question.replace(_YES_NO_SUFFIX, '').rstrip()}\n{SHORT_ANSWER}"
 
 
+def _question(
+    subtask: str,
+    image_name: str,
+    k: int,
+    pair: int,
+    image: str | bytes,
+    question: str,
+    answer: str,
+    prompt: str | None = None,
+) -> Question:
+    """Question ``k`` (0 or 1) of image ``image_name``, the ``pair``-th image of
+    ``subtask``; ``prompt`` is the question as asked (default ``question``)."""
+    return Question(
+        question_id=f"{subtask}/{image_name}/{k}",
+        image=image,
+        text=llava_prompt(question if prompt is None else prompt),
+        meta={
+            "subtask": subtask,
+            "image_name": image_name,
+            "question": question,
+            "answer": answer,
+            "pair": pair,
+        },
+    )
+
+
 class Mme:
-    """MME's 14 subtasks from the eval_tool's answer sheets."""
+    """MME's 14 subtasks from the eval_tool's answer sheets, or lmms-eval's Parquet."""
 
     name = "mme"
     judged = False
     max_new_tokens = 128
 
     def load(self, questions: Path, data_root: Path | None = None) -> list[Question]:
-        """Questions from a folder of sheets (``<subtask>.txt``; a 4th column is ignored).
+        """Questions from a folder of sheets (``<subtask>.txt``; a 4th column is ignored),
+        or from lmms-eval's Parquet.
 
         Parameters
         ----------
         questions:
             The folder of sheets, e.g. ``eval_tool/Your_Results``; a subset of the 14
-            subtasks is allowed.
+            subtasks is allowed. Or a ``.parquet`` file, or a folder of ``.parquet``
+            shards (read together: an image's two rows may sit in different shards).
         data_root:
-            ``MME_Benchmark_release_version``; without it image paths stay relative to it.
+            ``MME_Benchmark_release_version``; without it image paths stay relative to it
+            (not used for Parquet, which holds the images).
         """
         folder = Path(questions)
+        shards = parquet.parquet_files(folder)
+        if folder.is_file() and shards:
+            return self._load_parquet(shards)
         if not folder.is_dir():
             raise BenchmarkError(f"{folder}: MME sheet folder not found")
         sheets = sorted(folder.glob("*.txt"))
+        if not sheets and shards:
+            return self._load_parquet(shards)
         if not sheets:
-            raise BenchmarkError(f"{folder}: no <subtask>.txt sheets in this folder")
+            raise BenchmarkError(
+                f"{folder}: no <subtask>.txt sheets (or .parquet shards) in this folder"
+            )
         by_name = {p.stem: p for p in sheets}
         unknown = [p.name for p in sheets if p.stem not in SUBTASKS]
         if unknown:
@@ -156,19 +205,67 @@ class Mme:
                     f"{rows[i - 1][1]!r}; an image's two questions must be consecutive"
                 )
             out.append(
-                Question(
-                    question_id=f"{subtask}/{image}/{i % 2}",
-                    image=str(folder / image),
-                    text=llava_prompt(question),
-                    meta={
-                        "subtask": subtask,
-                        "image_name": image,
-                        "question": question,
-                        "answer": answer,
-                        "pair": i // 2,
-                    },
+                _question(
+                    subtask, image, i % 2, i // 2, str(folder / image), question, answer
                 )
             )
+        return out
+
+    def _load_parquet(self, files: Sequence[Path]) -> list[Question]:
+        # (subtask, image) → its rows in file order; the pair index counts images per
+        # subtask in order of first appearance.
+        images: dict[tuple[str, str], list[tuple[Path, int, dict[str, Any]]]] = {}
+        for path, n, row in parquet.iter_rows(files, _PARQUET_COLUMNS):
+            subtask = parquet.string(row, "category", path, n)
+            if subtask not in SUBTASKS:
+                raise BenchmarkError(
+                    f"{path}: row {n}: column 'category' is {subtask!r}, not an MME "
+                    f"subtask (known: {', '.join(SUBTASKS)})"
+                )
+            answer = parquet.string(row, "answer", path, n)
+            if answer.lower() not in ("yes", "no"):
+                raise BenchmarkError(
+                    f"{path}: row {n}: column 'answer' is {answer!r}, not Yes or No"
+                )
+            parquet.string(row, "question", path, n)
+            qid = parquet.string(row, "question_id", path, n)
+            # "<subtask>/<file name>"; the sheets' first column is the file name.
+            image = qid.split("/", 1)[1] if "/" in qid else qid
+            rows = images.setdefault((subtask, image), [])
+            if len(rows) == 2:
+                raise BenchmarkError(
+                    f"{path}: row {n}: column 'question_id' {qid!r} has a third "
+                    "question; MME asks two per image"
+                )
+            row["image"] = parquet.image_bytes(row["image"], path, n)
+            rows.append((path, n, row))
+        if not images:
+            raise BenchmarkError(f"{files[0]}: no rows")
+        out: list[Question] = []
+        for subtask in SUBTASKS:
+            keys = [key for key in images if key[0] == subtask]
+            for pair, key in enumerate(keys):
+                rows = images[key]
+                if len(rows) != 2:
+                    path, n, row = rows[0]
+                    raise BenchmarkError(
+                        f"{path}: row {n}: column 'question_id' {row['question_id']!r} "
+                        "has one question; MME needs two per image"
+                    )
+                for k, (_, _, row) in enumerate(rows):
+                    out.append(
+                        _question(
+                            subtask,
+                            key[1],
+                            k,
+                            pair,
+                            row["image"],
+                            row["question"],
+                            row["answer"],
+                            # lmms-eval's mme_doc_to_text strips the question.
+                            prompt=row["question"].strip(),
+                        )
+                    )
         return out
 
     def score(

@@ -27,6 +27,13 @@ Grading follows ``yuweihao/MM-Vet`` ``mm-vet_evaluator.py`` (the script form of
 
 The official script averages ``--num_run`` gradings (1 by default; 5 in the paper);
 this module grades once.
+
+lmms-eval's Parquet release loads too (``lmms-lab/MMVet``, ``data/test-*.parquet``;
+columns from ``lmms_eval/tasks/mmvet/utils.py``): ``question_id`` (the ``"v1_<n>"`` key),
+``question``, ``answer``, ``capability`` (comma-separated, ``"ocr,math"``; lmms-eval splits
+it on ``","``), ``image`` ({bytes, path}), and ``image_source`` (the image name, unused).
+The prompt stays LLaVA-1.5's, the question alone (lmms-eval's yaml prepends a "think step
+by step" instruction).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsim.eval import parquet
 from fedsim.eval.answers import read_answers
 from fedsim.eval.benchmark import BenchmarkError, Question, check_answered
 from fedsim.eval.judge import Judge, JudgeConfig, require_judge
@@ -71,6 +79,7 @@ MAX_TRIES = 5
 CAPABILITIES = ("rec", "ocr", "know", "gen", "spat", "math")
 
 _V1_KEY = re.compile(r"v1_(\d+)")
+_PARQUET_COLUMNS = ("question_id", "question", "answer", "capability", "image")
 
 
 def grader_row(question: str, answer: str, prediction: str) -> str:
@@ -182,8 +191,50 @@ def summarize(
     return out
 
 
+def _question_id(key: str, where: str, seen: set[int | str]) -> int | str:
+    """The id of question ``key``: the integer of a ``v1_<n>`` key (LLaVA's ids), any
+    other key as is; an id in ``seen`` is an error, a new one joins it."""
+    m = _V1_KEY.fullmatch(key)
+    qid: int | str = int(m.group(1)) if m else key
+    if qid in seen:
+        raise BenchmarkError(f"{where}: question id {qid!r} appears twice")
+    seen.add(qid)
+    return qid
+
+
+def _is_capabilities(caps: object) -> bool:
+    """A non-empty list of strings."""
+    return (
+        isinstance(caps, list) and bool(caps) and all(isinstance(c, str) for c in caps)
+    )
+
+
+def _question(
+    qid: int | str,
+    key: str,
+    image: str | bytes,
+    question: str,
+    answer: str,
+    caps: Sequence[str],
+) -> Question:
+    """Question ``qid`` (``key`` in the official file): the prompt is the question
+    alone, LLaVA-1.5's; the meta is what grading needs."""
+    return Question(
+        question_id=qid,
+        image=image,
+        text=question,
+        meta={
+            "key": key,
+            "capability": tuple(caps),
+            "question": question,
+            "answer": answer,
+        },
+    )
+
+
 class MMVet:
-    """MM-Vet v1 (218 questions), graded by an LLM judge."""
+    """MM-Vet v1 (218 questions; official JSON or lmms-eval's Parquet), graded by an
+    LLM judge."""
 
     name = "mmvet"
     judged = True
@@ -194,9 +245,14 @@ class MMVet:
 
         Images resolve to ``data_root/images/<imagename>``; ``data_root`` defaults to
         the folder of ``mm-vet.json``. ``question_id`` is the integer of a ``v1_<n>``
-        key (LLaVA's ``llava-mm-vet.jsonl`` ids), any other key as is.
+        key (LLaVA's ``llava-mm-vet.jsonl`` ids), any other key as is. A ``.parquet``
+        file, or a folder of ``.parquet`` shards without ``mm-vet.json``, is read as
+        lmms-eval's release (images inside).
         """
         path = Path(questions)
+        shards = parquet.parquet_files(path)
+        if shards and not (path / "mm-vet.json").is_file():
+            return self._load_parquet(shards)
         if path.is_dir():
             path = path / "mm-vet.json"
         if not path.is_file():
@@ -225,32 +281,40 @@ class MMVet:
                         f"{where}: field '{field_name}' missing or not a string"
                     )
             caps = rec.get("capability")
-            if (
-                not isinstance(caps, list)
-                or not caps
-                or not all(isinstance(c, str) for c in caps)
-            ):
+            if not _is_capabilities(caps):
                 raise BenchmarkError(
                     f"{where}: field 'capability' must be a non-empty list of strings"
                 )
-            m = _V1_KEY.fullmatch(key)
-            qid: int | str = int(m.group(1)) if m else key
-            if qid in seen:
-                raise BenchmarkError(f"{where}: question id {qid!r} appears twice")
-            seen.add(qid)
-            out.append(
-                Question(
-                    question_id=qid,
-                    image=str(root / "images" / rec["imagename"]),
-                    text=rec["question"],
-                    meta={
-                        "key": key,
-                        "capability": tuple(caps),
-                        "question": rec["question"],
-                        "answer": rec["answer"],
-                    },
+            qid = _question_id(key, where, seen)
+            image = str(root / "images" / rec["imagename"])
+            out.append(_question(qid, key, image, rec["question"], rec["answer"], caps))
+        return out
+
+    def _load_parquet(self, files: Sequence[Path]) -> list[Question]:
+        out: list[Question] = []
+        seen: set[int | str] = set()
+        for path, n, row in parquet.iter_rows(files, _PARQUET_COLUMNS):
+            where = f"{path}: row {n}"
+            raw = row["question_id"]
+            if isinstance(raw, int) and not isinstance(raw, bool):
+                key = f"v1_{raw}"
+            else:
+                key = parquet.string(row, "question_id", path, n)
+            qid = _question_id(key, where, seen)
+            question = parquet.string(row, "question", path, n)
+            answer = parquet.string(row, "answer", path, n)
+            caps = row["capability"]
+            if isinstance(caps, str):
+                caps = [c.strip() for c in caps.split(",") if c.strip()]
+            if not _is_capabilities(caps):
+                raise BenchmarkError(
+                    f"{where}: column 'capability' is {row['capability']!r}, not "
+                    "comma-separated capabilities"
                 )
-            )
+            image = parquet.image_bytes(row["image"], path, n)
+            out.append(_question(qid, key, image, question, answer, caps))
+        if not out:
+            raise BenchmarkError(f"{files[0]}: no rows")
         return out
 
     def read_predictions(

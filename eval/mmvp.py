@@ -23,32 +23,52 @@ counts them). Metrics as MMVP's grader and VLMEvalKit's ``report_acc_MMVP``:
 number), and ``accuracy`` over questions. The labels are the release's as they are
 (lmms-eval swaps the answers of indices 99/100 and 279/280, reported wrong in
 tsb0601/MMVP issue 30; that fix is not applied).
+
+lmms-eval's Parquet release loads too: the CSV's columns ``Index``, ``Question``,
+``Options``, ``Correct Answer`` plus ``image`` ({bytes, path}); ``index``, ``question``,
+``options`` (a string, or a list of option texts) and ``answer`` are read as well, the
+spellings ``lmms_eval/tasks/mmvp/utils.py`` accepts. Its dataset is ``MMVP/MMVP``
+(``_default_template_yaml``; images only, says the task README, so it fails here on the
+missing columns) or ``lmms-lab-eval/MMVP``, which has the 99/100 and 279/280 labels
+swapped back at source (task README): labels are taken as the file gives them, so that
+release scores those four questions differently from ``Questions.csv``.
 """
 
 from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from fedsim.eval import parquet
 from fedsim.eval.answers import read_answers
 from fedsim.eval.benchmark import (
     OPTION_LETTER,
     BenchmarkError,
     Question,
     check_answered,
+    string_cell,
 )
 from fedsim.eval.mmbench import can_infer
 
 _COLUMNS = ("Index", "Question", "Options", "Correct Answer")
+_CSV_COLUMNS = {c: c for c in _COLUMNS}
 # "(a) text (b) text": a letter in parentheses, then its text up to the next one.
 _OPTION = re.compile(
     r"\(([a-z])\)\s*(.*?)\s*(?=\([a-z]\)|$)", re.IGNORECASE | re.DOTALL
 )
 # The release's folder name; evaluate_mllm.py spells it "MMVP Imgaes".
 _IMAGE_FOLDERS = ("MMVP Images", "MMVP Imgaes")
+# Parquet: each field's column spellings, as lmms_eval/tasks/mmvp/utils.py reads them.
+_PARQUET_ALIASES = {
+    "Index": ("Index", "index"),
+    "Question": ("Question", "question"),
+    "Options": ("Options", "options"),
+    "Correct Answer": ("Correct Answer", "answer"),
+}
 
 
 def parse_options(options: str) -> list[str]:
@@ -67,7 +87,7 @@ def parse_options(options: str) -> list[str]:
 
 
 class Mmvp:
-    """MMVP's 300 questions (150 image pairs)."""
+    """MMVP's 300 questions (150 image pairs), from the CSV or lmms-eval's Parquet."""
 
     name = "mmvp"
     judged = False
@@ -79,12 +99,16 @@ class Mmvp:
         Parameters
         ----------
         questions:
-            ``Questions.csv``.
+            ``Questions.csv``; or a ``.parquet`` file, or a folder of ``.parquet``
+            shards (images inside).
         data_root:
             The image folder, or the folder that holds ``MMVP Images/``; default
-            ``MMVP Images/`` next to ``Questions.csv``.
+            ``MMVP Images/`` next to ``Questions.csv``. Not used for Parquet.
         """
         path = Path(questions)
+        shards = parquet.parquet_files(path)
+        if shards:
+            return self._load_parquet(shards)
         if not path.is_file():
             raise BenchmarkError(f"{path}: MMVP Questions.csv not found")
         images = _image_folder(Path(data_root) if data_root else path.parent)
@@ -112,34 +136,40 @@ class Mmvp:
             if index < 1 or index in seen:
                 raise BenchmarkError(f"{path}:{n}: Index {index} repeated or below 1")
             seen.add(index)
-            try:
-                options = parse_options(row["Options"] or "")
-            except ValueError as e:
-                raise BenchmarkError(f"{path}:{n}: field 'Options': {e}") from None
-            letters = [chr(ord("A") + i) for i in range(len(options))]
-            gold = (row["Correct Answer"] or "").strip().strip("()").upper()
-            if gold not in letters:
-                raise BenchmarkError(
-                    f"{path}:{n}: field 'Correct Answer' is {row['Correct Answer']!r}, "
-                    f"not one of {', '.join(f'({c.lower()})' for c in letters)}"
-                )
-            text = (row["Question"] or "").strip()
-            for letter, option in zip(letters, options):
-                text += f"\n{letter}. {option}"
+            # DictReader's None for a short row's missing cell reads as empty.
+            row["Question"] = row["Question"] or ""
+            image = partial(str, images / f"{index}.jpg")
             out.append(
-                Question(
-                    question_id=index,
-                    image=str(images / f"{index}.jpg"),
-                    text=f"{text}\n{OPTION_LETTER}",
-                    meta={
-                        "answer": gold,
-                        "options": dict(zip(letters, options)),
-                        "pair": (index - 1) // 2,
-                    },
-                )
+                _question(row, f"{path}:{n}", "field", _CSV_COLUMNS, index, image)
             )
         if not out:
             raise BenchmarkError(f"{path}: no questions")
+        return out
+
+    def _load_parquet(self, files: Sequence[Path]) -> list[Question]:
+        col = {
+            field: parquet.first_column(names, files)
+            for field, names in _PARQUET_ALIASES.items()
+        }
+        out = []
+        seen: set[int] = set()
+        for path, n, row in parquet.iter_rows(files, (*col.values(), "image")):
+            where = f"{path}: row {n}"
+            raw = row[col["Index"]]
+            try:
+                index = int(raw)
+            except (TypeError, ValueError):
+                index = 0
+            if index < 1 or index in seen:
+                raise BenchmarkError(
+                    f"{where}: column {col['Index']!r} is {raw!r}: not an integer "
+                    "from 1, or repeated"
+                )
+            seen.add(index)
+            image = partial(parquet.image_bytes, row["image"], path, n)
+            out.append(_question(row, where, "column", col, index, image))
+        if not out:
+            raise BenchmarkError(f"{files[0]}: no rows")
         return out
 
     def score(
@@ -173,6 +203,50 @@ class Mmvp:
     ) -> dict[int | str, str]:
         """A LLaVA answer file (``question_id`` = ``Index``)."""
         return read_answers(path)
+
+
+def _question(
+    row: Mapping[str, Any],
+    where: str,
+    cell: str,
+    col: Mapping[str, str],
+    index: int,
+    image: Callable[[], str | bytes],
+) -> Question:
+    """Question ``index`` from a CSV or Parquet row: the prompt, gold letter, options.
+
+    ``col`` maps the CSV's column names to the row's; ``where`` opens the errors, which
+    call a column a ``cell``; ``image`` gives the image once the row is checked.
+    """
+    raw_options = row[col["Options"]]
+    if isinstance(raw_options, list) and len(raw_options) >= 2:
+        options = [str(o).strip() for o in raw_options]
+    else:
+        try:
+            options = parse_options(str(raw_options or ""))
+        except ValueError as e:
+            raise BenchmarkError(f"{where}: {cell} {col['Options']!r}: {e}") from None
+    letters = [chr(ord("A") + i) for i in range(len(options))]
+    raw_gold = row[col["Correct Answer"]]
+    gold = str(raw_gold or "").strip().strip("()").upper()
+    if gold not in letters:
+        raise BenchmarkError(
+            f"{where}: {cell} {col['Correct Answer']!r} is {raw_gold!r}, not "
+            f"one of {', '.join(f'({c.lower()})' for c in letters)}"
+        )
+    text = string_cell(row, col["Question"], where, cell).strip()
+    for letter, option in zip(letters, options):
+        text += f"\n{letter}. {option}"
+    return Question(
+        question_id=index,
+        image=image(),
+        text=f"{text}\n{OPTION_LETTER}",
+        meta={
+            "answer": gold,
+            "options": dict(zip(letters, options)),
+            "pair": (index - 1) // 2,
+        },
+    )
 
 
 def _image_folder(root: Path) -> Path:

@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedsim.eval import parquet
 from fedsim.eval.answers import read_answers
 from fedsim.eval.benchmark import SHORT_ANSWER, BenchmarkError, Question, check_answered
 
@@ -127,7 +128,7 @@ class Pope:
                 for f in files:
                     out += self._load_json(f, data_root, prefix=True)
                 return out
-            shards = sorted(path.glob("*.parquet"))
+            shards = parquet.parquet_files(path)
             if shards:
                 return [q for s in shards for q in self._load_parquet(s)]
             raise BenchmarkError(
@@ -167,49 +168,31 @@ class Pope:
                 image = str(rec["image"])
                 qid = rec["question_id"]
                 out.append(
-                    Question(
-                        question_id=f"{split}/{qid}" if prefix else qid,
-                        image=str(Path(data_root) / image) if data_root else image,
-                        text=f"{rec['text']}\n{SHORT_ANSWER}",
-                        meta={"label": label, "split": split, "image_name": image},
+                    _question(
+                        f"{split}/{qid}" if prefix else qid,
+                        str(Path(data_root) / image) if data_root else image,
+                        rec["text"],
+                        label,
+                        split,
+                        {"image_name": image},
                     )
                 )
         _check_unique(out, path)
         return out
 
     def _load_parquet(self, path: Path) -> list[Question]:
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as e:  # pyarrow raises several types for a bad file
-            raise BenchmarkError(f"{path}: not a readable Parquet file ({e})") from None
-        missing = [c for c in _PARQUET_COLUMNS if c not in table.column_names]
-        if missing:
-            raise BenchmarkError(f"{path}: Parquet column(s) {missing} missing")
-        rows = table.select(list(_PARQUET_COLUMNS)).to_pylist()
         out = []
-        for n, row in enumerate(rows):
+        for _, n, row in parquet.iter_rows([path], _PARQUET_COLUMNS):
             label = str(row["answer"]).strip().lower()
             if label not in ("yes", "no"):
                 raise BenchmarkError(
                     f"{path}: row {n}: column 'answer' is {row['answer']!r}, "
                     "not yes or no"
                 )
-            image = row["image"]
-            # datasets' Image feature: a struct {bytes, path}.
-            data = image.get("bytes") if isinstance(image, dict) else image
-            if not isinstance(data, bytes) or not data:
-                raise BenchmarkError(f"{path}: row {n}: column 'image' holds no bytes")
+            image = parquet.image_bytes(row["image"], path, n)
             split = str(row["category"])
-            out.append(
-                Question(
-                    question_id=f"{split}/{row['question_id']}",
-                    image=data,
-                    text=f"{row['question']}\n{SHORT_ANSWER}",
-                    meta={"label": label, "split": split},
-                )
-            )
+            qid = f"{split}/{row['question_id']}"
+            out.append(_question(qid, image, row["question"], label, split))
         _check_unique(out, path)
         return out
 
@@ -244,6 +227,24 @@ class Pope:
     ) -> dict[int | str, str]:
         """A LLaVA answer file (``question_id``, ``text`` a line)."""
         return read_answers(path)
+
+
+def _question(
+    qid: int | str,
+    image: str | bytes,
+    question: str,
+    label: str,
+    split: str,
+    meta: Mapping[str, Any] | None = None,
+) -> Question:
+    """Question ``qid``: the question and LLaVA's short-answer instruction; ``meta``
+    adds to the label and split."""
+    return Question(
+        question_id=qid,
+        image=image,
+        text=f"{question}\n{SHORT_ANSWER}",
+        meta={"label": label, "split": split, **(meta or {})},
+    )
 
 
 def _check_unique(questions: Sequence[Question], path: Path) -> None:

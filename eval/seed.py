@@ -17,15 +17,27 @@ Scoring is LLaVA's ``scripts/convert_seed_for_submission.py`` (the official SEED
 is right only when its text equals the answer letter exactly, so ``"A."`` or ``"(A)"`` is
 wrong (LLaVA's generation strips whitespace before this comparison, and so does fedsim's).
 Accuracy per question type and overall, both over questions.
+
+lmms-eval's Parquet release loads too (``lmms-lab/SEED-Bench``, ``data/test-*.parquet``;
+columns from ``lmms_eval/tasks/seedbench/utils.py`` and the dataset card): the JSON's
+fields as columns (``question_id``, ``question``, ``choice_a`` … ``choice_d``, ``answer``,
+``data_id``, ``data_type``, ``question_type_id``) and ``image``, a list of {bytes, path}
+(one image for an image question, the frames for a video one). Only image rows are read
+(video frames are never decoded). The release has no ``question_type`` name table;
+lmms-eval reports only ``seed_image``/``seed_video``/``seed_all`` and never needs one. The
+names here are :data:`QUESTION_TYPES`, SEED-Bench.json's table, fixed for v1. Scoring
+stays LLaVA's exact letter (lmms-eval keeps the first character of a longer answer).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from fedsim.eval import parquet
 from fedsim.eval.answers import read_answers
 from fedsim.eval.benchmark import (
     OPTION_LETTER,
@@ -36,6 +48,32 @@ from fedsim.eval.benchmark import (
 
 _FIELDS = ("question_id", "question", "answer", "data_id", "question_type_id")
 _CHOICES = (("A", "choice_a"), ("B", "choice_b"), ("C", "choice_c"), ("D", "choice_d"))
+_PARQUET_COLUMNS = (
+    "question_id",
+    "question",
+    "answer",
+    "question_type_id",
+    "data_type",
+    *(c for _, c in _CHOICES),
+    "image",
+)
+
+#: SEED-Bench.json's ``question_type`` table (id → name), for the Parquet release, which
+#: has the ids only.
+QUESTION_TYPES = {
+    1: "Scene Understanding",
+    2: "Instance Identity",
+    3: "Instance Attributes",
+    4: "Instance Location",
+    5: "Instances Counting",
+    6: "Spatial Relation",
+    7: "Instance Interaction",
+    8: "Visual Reasoning",
+    9: "Text Understanding",
+    10: "Action Recognition",
+    11: "Action Prediction",
+    12: "Procedure Understanding",
+}
 
 
 def _question_id(raw: object) -> int | str:
@@ -46,18 +84,84 @@ def _question_id(raw: object) -> int | str:
         return str(raw)
 
 
+def _question(
+    rec: Mapping[str, Any],
+    where: str,
+    seen: set[int | str],
+    cell: str,
+    type_id: Any,
+    types: Mapping[int, str],
+    wrong_type: str,
+    image: Callable[[], str | bytes],
+) -> Question:
+    """One image question (JSON record or Parquet row): LLaVA's prompt and the meta.
+
+    ``where`` opens the errors, which call a column a ``cell``; ``seen`` collects the
+    ids; ``types`` names the question types, and ``wrong_type`` is the error when
+    ``type_id`` is not one of them; ``image`` gives the image once the row is checked.
+    """
+    if rec["answer"] not in ("A", "B", "C", "D"):
+        raise BenchmarkError(f"{where}: {cell} 'answer' is {rec['answer']!r}, not A-D")
+    if type_id not in types:
+        raise BenchmarkError(f"{where}: {wrong_type}")
+    qid = _question_id(rec["question_id"])
+    if qid in seen:
+        raise BenchmarkError(f"{where}: question_id {qid!r} repeated")
+    seen.add(qid)
+    text = rec["question"]
+    for letter, key in _CHOICES:
+        text += f"\n{letter}. {rec[key]}"
+    return Question(
+        question_id=qid,
+        image=image(),
+        text=f"{text}\n{OPTION_LETTER}",
+        meta={
+            "answer": rec["answer"],
+            "question_type_id": type_id,
+            "question_type": types[type_id],
+        },
+    )
+
+
+def _image_path(data_id: object, data_root: Path | None) -> str:
+    """The JSON's ``data_id``, joined to ``data_root`` when there is one."""
+    image = str(data_id)
+    return str(Path(data_root) / image) if data_root else image
+
+
+def _parquet_image(images: Any, path: Path, n: int) -> bytes:
+    """The one image of a ``Sequence(Image)`` cell (an image question has exactly one)."""
+    if not isinstance(images, list):
+        images = [images]
+    if len(images) != 1:
+        raise BenchmarkError(
+            f"{path}: row {n}: column 'image' holds {len(images)} images, not 1"
+        )
+    return parquet.image_bytes(images[0], path, n)
+
+
 class SeedBench:
-    """SEED-Bench (v1), image questions."""
+    """SEED-Bench (v1), image questions; official JSON or lmms-eval's Parquet."""
 
     name = "seed"
     judged = False
     max_new_tokens = 128
 
     def load(self, questions: Path, data_root: Path | None = None) -> list[Question]:
-        """Image questions from ``SEED-Bench.json``; ``data_root`` holds the images."""
+        """Image questions from ``SEED-Bench.json``; ``data_root`` holds the images.
+
+        Or from a ``.parquet`` file or a folder of ``.parquet`` shards (lmms-eval's
+        release, images inside; ``data_root`` is not used).
+        """
         path = Path(questions)
+        shards = parquet.parquet_files(path)
+        if shards:
+            return self._load_parquet(shards)
         if not path.is_file():
-            raise BenchmarkError(f"{path}: SEED-Bench JSON not found")
+            raise BenchmarkError(
+                f"{path}: SEED-Bench JSON (or .parquet file or folder of shards) not "
+                "found"
+            )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
@@ -79,37 +183,51 @@ class SeedBench:
             for key in _FIELDS + tuple(c for _, c in _CHOICES):
                 if key not in rec:
                     raise BenchmarkError(f"{where}: field {key!r} missing")
-            if rec["answer"] not in ("A", "B", "C", "D"):
-                raise BenchmarkError(
-                    f"{where}: field 'answer' is {rec['answer']!r}, not A-D"
-                )
             type_id = rec["question_type_id"]
-            if type_id not in type_names:
-                raise BenchmarkError(
-                    f"{where}: question_type_id {type_id!r} not in 'question_type'"
-                )
-            qid = _question_id(rec["question_id"])
-            if qid in seen:
-                raise BenchmarkError(f"{where}: question_id {qid!r} repeated")
-            seen.add(qid)
-            text = rec["question"]
-            for letter, key in _CHOICES:
-                text += f"\n{letter}. {rec[key]}"
-            image = str(rec["data_id"])
+            wrong_type = f"question_type_id {type_id!r} not in 'question_type'"
+            image = partial(_image_path, rec["data_id"], data_root)
             out.append(
-                Question(
-                    question_id=qid,
-                    image=str(Path(data_root) / image) if data_root else image,
-                    text=f"{text}\n{OPTION_LETTER}",
-                    meta={
-                        "answer": rec["answer"],
-                        "question_type_id": type_id,
-                        "question_type": type_names[type_id],
-                    },
+                _question(
+                    rec, where, seen, "field", type_id, type_names, wrong_type, image
                 )
             )
         if not out:
             raise BenchmarkError(f"{path}: no image questions")
+        return out
+
+    def _load_parquet(self, files: Sequence[Path]) -> list[Question]:
+        out = []
+        seen: set[int | str] = set()
+        rows = parquet.iter_rows(
+            files, _PARQUET_COLUMNS, keep=lambda r: r["data_type"] == "image"
+        )
+        for path, n, row in rows:
+            where = f"{path}: row {n}"
+            for column in ("question", "answer", *(c for _, c in _CHOICES)):
+                parquet.string(row, column, path, n)
+            try:
+                type_id = int(row["question_type_id"])
+            except (TypeError, ValueError):
+                type_id = -1
+            wrong_type = (
+                f"column 'question_type_id' is {row['question_type_id']!r}, not a "
+                "SEED-Bench v1 type (1-12)"
+            )
+            image = partial(_parquet_image, row["image"], path, n)
+            out.append(
+                _question(
+                    row,
+                    where,
+                    seen,
+                    "column",
+                    type_id,
+                    QUESTION_TYPES,
+                    wrong_type,
+                    image,
+                )
+            )
+        if not out:
+            raise BenchmarkError(f"{files[0]}: no image questions")
         return out
 
     def score(

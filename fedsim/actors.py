@@ -191,6 +191,18 @@ class Aggregator:
         return peak_rss_mb()
 
 
+def _answer_benchmark(backend: Any, backbone: Any, bench: str, root: str) -> list[str]:
+    """Greedy answers from ``backend`` (projector already in place) to benchmark
+    ``bench`` of the suite at ``root``, ``backend.batch_size`` questions at a time."""
+    from pathlib import Path
+
+    from fedsim.eval.run import generate_answers
+    from fedsim.eval.suite import get, locate
+
+    questions = get(bench).load(*locate(bench, Path(root)))
+    return generate_answers(backend, backbone, bench, questions, backend.batch_size)
+
+
 class Evaluator:
     """Holds a backbone for generation and the held-out scenes; scores any projector it is sent."""
 
@@ -245,17 +257,88 @@ class Evaluator:
         self, weights: Mapping[str, torch.Tensor], bench: str, root: str
     ) -> list[str]:
         """Greedy answers of ``weights`` to benchmark ``bench`` of the suite at ``root``."""
-        from pathlib import Path
-
-        from fedsim.eval.run import generate_answers
-        from fedsim.eval.suite import get, locate
         from fedsim.models.backbone import set_projector_
 
         set_projector_(self.backbone, weights)
-        questions = get(bench).load(*locate(bench, Path(root)))
-        return generate_answers(
-            self.backend, self.backbone, bench, questions, self.backend.batch_size
+        return _answer_benchmark(self.backend, self.backbone, bench, root)
+
+    def peak_rss_mb(self) -> float:
+        return peak_rss_mb()
+
+
+class VLLMEvaluator:
+    """The Evaluator with a vLLM engine (``eval.backend: vllm``).
+
+    The backbone is written once as a LLaVA checkpoint (:func:`fedsim.export.write_checkpoint`)
+    and served by one vLLM engine for the whole run; every projector the driver sends is swapped
+    into the live engine (:meth:`fedsim.eval.generation.VLLMBackend.load_projector`, which checks
+    that it took effect). The transformers model is dropped after the export: only the projector
+    module (to draw W_0) and the prompt templates stay.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        dataset_path: str,
+        threads: int,
+        batch_size: int,
+        max_new_tokens: int,
+        engine_args: Mapping[str, Any],
+    ) -> None:
+        _quiet()
+        import copy
+        import tempfile
+        from pathlib import Path
+        from types import SimpleNamespace
+
+        import datasets
+
+        from fedsim.eval.generation import VLLMBackend
+        from fedsim.export import write_checkpoint
+
+        cpu = ModelSpec(
+            spec.backbone_path, spec.lm_path, spec.projector, spec.dtype, "cpu"
         )
+        backbone = _load(cpu, threads)
+        self._dir = tempfile.TemporaryDirectory(prefix="fedsim-vllm-")
+        ckpt = write_checkpoint(
+            backbone, Path(self._dir.name) / "ckpt", {"purpose": "vLLM evaluator"}
+        )
+        # What the prompts and W_0 need, without the transformers model.
+        self.backbone = SimpleNamespace(
+            projector=copy.deepcopy(backbone.projector),
+            manifest=dict(backbone.manifest),
+            caption_prompt=backbone.caption_prompt,
+            qa_prompt=backbone.qa_prompt,
+        )
+        del backbone
+        self.backend = VLLMBackend(str(ckpt), dtype=spec.dtype, **dict(engine_args))
+        self.backend.batch_size = batch_size
+        self.rows = datasets.load_from_disk(dataset_path)[:]
+        self.max_new_tokens = max_new_tokens
+
+    def init_projector(self, seed: int) -> Weights:
+        from fedsim.models.backbone import init_projector
+
+        return init_projector(self.backbone, seed)  # type: ignore[arg-type]
+
+    def evaluate(self, weights: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        from fedsim.eval.toy import evaluate_toy
+
+        self.backend.load_projector(weights)
+        return evaluate_toy(
+            self.backend,
+            self.rows,
+            self.backbone.caption_prompt,
+            self.backbone.qa_prompt,
+            self.max_new_tokens,
+        )
+
+    def answer_benchmark(
+        self, weights: Mapping[str, torch.Tensor], bench: str, root: str
+    ) -> list[str]:
+        self.backend.load_projector(weights)
+        return _answer_benchmark(self.backend, self.backbone, bench, root)
 
     def peak_rss_mb(self) -> float:
         return peak_rss_mb()

@@ -311,6 +311,16 @@ class EvalConfig:
         projector, on the toy backbone; ``[]`` for none. Other backbones: ``fedsim eval run``.
     suite_images:
         Held-out scenes the toy suite is built from.
+    backend:
+        ``hf`` (transformers generate in the Evaluator actor) or ``vllm``: the Evaluator keeps
+        one vLLM engine for the whole run and swaps each projector into it in place.
+    vllm_python:
+        Python executable of a separate environment with vLLM (and fedsim, ray) installed; the
+        vLLM Evaluator runs there (Ray ``runtime_env`` ``py_executable``). Null: this one.
+    vllm_gpus:
+        GPUs the vLLM Evaluator reserves (0 on CPU builds of vLLM).
+    vllm_args:
+        Extra ``vllm.LLM`` engine arguments (``gpu_memory_utilization``, ``max_model_len``, ...).
     """
 
     at_start: bool = True
@@ -319,6 +329,10 @@ class EvalConfig:
     threads: int | None = None
     benchmarks: tuple[str, ...] = ("pope", "mme", "mmbench", "mmvp")
     suite_images: int = 40
+    backend: Literal["hf", "vllm"] = "hf"
+    vllm_python: str | None = None
+    vllm_gpus: float = 0.0
+    vllm_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _positive(
@@ -327,6 +341,13 @@ class EvalConfig:
         if self.threads is not None:
             _positive("eval", threads=self.threads)
         _positive("eval", suite_images=self.suite_images)
+        if self.vllm_gpus < 0:
+            raise ConfigError(f"eval.vllm_gpus: must be >= 0, got {self.vllm_gpus!r}")
+        if self.vllm_python is not None and not Path(self.vllm_python).exists():
+            raise ConfigError(
+                f"eval.vllm_python: {self.vllm_python!r} does not exist (a Python executable "
+                "of an environment with vLLM)"
+            )
         from fedsim.eval.benchmark import BenchmarkError
         from fedsim.eval.suite import TOY_SUITE, canonical
 

@@ -134,6 +134,33 @@ def _rename_safetensors(folder: Path) -> int:
     return count
 
 
+def write_checkpoint(backbone: Any, out: Path, provenance: dict[str, Any]) -> Path:
+    """Write ``backbone`` (with whatever projector it holds) as a LLaVA folder at ``out``.
+
+    ``out`` is written under a temporary name and renamed; ``provenance`` goes to
+    ``fedsim.json`` under ``export``, beside the backbone's own manifest (its prompts).
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out}: exists and is not empty; choose a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        backbone.model.save_pretrained(tmp)
+        _processor(backbone).save_pretrained(tmp)
+        _rename_safetensors(tmp)
+        manifest = dict(backbone.manifest)
+        manifest["export"] = provenance
+        (tmp / "fedsim.json").write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def export_checkpoint(
     run_dir: Path,
     out: Path,
@@ -167,15 +194,11 @@ def export_checkpoint(
         set_projector_(backbone, weights)
     except BackboneError as e:
         raise ExportError(f"{source}: {e}") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        backbone.model.save_pretrained(tmp)
-        _processor(backbone).save_pretrained(tmp)
-        _rename_safetensors(tmp)
-        digest = hashlib.sha256(source.read_bytes()).hexdigest()
-        manifest = dict(backbone.manifest)
-        manifest["export"] = {
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    return write_checkpoint(
+        backbone,
+        out,
+        {
             "run": str(run_dir.resolve()),
             "algorithm": cfg.algorithm.name,
             "seed": cfg.seed,
@@ -183,12 +206,5 @@ def export_checkpoint(
             "projector_file": str(source.resolve()),
             "projector_sha256": digest,
             "client": client,
-        }
-        (tmp / "fedsim.json").write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        },
+    )

@@ -132,12 +132,31 @@ class ActorPool:
             threads,
             cfg.eval.batch_size,
             cfg.eval.max_new_tokens,
+            cfg.eval.backend,
+            cfg.eval.vllm_python,
+            cfg.eval.vllm_gpus,
+            tuple(sorted(cfg.eval.vllm_args.items())),
         )
         if key != self._evaluator_key:
             self._kill([self._evaluator] if self._evaluator is not None else [])
-            self._evaluator = ray.remote(num_cpus=0, num_gpus=0)(Evaluator).remote(
-                prep.model, str(prep.eval_path), *key[2:]
-            )
+            args = (prep.model, str(prep.eval_path), *key[2:5])
+            if cfg.eval.backend == "vllm":
+                from fedsim.actors import VLLMEvaluator
+
+                # vLLM may live in its own environment (it pins its own torch and
+                # transformers): the actor then starts with that interpreter.
+                env = (
+                    {"py_executable": cfg.eval.vllm_python}
+                    if cfg.eval.vllm_python
+                    else None
+                )
+                self._evaluator = ray.remote(
+                    num_cpus=0, num_gpus=cfg.eval.vllm_gpus, runtime_env=env
+                )(VLLMEvaluator).remote(*args, dict(cfg.eval.vllm_args))
+            else:
+                self._evaluator = ray.remote(num_cpus=0, num_gpus=0)(Evaluator).remote(
+                    *args
+                )
             self._evaluator_key = key
             self._initial.clear()
         return self._evaluator

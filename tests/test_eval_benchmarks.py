@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -227,3 +228,48 @@ def test_vllm_backend_matches_hf_and_swaps_projectors_in_place(
     engine.load_projector(w)
     assert generate_answers(engine, bb, "pope", questions, 64) == hf_new
     assert hf_new != hf
+
+
+def _vllm_python() -> str | None:
+    """A Python whose environment has vLLM: $FEDSIM_VLLM_PYTHON, or this one if vllm imports."""
+    import os
+
+    env = os.environ.get("FEDSIM_VLLM_PYTHON")
+    if env:
+        return env
+    return sys.executable if _vllm_reason() is None else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    _vllm_python() is None,
+    reason="no vLLM: not importable here and FEDSIM_VLLM_PYTHON is not set "
+    "(scripts/setup_vllm_cpu.sh builds .venv-vllm)",
+)
+def test_vllm_evaluator_in_a_run_agrees_with_hf(
+    tmp_path, toy_path, cache_dir, ray_session
+):
+    from fedsim.driver import run
+
+    def go(name, extra):
+        cfg = load_config(
+            None, [*TINY, "eval_every=1", f"cache_dir={cache_dir}", *extra]
+        )
+        return run(
+            cfg, tmp_path / name, console=Console(quiet=True), show_progress=False
+        )
+
+    hf = go("hf", [])
+    vl = go("vllm", ["eval.backend=vllm", f"eval.vllm_python={_vllm_python()}"])
+    # The evaluator never touches training: the same projector bits.
+    assert all(torch.equal(hf.weights[k], vl.weights[k]) for k in hf.weights)
+    # Every round's projector was swapped into the one engine and scored like hf's greedy
+    # answers (fp32 on both; a near-tie may flip a token, hence the small tolerance).
+    evals = [
+        (a["eval"], b["eval"]) for a, b in zip(hf.history, vl.history) if "eval" in a
+    ]
+    assert len(evals) == 4  # round 0 and rounds 1-3
+    for a, b in evals:
+        for key in ("attr_mean", "yesno_acc"):
+            assert abs(a[key] - b[key]) <= 0.05, (key, a[key], b[key])
+    assert set(vl.benchmarks) == set(hf.benchmarks)

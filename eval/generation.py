@@ -73,33 +73,59 @@ class HFBackend:
 
 
 class ProjectorWorkerExtension:
-    """Methods vLLM adds to each of its GPU/CPU workers (``worker_extension_cls``).
+    """Methods vLLM adds to each of its workers (``worker_extension_cls``).
 
-    ``self.model_runner.model`` is vLLM's ``LlavaForConditionalGeneration``; its ``load_weights``
-    takes HF tensor names and maps them itself, so the projector's four tensors load in place
-    without touching the rest of the model.
+    ``self.model_runner.model`` is vLLM's ``LlavaForConditionalGeneration``. Each projector
+    tensor goes into its layer through the parameter's own ``weight_loader`` (tensor-parallel
+    shards included) where the parameter still holds its weight; on the CPU backend vLLM has
+    packed the weight for its GEMM kernel and emptied the parameter, so the layer gets the new
+    weight back and is packed again (``process_weights_after_loading``).
     """
 
-    def fedsim_load_projector(self, weights: dict[str, torch.Tensor]) -> float:
-        model = self.model_runner.model  # type: ignore[attr-defined]
-        device = next(model.parameters()).device
-        model.load_weights(
-            (f"multi_modal_projector.{k}", v.to(device)) for k, v in weights.items()
-        )
-        return self.fedsim_projector_checksum()
+    def fedsim_load_projector(self, weights: dict[str, torch.Tensor]) -> None:
+        proj = self.model_runner.model.multi_modal_projector  # type: ignore[attr-defined]
+        for layer_name in sorted({k.rsplit(".", 1)[0] for k in weights}):
+            layer = proj.get_submodule(layer_name)
+            repack = False
+            for pname in ("weight", "bias"):
+                key = f"{layer_name}.{pname}"
+                if key not in weights:
+                    continue
+                param = getattr(layer, pname)
+                new = weights[key].to(device=param.device, dtype=param.dtype)
+                if param.numel() == new.numel():
+                    loader = getattr(param, "weight_loader", None)
+                    if loader is not None:
+                        loader(param, new)
+                    else:
+                        param.data.copy_(new.view_as(param))
+                else:  # packed away (CPU backend): restore, then pack again below
+                    setattr(
+                        layer,
+                        pname,
+                        torch.nn.Parameter(new.clone(), requires_grad=False),
+                    )
+                    repack = True
+            if repack:
+                layer.quant_method.process_weights_after_loading(layer)
 
-    def fedsim_projector_checksum(self) -> float:
-        model = self.model_runner.model  # type: ignore[attr-defined]
-        total = 0.0
-        for name, p in model.named_parameters():
-            if "multi_modal_projector" in name:
-                total += float(p.detach().double().sum())
-        return total
+    def fedsim_projector_probe(self, x: torch.Tensor) -> torch.Tensor:
+        """The projector's output on ``x``: what the engine computes, packed kernels and all."""
+        proj = self.model_runner.model.multi_modal_projector  # type: ignore[attr-defined]
+        ref = next(p for p in proj.parameters() if p.numel())
+        with torch.no_grad():
+            return proj(x.to(device=ref.device, dtype=ref.dtype)).float().cpu()
 
 
-def projector_checksum(weights: Mapping[str, torch.Tensor]) -> float:
-    """The sum of every projector entry (what :class:`ProjectorWorkerExtension` reports)."""
-    return float(sum(v.detach().double().sum() for v in weights.values()))
+def projector_reference(
+    weights: Mapping[str, torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    """LLaVA's ``mlp2x_gelu`` projector applied to ``x`` (float32)."""
+    import torch.nn.functional as F
+
+    w = {k: v.float() for k, v in weights.items()}
+    hidden = F.gelu(F.linear(x, w["linear_1.weight"], w.get("linear_1.bias")))
+    return F.linear(hidden, w["linear_2.weight"], w.get("linear_2.bias"))
 
 
 class VLLMBackend:
@@ -110,6 +136,11 @@ class VLLMBackend:
     """
 
     def __init__(self, checkpoint: str, **engine_args: Any) -> None:
+        import os
+
+        # The engine core in this process: no spawned child re-importing the caller's
+        # __main__ (a Ray worker's, in the Evaluator actor), and collective_rpc stays local.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
             from vllm import LLM
         except ImportError as e:
@@ -124,16 +155,34 @@ class VLLMBackend:
             **engine_args,
         )
 
+    def _bos_text(self) -> str:
+        """BOS as text when the tokenizer does not add it itself (the hf path always starts
+        with BOS: :func:`fedsim.data.collate.encode_prompt`); empty otherwise."""
+        if not hasattr(self, "_bos"):
+            tok = self.llm.get_tokenizer()
+            ids = tok("x")["input_ids"]
+            adds = bool(ids) and ids[0] == tok.bos_token_id
+            self._bos = "" if adds or tok.bos_token is None else tok.bos_token
+        return self._bos
+
     def load_projector(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Swap a projector into every worker in place and check that it took effect."""
-        cpu = {k: v.detach().to("cpu") for k, v in weights.items()}
-        sums = self.llm.collective_rpc("fedsim_load_projector", args=(cpu,))
-        expected = projector_checksum(cpu)
-        for s in sums:
-            # Checksums agree up to the engine dtype's rounding of each entry.
-            if abs(s - expected) > 1e-2 * max(1.0, abs(expected)):
+        """Swap a projector into every worker in place and check that it took effect.
+
+        The check runs the engine's own projector on a fixed random input and compares it with
+        :func:`projector_reference`, so it covers the packed kernels, not just the parameters.
+        """
+        cpu = {k: v.detach().to("cpu", torch.float32) for k, v in weights.items()}
+        self.llm.collective_rpc("fedsim_load_projector", args=(cpu,))
+        d_in = cpu["linear_1.weight"].shape[1]
+        x = torch.randn(4, d_in, generator=torch.Generator().manual_seed(0))
+        expected = projector_reference(cpu, x)
+        scale = float(expected.abs().max()) or 1.0
+        for got in self.llm.collective_rpc("fedsim_projector_probe", args=(x,)):
+            err = float((got - expected).abs().max()) / scale
+            # fp32 engines agree to ~1e-6; bf16/fp16 ones to their rounding.
+            if err > 2e-2:
                 raise RuntimeError(
-                    f"vllm: the projector did not take effect (worker sum {s}, sent {expected})"
+                    f"vllm: the projector did not take effect (relative error {err:.2e})"
                 )
         # Cached image embeddings (and KV blocks of image tokens) came from the old projector.
         engine = self.llm.llm_engine
@@ -152,8 +201,11 @@ class VLLMBackend:
         from vllm import SamplingParams
 
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        bos = self._bos_text()
         requests = [
-            {"prompt": p, "multi_modal_data": {"image": im}} if im is not None else p
+            {"prompt": bos + p, "multi_modal_data": {"image": im}}
+            if im is not None
+            else bos + p
             for p, im in zip(prompts, images)
         ]
         outs = self.llm.generate(requests, params, use_tqdm=False)

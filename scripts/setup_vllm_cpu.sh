@@ -9,8 +9,8 @@
 #   - torchaudio and torchcodec (pulled in as dependencies) are removed: their native libraries
 #     do not load against the CPU torch, and LLaVA does not use them;
 #   - torchvision's compiled ops do not load either; vLLM imports torchvision for its
-#     transforms only, so the `torchvision::nms` op is defined as a stub (sitecustomize.py)
-#     before torchvision registers its fake implementation for it;
+#     transforms only, so the `torchvision::nms` and `::qnms` ops are defined as stubs
+#     (sitecustomize.py) before torchvision registers fake implementations for them;
 #   - the checkpoint's CLIP tensors must be named vision_tower.vision_model.*, which
 #     `fedsim export` already writes.
 set -euo pipefail
@@ -36,9 +36,10 @@ cat > "$SITE/sitecustomize.py" <<'EOF'
 try:
     import torch
 
-    torch.library.define(
-        "torchvision::nms", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
-    )
+    for op in ("nms", "qnms"):
+        torch.library.define(
+            f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
+        )
 except Exception:
     pass
 EOF

@@ -22,6 +22,12 @@ TINY = [
     "scenario.cohort_size=4",
 ]
 BENCHES = ["pope", "mme", "mmbench", "mmvp"]
+# A toy-sized vLLM engine (on the CPU build the memory share is of the machine's RAM).
+TOY_ENGINE = {
+    "gpu_memory_utilization": 0.15,
+    "max_model_len": 128,
+    "enforce_eager": True,
+}
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +225,7 @@ def test_vllm_backend_matches_hf_and_swaps_projectors_in_place(
     bb = _in_run_backbone(toy_run)
     questions = get("pope").load(*locate("pope", suite_root))[:120]
     hf = generate_answers(HFBackend(bb, 64), bb, "pope", questions, 64)
-    engine = VLLMBackend(str(ckpt), dtype="float32")
+    engine = VLLMBackend(str(ckpt), dtype="float32", **TOY_ENGINE)
     assert generate_answers(engine, bb, "pope", questions, 64) == hf
     # A new projector swapped into the live engine answers as hf does with it.
     w = init_projector(bb, 123)
@@ -260,7 +266,15 @@ def test_vllm_evaluator_in_a_run_agrees_with_hf(
         )
 
     hf = go("hf", [])
-    vl = go("vllm", ["eval.backend=vllm", f"eval.vllm_python={_vllm_python()}"])
+    vl = go(
+        "vllm",
+        [
+            "eval.backend=vllm",
+            f"eval.vllm_python={_vllm_python()}",
+            "eval.vllm_args={gpu_memory_utilization: 0.15, max_model_len: 128, "
+            "enforce_eager: true}",
+        ],
+    )
     # The evaluator never touches training: the same projector bits.
     assert all(torch.equal(hf.weights[k], vl.weights[k]) for k in hf.weights)
     # Every round's projector was swapped into the one engine and scored like hf's greedy

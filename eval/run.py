@@ -108,6 +108,7 @@ def evaluate_run(
     batch_size: int = 32,
     judge: Any = None,
     progress: Progress | None = None,
+    vllm_args: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Answer and score ``benchmarks`` with the run's projector; returns bench → scores."""
     from fedsim.actors import _load
@@ -144,7 +145,11 @@ def evaluate_run(
         ckpt = export_checkpoint(
             run_dir, Path(tmp.name) / "ckpt", projector=projector, client=client
         )
-        engine = VLLMBackend(str(ckpt), dtype=cfg.model.dtype)
+        engine = VLLMBackend(
+            str(ckpt),
+            dtype=cfg.model.dtype,
+            **{**cfg.eval.vllm_args, **(vllm_args or {})},
+        )
     else:
         raise BenchmarkError(f"--backend: {backend!r} is not one of hf, vllm")
     digest = hashlib.sha256(source.read_bytes()).hexdigest()

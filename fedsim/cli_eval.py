@@ -161,6 +161,14 @@ def run(
     judge_url: JudgeURL = None,
     judge_model: JudgeModel = None,
     judge_key_env: JudgeKeyEnv = "OPENAI_API_KEY",
+    vllm_args: Annotated[
+        Optional[str],
+        typer.Option(
+            "--vllm-args",
+            help="vllm.LLM engine arguments as a YAML mapping, over the run's eval.vllm_args "
+            "(e.g. '{gpu_memory_utilization: 0.15}').",
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object.")
     ] = False,
@@ -176,6 +184,16 @@ def run(
 
     if not (run_dir / "config.yaml").is_file():
         _fail(f"{run_dir}: not a run folder (no config.yaml)")
+    engine_args: dict[str, Any] = {}
+    if vllm_args:
+        import yaml
+
+        try:
+            engine_args = yaml.safe_load(vllm_args)
+        except yaml.YAMLError as e:
+            _fail(f"--vllm-args: not YAML ({e})")
+        if not isinstance(engine_args, dict):
+            _fail(f"--vllm-args: {vllm_args!r} is not a mapping")
     try:
         root = _data_root(run_dir, data_root)
         judge = _judge(judge_url, judge_model, judge_key_env)
@@ -198,6 +216,7 @@ def run(
                 batch_size=batch_size,
                 judge=judge,
                 progress=report,
+                vllm_args=engine_args,
             )
     except (BenchmarkError, ExportError, ConfigError, BackboneError, RuntimeError) as e:
         _fail(str(e))
@@ -224,4 +243,6 @@ def _data_root(run_dir: Path, data_root: str) -> Path:
     cfg = load_config(str(run_dir / "config.yaml"))
     if cfg.model.backbone != "toy":
         _fail("--data-root toy: the toy suite is for runs on the toy backbone")
-    return ensure_toy_suite(cache_root(cfg), cfg.data.scene)
+    return ensure_toy_suite(
+        cache_root(cfg), cfg.data.scene, images=cfg.eval.suite_images
+    )

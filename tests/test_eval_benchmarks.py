@@ -46,7 +46,7 @@ def suite_root(toy_run, cache_dir):
     from fedsim.eval.toy_suite import ensure_toy_suite
 
     cfg = load_config(str(toy_run / "config.yaml"))
-    return ensure_toy_suite(cache_dir, cfg.data.scene)
+    return ensure_toy_suite(cache_dir, cfg.data.scene, images=cfg.eval.suite_images)
 
 
 def _w0_file(run_dir):

@@ -18,7 +18,7 @@ import torch
 
 from fedsim.algorithms import build_algorithm
 from fedsim.algorithms.base import ClientUpdate, Weights, check_same_keys, global_norm
-from fedsim.training import ClientResult, ClientTask, TrainSettings, train_client
+from fedsim.training import ClientResult, ClientTask, TrainSettings, train_cohort
 
 
 def peak_rss_mb() -> float:
@@ -96,19 +96,20 @@ class BackboneWorker:
 
     def train(
         self,
-        task: ClientTask,
-        global_weights: Mapping[str, torch.Tensor],
+        tasks: list[ClientTask],
         payload: Mapping[str, torch.Tensor],
         algorithm: str,
         params: Mapping[str, Any],
         settings: TrainSettings,
-    ) -> ClientResult:
+        *starts: Mapping[str, torch.Tensor],
+    ) -> list[ClientResult]:
+        """Train a cohort of clients of one round together (``starts[k]``: client k's W)."""
         key = (algorithm, repr(sorted(params.items())))
         if key not in self._algorithms:
             self._algorithms[key] = build_algorithm(algorithm, params)
         local = self._algorithms[key].local_training()
-        return train_client(
-            self.backbone, self.rows, task, global_weights, payload, local, settings
+        return train_cohort(
+            self.backbone, self.rows, tasks, starts, payload, local, settings
         )
 
 

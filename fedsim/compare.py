@@ -225,7 +225,12 @@ def _lane(
                 return
             t0 = time.perf_counter()
             result = run(
-                configs[(algo, seed)], run_dirs[algo][seed], quiet, False, pool
+                configs[(algo, seed)],
+                run_dirs[algo][seed],
+                quiet,
+                False,
+                pool,
+                plot=False,
             )
             finals[algo][seed] = result.final_eval
             bar.done(algo, seed, time.perf_counter() - t0, result.final_eval)

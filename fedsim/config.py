@@ -248,6 +248,12 @@ class TrainConfig:
     loss:
         ``per_example``: mean over examples of each example's token mean, so a one-word answer
         weighs as much as a caption; ``token_mean``: HF's mean over all target tokens.
+    cohort_batch:
+        Clients of a round trained together in one forward/backward pass of the frozen
+        backbone (each with its own projector, optimiser and steps; 1 = one client at a time).
+        The round's clients, ordered by predicted cost, are cut into groups of this size
+        whatever the number of workers, so results do not depend on the workers. Memory grows
+        with ``cohort_batch × batch_size`` examples per pass: lower it for large backbones.
     """
 
     local_steps: int = 8
@@ -259,6 +265,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
     loss: Literal["per_example", "token_mean"] = "per_example"
+    cohort_batch: int = 5
 
     def __post_init__(self) -> None:
         _positive(
@@ -266,6 +273,7 @@ class TrainConfig:
             local_steps=self.local_steps,
             batch_size=self.batch_size,
             lr=self.lr,
+            cohort_batch=self.cohort_batch,
         )
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"train.warmup: must be in [0, 1), got {self.warmup!r}")

@@ -288,6 +288,19 @@ def _by_cost(tasks: list[ClientTask]) -> list[ClientTask]:
     return sorted(tasks, key=lambda t: (-len(t.rows), t.client_id))
 
 
+def _submit(
+    worker: Any, group: list[ClientTask], start_of: dict[int, Any], rest: tuple
+) -> Any:
+    """Send one cohort to ``worker``; each client's start weights go by reference."""
+    return worker.train.remote(group, *rest, *[start_of[t.client_id] for t in group])
+
+
+def _cohorts(tasks: list[ClientTask], size: int) -> list[list[ClientTask]]:
+    """The round's cohorts: tasks by cost (:func:`_by_cost`) cut into groups of ``size``."""
+    ordered = _by_cost(tasks)
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+
 def results_table(
     initial: dict[str, float] | None, final: dict[str, float], title: str
 ) -> Table:
@@ -374,11 +387,13 @@ def run(
     console: Console | None = None,
     show_progress: bool = True,
     pool: ActorPool | None = None,
+    plot: bool = True,
 ) -> RunResult:
     """Run ``cfg`` to the end, writing everything to ``out_dir`` (which must be new or empty).
 
     ``pool`` lends resident workers and an Evaluator kept across runs (``fedsim compare``); by
-    default the run starts its own and stops them at the end.
+    default the run starts its own and stops them at the end. ``plot=False`` skips the run's own
+    ``curves.png`` (``fedsim compare`` draws all runs in one figure; ``fedsim plot`` draws any).
     """
     import ray
 
@@ -412,14 +427,15 @@ def run(
                 ray.shutdown()
     wall = time.perf_counter() - t_start
     write_text(out_dir / "summary.md", _summary_md(cfg, result, wall))
-    from fedsim.plots import plot_runs
+    if plot:
+        from fedsim.plots import plot_runs
 
-    plot_runs(
-        [out_dir],
-        out_dir / "curves.png",
-        [cfg.algorithm.name],
-        f"{cfg.algorithm.name} on {cfg.scenario.name}",
-    )
+        plot_runs(
+            [out_dir],
+            out_dir / "curves.png",
+            [cfg.algorithm.name],
+            f"{cfg.algorithm.name} on {cfg.scenario.name}",
+        )
     console.print(
         results_table(
             result.initial_eval,
@@ -430,7 +446,8 @@ def run(
     if result.benchmarks:
         console.print(benchmarks_table(result.benchmarks))
     console.print(
-        f"run folder: {out_dir}  (metrics.jsonl, final/projector.safetensors, eval.json, summary.md, curves.png)"
+        f"run folder: {out_dir}  (metrics.jsonl, final/projector.safetensors, eval.json, summary.md"
+        + (", curves.png)" if plot else ")")
     )
     return result
 
@@ -744,19 +761,23 @@ def _run_rounds(
         weights_ref = ray.put(weights)
         start_refs = {cid: ray.put(w) for cid, w in starts.items()}
         payload_ref = aggregator.payload.remote()
-        # Pull scheduling: largest tasks first, each worker kept IN_FLIGHT deep and topped up
-        # as its tasks finish, so no worker idles while another still has a queue. Which
-        # worker trains a client does not change its result.
-        pending = _by_cost(tasks)
+        # Cohorts: the round's tasks by predicted cost, cut into groups of train.cohort_batch
+        # (similar costs share a pass, so little is masked); a group depends on the config
+        # alone, never on the workers. Pull scheduling: largest groups first, each worker kept
+        # IN_FLIGHT deep and topped up as its groups finish, so no worker idles while another
+        # still has a queue. Which worker trains a group does not change its result.
+        pending = _cohorts(tasks, cfg.train.cohort_batch)
+        groups = [[t.client_id for t in g] for g in pending]
         owner: dict[Any, Any] = {}
         waiting: list[Any] = []
         rest = (payload_ref, cfg.algorithm.name, cfg.algorithm.params, settings)
+        start_of = {
+            t.client_id: start_refs.get(t.client_id, weights_ref) for t in tasks
+        }
         for _ in range(IN_FLIGHT):
             for w in workers:
                 if pending:
-                    task = pending.pop(0)
-                    start = start_refs.get(task.client_id, weights_ref)
-                    ref = w.train.remote(task, start, *rest)
+                    ref = _submit(w, pending.pop(0), start_of, rest)
                     owner[ref] = w
                     waiting.append(ref)
         progress.update(
@@ -771,17 +792,15 @@ def _run_rounds(
             done, waiting = ray.wait(waiting, num_returns=1)
             freed = owner.pop(done[0])
             if pending:
-                task = pending.pop(0)
-                start = start_refs.get(task.client_id, weights_ref)
-                ref = freed.train.remote(task, start, *rest)
+                ref = _submit(freed, pending.pop(0), start_of, rest)
                 owner[ref] = freed
                 waiting.append(ref)
-            res: ClientResult = ray.get(done[0])
-            results.append(res)
+            batch: list[ClientResult] = ray.get(done[0])
+            results.extend(batch)
             progress.update(
                 client_task,
-                advance=1,
-                info=f"client {res.update.client_id} loss {res.update.loss:.3f}",
+                advance=len(batch),
+                info=f"client {batch[-1].update.client_id} loss {batch[-1].update.loss:.3f}",
             )
         results.sort(key=lambda r: r.update.client_id)
         updates = [r.update for r in results]
@@ -816,6 +835,7 @@ def _run_rounds(
                 k: v for k, v in agg.items() if k not in ("update_norm", "rejected")
             },
             "client_seconds_max": max((r.seconds for r in results), default=0.0),
+            "cohorts": groups,
             "bad_images": sum(r.bad_images for r in results),
             **({"corpus": corpus_summary(prep.train_path)} if rnd == 1 else {}),
             "data_passes_max": max(c.passes for c in cursors),

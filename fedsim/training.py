@@ -1,9 +1,12 @@
 """Local training of one client's projector on a resident backbone (no Ray here).
 
-A worker calls :func:`train_client` for each task: the global projector is copied into the
-resident model in place, the client's rows are read from the memory-mapped dataset, ``steps``
-optimiser steps run with the algorithm's client half hooked in, and the delta Δ_k = W_k − W_t
-comes back. Every random draw (caption or question per example) comes from a generator keyed by
+A worker calls :func:`train_cohort` for each group of clients of a round (cohort batching): each
+client's start projector is copied in place into a projector slot (the resident projector and
+copies of it kept for the whole run), the clients' rows are read from the memory-mapped dataset,
+and each local step runs one forward/backward pass of the frozen backbone over every client's
+batch, the image features of each client going through its own projector. Each client has its own
+optimiser, step count and algorithm hooks; the delta Δ_k = W_k − W_t of each comes back.
+:func:`train_client` is a cohort of one. Every random draw (caption or question per example) comes from a generator keyed by
 (seed, round, client), so the result does not depend on which worker runs the task or when.
 """
 
@@ -11,8 +14,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +26,7 @@ from fedsim.data.collate import training_batch
 from fedsim.data.loaders import DataError
 from fedsim.data.rows import RowReader
 from fedsim.losses import per_example_loss, token_mean_loss
-from fedsim.models.backbone import Backbone, get_projector, set_projector_
+from fedsim.models.backbone import Backbone, check_projector_shapes
 
 TASK_STREAM = 7004  # generator purpose id: per-example task (caption or question)
 
@@ -121,6 +125,58 @@ def task_flags(
     return rng.random(n) < qa_fraction
 
 
+class CohortProjector(torch.nn.Module):
+    """Applies each client's own projector to its own images (a cohort of clients in one pass).
+
+    ``groups`` holds, in batch order, how many images belong to each slot; the frozen encoder and
+    LM see one batch, while the projector, its gradients and its optimiser stay per client. The
+    projector is a small share of the work (the LM dominates), so each slot runs its own module
+    on its slice: the same operations as training that client alone.
+    """
+
+    def __init__(self, slots: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.slots = torch.nn.ModuleList(slots)
+        self.groups: list[tuple[int, int]] = []  # (slot, images) in batch order
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        out, at = [], 0
+        for slot, n in self.groups:
+            out.append(self.slots[slot](features[at : at + n]))
+            at += n
+        if at != features.shape[0]:
+            raise RuntimeError(
+                f"cohort projector: {at} images assigned, the batch has {features.shape[0]}"
+            )
+        return torch.cat(out, 0)
+
+
+def _slots(backbone: Backbone, n: int) -> list[torch.nn.Module]:
+    """``n`` projector modules: the resident one first, then copies kept on the backbone."""
+    import copy
+
+    extra: list[torch.nn.Module] = backbone.__dict__.setdefault("cohort_slots", [])
+    while len(extra) < n - 1:
+        extra.append(copy.deepcopy(backbone.projector))
+    return [backbone.projector, *extra[: n - 1]]
+
+
+@dataclass
+class _Client:
+    """One client's local-training state inside a cohort."""
+
+    task: ClientTask
+    module: torch.nn.Module
+    named: dict[str, torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    ctx: dict[str, Any]
+    start: dict[str, torch.Tensor]
+    flags: np.ndarray
+    losses: list[float] = field(default_factory=list)
+    trained: int = 0
+    bad_images: int = 0
+
+
 def train_client(
     backbone: Backbone,
     reader: RowReader,
@@ -131,90 +187,201 @@ def train_client(
     settings: TrainSettings,
 ) -> ClientResult:
     """Train the projector from ``global_weights`` on the task's rows; return Δ and stats."""
+    return train_cohort(
+        backbone, reader, [task], [global_weights], payload, local, settings
+    )[0]
+
+
+def train_cohort(
+    backbone: Backbone,
+    reader: RowReader,
+    tasks: Sequence[ClientTask],
+    starts: Sequence[Mapping[str, torch.Tensor]],
+    payload: Mapping[str, torch.Tensor],
+    local: LocalTraining,
+    settings: TrainSettings,
+) -> list[ClientResult]:
+    """Train several clients of one round together: one frozen-backbone pass per local step.
+
+    Client ``k`` starts from ``starts[k]``; each keeps its own projector, optimiser (and step
+    count), algorithm context and loss. Step ``s`` batches the rows of every client that still
+    has a step ``s``; a client whose steps are done is left out (masked) from then on. Padding is
+    to the longest sequence of the batch and carries no loss. The result equals training the
+    clients one after another up to floating-point summation order in the shared LM (a cohort of
+    one is exactly that).
+    """
+    if len(tasks) != len(starts):
+        raise ValueError(f"{len(tasks)} cohort tasks but {len(starts)} start weights")
     t0 = time.perf_counter()
-    set_projector_(backbone, global_weights)
-    named = dict(backbone.projector.named_parameters())
-    params = list(named.values())
-    opt = _optimizer(params, settings, task.lrs[0] if task.lrs else 0.0)
-    if local.persistent_optimizer:
-        load_optimizer_state(opt, task.client_state)
-    ctx = local.prepare(task.client_state, payload)
-    start = {k: v.detach().clone() for k, v in named.items()}
-    flags = (
-        task.qa_flags
-        if task.qa_flags is not None
-        else task_flags(
-            task.seed,
-            task.server_round,
-            task.client_id,
-            len(task.rows),
-            settings.qa_fraction,
-        )
-    )
     loss_fn = per_example_loss if settings.loss == "per_example" else token_mean_loss
     device = next(backbone.model.parameters()).device
-    losses: list[float] = []
+    clients: list[_Client] = []
+    for task, w, module in zip(tasks, starts, _slots(backbone, len(tasks))):
+        check_projector_shapes(backbone, w, where=f"client {task.client_id} projector")
+        named = dict(module.named_parameters())
+        with torch.no_grad():
+            for name, value in w.items():
+                named[name].copy_(value)
+        opt = _optimizer(
+            list(named.values()), settings, task.lrs[0] if task.lrs else 0.0
+        )
+        if local.persistent_optimizer:
+            load_optimizer_state(opt, task.client_state)
+        flags = (
+            task.qa_flags
+            if task.qa_flags is not None
+            else task_flags(
+                task.seed,
+                task.server_round,
+                task.client_id,
+                len(task.rows),
+                settings.qa_fraction,
+            )
+        )
+        clients.append(
+            _Client(
+                task,
+                module,
+                named,
+                opt,
+                local.prepare(task.client_state, payload),
+                {k: v.detach().clone() for k, v in named.items()},
+                flags,
+            )
+        )
+    llava = backbone.model.model
+    resident = llava.multi_modal_projector
+    cohort = CohortProjector([c.module for c in clients]) if len(clients) > 1 else None
+    if cohort is not None:
+        llava.multi_modal_projector = cohort
     backbone.model.train()
-    b = task.batch_size
-    trained = bad_images = 0
-    for step, lr in enumerate(task.lrs):
-        rows = task.rows[step * b : (step + 1) * b]
+    try:
+        steps = max((len(c.task.lrs) for c in clients), default=0)
+        for step in range(steps):
+            _cohort_step(
+                backbone,
+                reader,
+                clients,
+                step,
+                loss_fn,
+                device,
+                local,
+                settings,
+                cohort,
+            )
+    finally:
+        backbone.model.eval()
+        if cohort is not None:
+            llava.multi_modal_projector = resident
+    seconds = (time.perf_counter() - t0) / max(len(clients), 1)
+    results = []
+    for c in clients:
+        end = {
+            k: v.detach().to(torch.float32).clone()
+            for k, v in c.module.state_dict().items()
+        }
+        start32 = {k: v.to(torch.float32) for k, v in c.start.items()}
+        delta = {k: end[k] - start32[k] for k in end}
+        extras, new_state = local.finish(start32, end, c.task.lrs, c.ctx)
+        if local.persistent_optimizer:
+            new_state = {**new_state, **optimizer_state_to_tensors(c.opt)}
+        update = ClientUpdate(
+            client_id=c.task.client_id,
+            delta=delta,
+            num_samples=c.trained,
+            loss=float(np.mean(c.losses)) if c.losses else math.nan,
+            steps=len(c.task.lrs),
+            extras=extras,
+        )
+        results.append(ClientResult(update, new_state, seconds, c.bad_images))
+    return results
+
+
+def _cohort_step(
+    backbone: Backbone,
+    reader: RowReader,
+    clients: list[_Client],
+    step: int,
+    loss_fn: Any,
+    device: torch.device,
+    local: LocalTraining,
+    settings: TrainSettings,
+    cohort: CohortProjector | None,
+) -> None:
+    """Local step ``step`` of every client that has one, in one forward/backward pass."""
+    prompts: list[str] = []
+    targets: list[str] = []
+    pixel_parts: list[torch.Tensor] = []
+    active: list[tuple[int, _Client, int]] = []  # (slot, client, examples)
+    for slot, c in enumerate(clients):
+        if step >= len(c.task.lrs):
+            continue  # this client's local steps are done: left out of the batch
+        b = c.task.batch_size
+        rows = c.task.rows[step * b : (step + 1) * b]
         data, pixels, kept = reader.read(rows, backbone)
-        bad_images += len(rows) - len(kept)
+        c.bad_images += len(rows) - len(kept)
         if pixels is None:  # every image of the step was unreadable (skip policy)
             if getattr(local, "collective", False):
                 raise DataError(
-                    f"client {task.client_id}: every image of step {step} is unreadable; "
+                    f"client {c.task.client_id}: every image of step {step} is unreadable; "
                     "data-parallel training cannot skip a step on one worker"
                 )
             continue
-        qa = flags[step * b : (step + 1) * b][kept]
+        qa = c.flags[step * b : (step + 1) * b][kept]
         if "question" in data:
-            prompts = [
+            prompts += [
                 backbone.qa_prompt.format(question=q) if f else backbone.caption_prompt
                 for q, f in zip(data["question"], qa)
             ]
-            targets = [
-                a if f else c for a, c, f in zip(data["answer"], data["caption"], qa)
+            targets += [
+                a if f else cap
+                for a, cap, f in zip(data["answer"], data["caption"], qa)
             ]
         else:  # a caption corpus: LLaVA's stage-1 plain template, the image then the caption
-            prompts = [backbone.caption_prompt] * len(kept)
-            targets = list(data["caption"])
-        trained += len(kept)
-        batch = {
-            k: v.to(device)
-            for k, v in training_batch(
-                backbone, (), prompts, targets, pixels=pixels
-            ).items()
-        }
-        labels = batch.pop("labels")
-        for group in opt.param_groups:
+            prompts += [backbone.caption_prompt] * len(kept)
+            targets += list(data["caption"])
+        pixel_parts.append(pixels)
+        active.append((slot, c, len(kept)))
+        c.trained += len(kept)
+    if not active:
+        return
+    pixels = pixel_parts[0] if len(pixel_parts) == 1 else torch.cat(pixel_parts, 0)
+    batch = {
+        k: v.to(device)
+        for k, v in training_batch(
+            backbone, (), prompts, targets, pixels=pixels
+        ).items()
+    }
+    labels = batch.pop("labels")
+    if cohort is not None:
+        cohort.groups = [(slot, n) for slot, _, n in active]
+    for _, c, _ in active:
+        lr = c.task.lrs[step]
+        for group in c.opt.param_groups:
             group["lr"] = lr
-        logits = backbone.model(**batch).logits  # [B, L, V]
-        loss = loss_fn(logits, labels)
-        extra = local.loss_term(named, start, ctx)
-        total = loss + extra if extra is not None else loss
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        local.correct_gradients(named, ctx)
+    logits = backbone.model(**batch).logits  # [B, L, V]
+    total: torch.Tensor | None = None
+    losses = []
+    at = 0
+    for _, c, n in active:
+        # Slices of the shared batch: a client's loss depends on its own rows only.
+        loss = (
+            loss_fn(logits[at : at + n], labels[at : at + n])
+            if len(active) > 1
+            else loss_fn(logits, labels)
+        )
+        at += n
+        extra = local.loss_term(c.named, c.start, c.ctx)
+        term = loss + extra if extra is not None else loss
+        total = term if total is None else total + term
+        losses.append(loss)
+    for _, c, _ in active:
+        c.opt.zero_grad(set_to_none=True)
+    assert total is not None
+    total.backward()
+    for (_, c, _), loss in zip(active, losses):
+        local.correct_gradients(c.named, c.ctx)
         if settings.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-        opt.step()
-        losses.append(float(loss.detach()))
-    backbone.model.eval()
-    end = get_projector(backbone)
-    start32 = {k: v.to(torch.float32) for k, v in start.items()}
-    delta = {k: end[k] - start32[k] for k in end}
-    extras, new_state = local.finish(start32, end, task.lrs, ctx)
-    if local.persistent_optimizer:
-        new_state = {**new_state, **optimizer_state_to_tensors(opt)}
-    mean_loss = float(np.mean(losses)) if losses else math.nan
-    update = ClientUpdate(
-        client_id=task.client_id,
-        delta=delta,
-        num_samples=trained,
-        loss=mean_loss,
-        steps=len(task.lrs),
-        extras=extras,
-    )
-    return ClientResult(update, new_state, time.perf_counter() - t0, bad_images)
+            torch.nn.utils.clip_grad_norm_(list(c.named.values()), settings.grad_clip)
+        c.opt.step()
+        c.losses.append(float(loss.detach()))

@@ -159,3 +159,31 @@ def test_peak_memory_does_not_grow_with_logical_clients(tmp_path, toy_path, cach
         assert r.returncode == 0, r.stderr[-2000:]
         peaks[n] = _peak_total(out)
     assert peaks[200] <= 1.10 * peaks[20], peaks
+
+
+@pytest.mark.slow
+def test_cohort_batching_same_groups_whatever_the_workers(
+    tmp_path, toy_path, cache_dir, ray_session
+):
+    """Groups of 2 of SCAFFOLD's 4 clients (client-state store in play), on 1 and 2 workers:
+    bit-identical; one client at a time: equal within the issue's relative 1e-5."""
+    common = ["algorithm.name=scaffold", "eval_every=0", "eval.benchmarks=[]"]
+    runs = {
+        (cb, w): _run(
+            tmp_path,
+            f"cb{cb}w{w}",
+            [*common, f"train.cohort_batch={cb}", f"ray.workers={w}"],
+            cache_dir,
+        )
+        for cb, w in ((2, 1), (2, 2), (1, 2))
+    }
+    a, b, one = runs[(2, 1)].weights, runs[(2, 2)].weights, runs[(1, 2)].weights
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+        scale = float(one[k].abs().max())
+        assert float((a[k] - one[k]).abs().max()) <= 1e-5 * scale, k
+    for r in runs[(2, 2)].history[1:]:
+        # Two cohorts of two: the round's clients by predicted cost (equal), then id.
+        assert r["cohorts"] == [sorted(r["clients"])[:2], sorted(r["clients"])[2:]]
+    for r in runs[(1, 2)].history[1:]:
+        assert r["cohorts"] == [[c] for c in sorted(r["clients"])]

@@ -27,6 +27,13 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def node_id() -> str:
+    """The Ray node this process runs on."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 def _quiet() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import datasets
@@ -87,6 +94,9 @@ class BackboneWorker:
 
     def peak_rss_mb(self) -> float:
         return peak_rss_mb()
+
+    def node(self) -> str:
+        return node_id()
 
     def init_projector(self, seed: int) -> Weights:
         """Fresh projector weights W_0 drawn from a generator keyed by ``seed``."""
@@ -191,6 +201,9 @@ class Aggregator:
     def peak_rss_mb(self) -> float:
         return peak_rss_mb()
 
+    def node(self) -> str:
+        return node_id()
+
 
 def _answer_benchmark(backend: Any, backbone: Any, bench: str, root: str) -> list[str]:
     """Greedy answers from ``backend`` (projector already in place) to benchmark
@@ -265,6 +278,9 @@ class Evaluator:
 
     def peak_rss_mb(self) -> float:
         return peak_rss_mb()
+
+    def node(self) -> str:
+        return node_id()
 
 
 class VLLMEvaluator:
@@ -343,3 +359,6 @@ class VLLMEvaluator:
 
     def peak_rss_mb(self) -> float:
         return peak_rss_mb()
+
+    def node(self) -> str:
+        return node_id()

@@ -386,6 +386,16 @@ class RayConfig:
     threads_per_worker:
         Torch intra-op threads per worker. Part of the result: keep it fixed to compare runs bit
         for bit (results do not depend on ``workers``).
+    placement:
+        ``pack`` (Ray's default: fill a node before the next) or ``spread`` (workers over as
+        many nodes as possible).
+    worker_resources:
+        Custom Ray resources each worker asks for (e.g. ``{gpu_pool: 1}`` to keep workers on
+        the nodes started with that resource).
+    evaluator_cpus, evaluator_gpus, evaluator_resources:
+        What the (transformers) Evaluator reserves, e.g. ``evaluator_gpus: 1`` for a GPU of
+        its own or ``evaluator_resources: {fedsim_evaluator: 1}`` for a labelled node. The vLLM
+        Evaluator reserves ``eval.vllm_gpus``.
     dashboard:
         Start the Ray dashboard (local Ray only), bound to ``dashboard_host``.
     """
@@ -395,6 +405,11 @@ class RayConfig:
     worker_cpus: float = 0.5
     worker_gpus: float = 0.0
     threads_per_worker: int = 1
+    placement: Literal["pack", "spread"] = "pack"
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    evaluator_cpus: float = 0.0
+    evaluator_gpus: float = 0.0
+    evaluator_resources: dict[str, float] = field(default_factory=dict)
     dashboard: bool = False
     dashboard_host: str = "127.0.0.1"
 
@@ -404,6 +419,14 @@ class RayConfig:
         )
         if self.worker_cpus < 0 or self.worker_gpus < 0:
             raise ConfigError("ray.worker_cpus / ray.worker_gpus: must be >= 0")
+        if self.evaluator_cpus < 0 or self.evaluator_gpus < 0:
+            raise ConfigError("ray.evaluator_cpus / ray.evaluator_gpus: must be >= 0")
+        for name in ("worker_resources", "evaluator_resources"):
+            for k, v in getattr(self, name).items():
+                if not isinstance(v, (int, float)) or v < 0:
+                    raise ConfigError(
+                        f"ray.{name}.{k}: must be a number >= 0, got {v!r}"
+                    )
 
 
 @dataclass(frozen=True, kw_only=True)

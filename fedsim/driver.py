@@ -586,6 +586,7 @@ def _finish(
     final_eval: dict[str, float],
     resources: dict[str, Any],
     benchmarks: dict[str, dict[str, Any]] | None = None,
+    nodes: dict[str, str] | None = None,
 ) -> None:
     write_json(
         out_dir / "eval.json",
@@ -596,7 +597,10 @@ def _finish(
             "benchmarks": benchmarks or {},
         },
     )
-    write_json(out_dir / "resources.json", {"peak_rss_mb": resources})
+    write_json(
+        out_dir / "resources.json",
+        {"peak_rss_mb": resources, "nodes": nodes or {}},
+    )
 
 
 def _run_pooled(
@@ -665,7 +669,8 @@ def _run_pooled(
         "evaluator": ray.get(evaluator.peak_rss_mb.remote()),
     }
     benchmarks = toy_benchmarks(cfg, evaluator, weights, out_dir)
-    _finish(cfg, out_dir, initial_eval, final_eval, resources, benchmarks)
+    nodes = {"evaluator": ray.get(evaluator.node.remote())}
+    _finish(cfg, out_dir, initial_eval, final_eval, resources, benchmarks, nodes)
     return RunResult(
         out_dir, weights, initial_eval, final_eval, history, resources, benchmarks
     )
@@ -897,8 +902,16 @@ def _run_rounds(
         "aggregator": ray.get(aggregator.peak_rss_mb.remote()),
         "evaluator": ray.get(evaluator.peak_rss_mb.remote()),
     }
+    nodes = {
+        **{
+            f"worker{i}": v
+            for i, v in enumerate(ray.get([w.node.remote() for w in workers]))
+        },
+        "aggregator": ray.get(aggregator.node.remote()),
+        "evaluator": ray.get(evaluator.node.remote()),
+    }
     benchmarks = {} if personal else toy_benchmarks(cfg, evaluator, weights, out_dir)
-    _finish(cfg, out_dir, initial_eval, final_eval, resources, benchmarks)
+    _finish(cfg, out_dir, initial_eval, final_eval, resources, benchmarks, nodes)
     return RunResult(
         out_dir, weights, initial_eval, final_eval, history, resources, benchmarks
     )

@@ -53,6 +53,8 @@ class ActorPool:
             cfg.ray.worker_cpus,
             cfg.ray.worker_gpus,
             cfg.ray.threads_per_worker,
+            cfg.ray.placement,
+            tuple(sorted(cfg.ray.worker_resources.items())),
         )
         # A federated run next: the centralized worker group (idle now, but its controller
         # polls its health) gives back its processes and resources.
@@ -61,7 +63,12 @@ class ActorPool:
             self._kill(self._workers)
             self._workers, self._workers_key = [], None
             cls = ray.remote(
-                num_cpus=cfg.ray.worker_cpus, num_gpus=cfg.ray.worker_gpus
+                num_cpus=cfg.ray.worker_cpus,
+                num_gpus=cfg.ray.worker_gpus,
+                resources=dict(cfg.ray.worker_resources) or None,
+                scheduling_strategy="SPREAD"
+                if cfg.ray.placement == "spread"
+                else "DEFAULT",
             )(BackboneWorker)
             self._workers = [
                 cls.remote(
@@ -136,6 +143,9 @@ class ActorPool:
             cfg.eval.vllm_python,
             cfg.eval.vllm_gpus,
             tuple(sorted(cfg.eval.vllm_args.items())),
+            cfg.ray.evaluator_cpus,
+            cfg.ray.evaluator_gpus,
+            tuple(sorted(cfg.ray.evaluator_resources.items())),
         )
         if key != self._evaluator_key:
             self._kill([self._evaluator] if self._evaluator is not None else [])
@@ -151,12 +161,17 @@ class ActorPool:
                     else None
                 )
                 self._evaluator = ray.remote(
-                    num_cpus=0, num_gpus=cfg.eval.vllm_gpus, runtime_env=env
+                    num_cpus=cfg.ray.evaluator_cpus,
+                    num_gpus=cfg.eval.vllm_gpus,
+                    resources=dict(cfg.ray.evaluator_resources) or None,
+                    runtime_env=env,
                 )(VLLMEvaluator).remote(*args, dict(cfg.eval.vllm_args))
             else:
-                self._evaluator = ray.remote(num_cpus=0, num_gpus=0)(Evaluator).remote(
-                    *args
-                )
+                self._evaluator = ray.remote(
+                    num_cpus=cfg.ray.evaluator_cpus,
+                    num_gpus=cfg.ray.evaluator_gpus,
+                    resources=dict(cfg.ray.evaluator_resources) or None,
+                )(Evaluator).remote(*args)
             self._evaluator_key = key
             self._initial.clear()
         return self._evaluator

@@ -111,6 +111,8 @@ class Algorithm(Protocol):
     pooled: ClassVar[bool]
     #: Every client keeps its own projector; nothing is aggregated (the local-only baseline).
     personal: ClassVar[bool]
+    #: The server half uses the updates only through Σ_k p_k Δ_k: workers may pre-sum them.
+    presummable: ClassVar[bool]
 
     def init_state(
         self, weights: Weights, num_clients: int | None = None
@@ -242,3 +244,60 @@ def sorted_updates(updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
     if len(set(ids)) != len(ids):
         raise ValueError(f"aggregate: duplicate client ids in {ids}")
     return ordered
+
+
+@dataclass(frozen=True)
+class PartialSum:
+    """A group of accepted clients pre-summed on its worker: Σ n_k Δ_k (float64) and Σ n_k.
+
+    Algorithms of the FedAvg family (``presummable``) depend on a round's updates only through
+    Σ_k p_k Δ_k, so a worker can send one partial sum per group instead of one Δ per client.
+    """
+
+    clients: tuple[int, ...]
+    samples: int
+    weighted: Weights
+
+
+def partial_sum(updates: Sequence[ClientUpdate]) -> PartialSum:
+    """Σ n_k Δ_k over ``updates`` in ascending client-id order, accumulated in float64."""
+    ordered = sorted_updates(updates)
+    if not ordered:
+        raise ValueError("partial_sum: no updates")
+    out: Weights = {}
+    for key in ordered[0].delta:
+        acc = torch.zeros_like(ordered[0].delta[key], dtype=torch.float64)
+        for u in ordered:
+            acc.add_(u.delta[key].to(torch.float64), alpha=float(u.num_samples))
+        out[key] = acc
+    return PartialSum(
+        tuple(u.client_id for u in ordered), sum(u.num_samples for u in ordered), out
+    )
+
+
+def combine_partial_sums(parts: Sequence[PartialSum]) -> ClientUpdate:
+    """One update holding Σ_k p_k Δ_k of every group (groups in order of their first client).
+
+    ``fedavg_delta`` of this single update is its delta, so a presummable algorithm's server
+    half gives the same step as over the clients' own updates (up to float64 summation order).
+    """
+    ordered = sorted(parts, key=lambda p: p.clients[0])
+    ids = [c for p in ordered for c in p.clients]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"aggregate: duplicate client ids in {sorted(ids)}")
+    total = sum(p.samples for p in ordered)
+    if total <= 0:
+        raise ValueError("aggregate: the partial sums hold no samples")
+    mean: Weights = {}
+    for key in ordered[0].weighted:
+        acc = torch.zeros_like(ordered[0].weighted[key], dtype=torch.float64)
+        for p in ordered:
+            acc.add_(p.weighted[key])
+        mean[key] = (acc / total).to(torch.float32)
+    return ClientUpdate(
+        client_id=ordered[0].clients[0],
+        delta=mean,
+        num_samples=total,
+        loss=math.nan,
+        steps=0,
+    )

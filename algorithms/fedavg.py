@@ -34,7 +34,7 @@ def fedavg_delta(updates: Sequence[ClientUpdate]) -> Weights:
     return weighted_sum([u.delta for u in ordered], sample_weights(ordered))
 
 
-@register("fedavg", paper="McMahan et al. 2017, arXiv 1602.05629")
+@register("fedavg", paper="McMahan et al. 2017, arXiv 1602.05629", presummable=True)
 @dataclass(frozen=True, kw_only=True)
 class FedAvg(ServerDefaults):
     """Federated averaging.

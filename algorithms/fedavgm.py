@@ -39,7 +39,7 @@ def momentum_step(velocity: Weights, mean_delta: Weights, momentum: float) -> We
     }
 
 
-@register("fedavgm", paper="Hsu et al. 2019, arXiv 1909.06335")
+@register("fedavgm", paper="Hsu et al. 2019, arXiv 1909.06335", presummable=True)
 @dataclass(frozen=True, kw_only=True)
 class FedAvgM(ServerDefaults):
     """FedAvg with server momentum.

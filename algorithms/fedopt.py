@@ -126,7 +126,7 @@ class _FedOpt(ServerDefaults):
         return AggregateResult(new, new_state, {"update_norm": norm})
 
 
-@register("fedadagrad", paper="Reddi et al. 2021, arXiv 2003.00295")
+@register("fedadagrad", paper="Reddi et al. 2021, arXiv 2003.00295", presummable=True)
 @dataclass(frozen=True, kw_only=True)
 class FedAdagrad(_FedOpt):
     """FedOpt with the Adagrad second moment."""
@@ -134,7 +134,7 @@ class FedAdagrad(_FedOpt):
     variant: ClassVar[Variant] = "adagrad"
 
 
-@register("fedyogi", paper="Reddi et al. 2021, arXiv 2003.00295")
+@register("fedyogi", paper="Reddi et al. 2021, arXiv 2003.00295", presummable=True)
 @dataclass(frozen=True, kw_only=True)
 class FedYogi(_FedOpt):
     """FedOpt with the Yogi second moment."""
@@ -142,7 +142,7 @@ class FedYogi(_FedOpt):
     variant: ClassVar[Variant] = "yogi"
 
 
-@register("fedadam", paper="Reddi et al. 2021, arXiv 2003.00295")
+@register("fedadam", paper="Reddi et al. 2021, arXiv 2003.00295", presummable=True)
 @dataclass(frozen=True, kw_only=True)
 class FedAdam(_FedOpt):
     """FedOpt with the Adam second moment."""

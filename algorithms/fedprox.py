@@ -51,7 +51,7 @@ class ProximalTraining(LocalTraining):
         return proximal_term(params, start, self.mu) if self.mu > 0 else None
 
 
-@register("fedprox", paper="Li et al. 2020, arXiv 1812.06127")
+@register("fedprox", paper="Li et al. 2020, arXiv 1812.06127", presummable=True)
 @dataclass(frozen=True, kw_only=True)
 class FedProx(ServerDefaults):
     """FedAvg aggregation; local loss + μ/2 ‖w − w_t‖².

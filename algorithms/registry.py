@@ -36,6 +36,7 @@ def register(
     pooled: bool = False,
     personal: bool = False,
     ablation_of: str | None = None,
+    presummable: bool = False,
 ) -> Callable[[T], T]:
     """Class decorator: register a frozen dataclass algorithm under ``name``.
 
@@ -43,7 +44,9 @@ def register(
     pooled data of all clients (the centralized upper bound, run with Ray Train); ``personal``
     marks algorithms whose clients keep their own projector (kept in the client-state store and
     evaluated one by one); ``ablation_of`` marks a variant of another algorithm with one part
-    switched off (left out of ``fedsim compare --algorithms all``).
+    switched off (left out of ``fedsim compare --algorithms all``); ``presummable`` marks
+    algorithms whose server half depends on the updates only through Σ_k p_k Δ_k
+    (``fedavg_delta``), so workers may pre-sum their clients' updates (the FedAvg family).
     """
 
     def wrap(cls: T) -> T:
@@ -58,6 +61,7 @@ def register(
         cls.pooled = pooled  # type: ignore[attr-defined]
         cls.personal = personal  # type: ignore[attr-defined]
         cls.ablation_of = ablation_of  # type: ignore[attr-defined]
+        cls.presummable = presummable  # type: ignore[attr-defined]
         _REGISTRY[name] = cls
         return cls
 

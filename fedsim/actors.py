@@ -11,13 +11,21 @@ import os
 import resource
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from fedsim.algorithms import build_algorithm
-from fedsim.algorithms.base import ClientUpdate, Weights, check_same_keys, global_norm
+from fedsim.algorithms.base import (
+    ClientUpdate,
+    PartialSum,
+    Weights,
+    check_same_keys,
+    combine_partial_sums,
+    global_norm,
+    partial_sum,
+)
 from fedsim.training import ClientResult, ClientTask, TrainSettings, train_cohort
 
 
@@ -81,12 +89,13 @@ class BackboneWorker:
         threads: int,
         pixel_path: str | None = None,
         bad_images: str = "skip",
+        feature_path: str | None = None,
     ) -> None:
         _quiet()
         from fedsim.data.rows import RowReader
 
         self.backbone = _load(spec, threads)
-        self.rows = RowReader.open(dataset_path, pixel_path, bad_images)
+        self.rows = RowReader.open(dataset_path, pixel_path, bad_images, feature_path)
         self._algorithms: dict[tuple[str, str], Any] = {}
 
     def ready(self) -> dict[str, float]:
@@ -122,6 +131,23 @@ class BackboneWorker:
             self.backbone, self.rows, tasks, starts, payload, local, settings
         )
 
+    def train_presummed(
+        self,
+        tasks: list[ClientTask],
+        payload: Mapping[str, torch.Tensor],
+        algorithm: str,
+        params: Mapping[str, Any],
+        settings: TrainSettings,
+        *starts: Mapping[str, torch.Tensor],
+    ) -> CohortUpload:
+        """Train a cohort and send back one partial sum instead of each client's Δ.
+
+        For presummable algorithms (the FedAvg family) only: every client starts from W_t.
+        Each update is validated here first (the rejected are named, never summed).
+        """
+        results = self.train(tasks, payload, algorithm, params, settings, *starts)
+        return presum(results, starts[0])
+
 
 def validate_update(
     update: ClientUpdate, reference: Mapping[str, torch.Tensor]
@@ -142,6 +168,30 @@ def validate_update(
     if update.num_samples <= 0:
         return f"client {update.client_id}: no samples"
     return None
+
+
+@dataclass(frozen=True)
+class CohortUpload:
+    """What a worker sends for a pre-summed cohort: per-client results without Δ, one sum."""
+
+    results: list[ClientResult]
+    partial: PartialSum | None
+    rejected: list[dict[str, Any]]
+
+
+def presum(
+    results: Sequence[ClientResult], reference: Mapping[str, torch.Tensor]
+) -> CohortUpload:
+    """Validate each client's update, pre-sum the accepted ones, strip Δ from the results."""
+    accepted, rejected = [], []
+    for r in sorted(results, key=lambda r: r.update.client_id):
+        reason = validate_update(r.update, reference)
+        if reason is None:
+            accepted.append(r.update)
+        else:
+            rejected.append({"client_id": r.update.client_id, "reason": reason})
+    stripped = [replace(r, update=replace(r.update, delta={})) for r in results]
+    return CohortUpload(stripped, partial_sum(accepted) if accepted else None, rejected)
 
 
 class Aggregator:
@@ -190,6 +240,33 @@ class Aggregator:
             metrics["update_norm"] = 0.0
             return dict(weights), metrics
         result = self.algorithm.aggregate(weights, accepted, self.state, server_round)
+        self.state = result.state
+        metrics.update(result.metrics)
+        metrics.setdefault(
+            "update_norm",
+            global_norm({k: result.weights[k] - weights[k] for k in weights}),
+        )
+        return result.weights, metrics
+
+    def aggregate_partials(
+        self,
+        weights: Weights,
+        parts: Sequence[PartialSum],
+        rejected: Sequence[dict[str, Any]],
+        server_round: int,
+    ) -> tuple[Weights, dict[str, Any]]:
+        """The server half over pre-summed groups (presummable algorithms only)."""
+        metrics: dict[str, Any] = {
+            "rejected": sorted(rejected, key=lambda r: r["client_id"])
+        }
+        if not parts:
+            metrics["update_norm"] = 0.0
+            return dict(weights), metrics
+        update = combine_partial_sums(parts)
+        reason = validate_update(update, weights)
+        if reason is not None:  # cannot happen for validated, finite parts
+            raise ValueError(f"round {server_round}: combined partial sums: {reason}")
+        result = self.algorithm.aggregate(weights, [update], self.state, server_round)
         self.state = result.state
         metrics.update(result.metrics)
         metrics.setdefault(

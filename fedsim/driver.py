@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from rich.table import Table
 
 from fedsim.actors import ModelSpec, peak_rss_mb
 from fedsim.algorithms import build_algorithm
-from fedsim.algorithms.base import add
+from fedsim.algorithms.base import PartialSum, add
 from fedsim.config import Config, config_to_yaml_data
 from fedsim.configtools import ConfigError
 from fedsim.data.scenes_dataset import ensure_scenes
@@ -93,6 +93,7 @@ class Prepared:
     eval_path: Path
     shards: list[np.ndarray]
     pixel_path: str | None = None
+    feature_path: str | None = None
 
 
 def cache_root(cfg: Config) -> Path:
@@ -263,9 +264,14 @@ def connect_ray(cfg: Config) -> bool:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     import logging
 
+    # Every worker process of the run first quiets Ray Train's per-report chatter.
+    env = {"worker_process_setup_hook": "fedsim.raylog.quiet_ray_train"}
     if cfg.ray.address:
         ray.init(
-            address=cfg.ray.address, logging_level=logging.WARNING, log_to_driver=True
+            address=cfg.ray.address,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+            runtime_env=env,
         )
     else:
         ray.init(
@@ -274,6 +280,7 @@ def connect_ray(cfg: Config) -> bool:
             dashboard_host=cfg.ray.dashboard_host,
             logging_level=logging.ERROR,
             log_to_driver=True,
+            runtime_env=env,
         )
     return True
 
@@ -289,10 +296,19 @@ def _by_cost(tasks: list[ClientTask]) -> list[ClientTask]:
 
 
 def _submit(
-    worker: Any, group: list[ClientTask], start_of: dict[int, Any], rest: tuple
+    worker: Any,
+    group: list[ClientTask],
+    start_of: dict[int, Any],
+    rest: tuple,
+    method: str = "train",
 ) -> Any:
     """Send one cohort to ``worker``; each client's start weights go by reference."""
-    return worker.train.remote(group, *rest, *[start_of[t.client_id] for t in group])
+    call = getattr(worker, method)
+    return call.remote(group, *rest, *[start_of[t.client_id] for t in group])
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _cohorts(tasks: list[ClientTask], size: int) -> list[list[ClientTask]]:
@@ -413,6 +429,14 @@ def run(
     with progress:
         prep = prepare(cfg, build_reporter(progress))
         started_ray = connect_ray(cfg)
+        if cfg.data.feature_cache:
+            from fedsim.data.feature_cache import ensure_feature_cache
+
+            progress.console.print("vision features: cached (Ray Data batch inference)")
+            found = ensure_feature_cache(
+                cache_root(cfg), prep.model, prep.train_path, prep.pixel_path
+            )
+            prep = replace(prep, feature_path=str(found))
         own_pool = pool is None
         pool = pool or ActorPool()
         try:
@@ -628,6 +652,7 @@ def _run_pooled(
         train_path=str(prep.train_path),
         pixel_path=prep.pixel_path,
         bad_images=cfg.data.bad_images,
+        feature_path=prep.feature_path,
         rows=np.concatenate(prep.shards),
         w0=w0,
         algorithm=cfg.algorithm.name,
@@ -709,6 +734,10 @@ def _run_rounds(
     store = MemoryStore()
     steps = cfg.train.local_steps
     settings = _settings(cfg)
+    presum = (
+        cfg.train.presum and getattr(algorithm, "presummable", False) and not personal
+    )
+    method = "train_presummed" if presum else "train"
 
     def evaluate(ref: Any) -> dict[str, float]:
         return ray.get(evaluator.evaluate.remote(ref))
@@ -771,6 +800,8 @@ def _run_rounds(
         # alone, never on the workers. Pull scheduling: largest groups first, each worker kept
         # IN_FLIGHT deep and topped up as its groups finish, so no worker idles while another
         # still has a queue. Which worker trains a group does not change its result.
+        # Presummable algorithms (the FedAvg family): each group comes back as one partial
+        # sum Σ n_k Δ_k instead of a Δ per client.
         pending = _cohorts(tasks, cfg.train.cohort_batch)
         groups = [[t.client_id for t in g] for g in pending]
         owner: dict[Any, Any] = {}
@@ -782,7 +813,7 @@ def _run_rounds(
         for _ in range(IN_FLIGHT):
             for w in workers:
                 if pending:
-                    ref = _submit(w, pending.pop(0), start_of, rest)
+                    ref = _submit(w, pending.pop(0), start_of, rest, method)
                     owner[ref] = w
                     waiting.append(ref)
         progress.update(
@@ -793,14 +824,28 @@ def _run_rounds(
             info="",
         )
         results: list[ClientResult] = []
+        parts: list[PartialSum] = []
+        worker_rejected: list[dict[str, Any]] = []
+        received = 0  # bytes of updates that came back from the workers this round
         while waiting:
             done, waiting = ray.wait(waiting, num_returns=1)
             freed = owner.pop(done[0])
             if pending:
-                ref = _submit(freed, pending.pop(0), start_of, rest)
+                ref = _submit(freed, pending.pop(0), start_of, rest, method)
                 owner[ref] = freed
                 waiting.append(ref)
-            batch: list[ClientResult] = ray.get(done[0])
+            out = ray.get(done[0])
+            if presum:
+                batch = out.results
+                worker_rejected += out.rejected
+                if out.partial is not None:
+                    parts.append(out.partial)
+                    received += _nbytes(out.partial.weighted)
+            else:
+                batch = out
+                received += sum(
+                    _nbytes(r.update.delta) + _nbytes(r.update.extras) for r in out
+                )
             results.extend(batch)
             progress.update(
                 client_task,
@@ -809,7 +854,16 @@ def _run_rounds(
             )
         results.sort(key=lambda r: r.update.client_id)
         updates = [r.update for r in results]
-        weights, agg = ray.get(aggregator.aggregate.remote(weights_ref, updates, rnd))
+        if presum:
+            weights, agg = ray.get(
+                aggregator.aggregate_partials.remote(
+                    weights_ref, parts, worker_rejected, rnd
+                )
+            )
+        else:
+            weights, agg = ray.get(
+                aggregator.aggregate.remote(weights_ref, updates, rnd)
+            )
         # A rejected update changes nothing: neither the client's state nor its own projector.
         rejected = {r["client_id"] for r in agg.get("rejected", [])}
         for res in results:
@@ -841,6 +895,8 @@ def _run_rounds(
             },
             "client_seconds_max": max((r.seconds for r in results), default=0.0),
             "cohorts": groups,
+            "upload_mib": round(received / 2**20, 6),
+            **({"presummed_groups": len(parts)} if presum else {}),
             "bad_images": sum(r.bad_images for r in results),
             **({"corpus": corpus_summary(prep.train_path)} if rnd == 1 else {}),
             "data_passes_max": max(c.passes for c in cursors),

@@ -48,6 +48,7 @@ class ActorPool:
             prep.model,
             str(prep.train_path),
             prep.pixel_path,
+            prep.feature_path,
             cfg.data.bad_images,
             cfg.ray.workers,
             cfg.ray.worker_cpus,
@@ -77,6 +78,7 @@ class ActorPool:
                     cfg.ray.threads_per_worker,
                     prep.pixel_path,
                     cfg.data.bad_images,
+                    prep.feature_path,
                 )
                 for _ in range(cfg.ray.workers)
             ]

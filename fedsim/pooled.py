@@ -49,6 +49,7 @@ class PooledPlan:
     train_path: str
     pixel_path: str | None
     bad_images: str
+    feature_path: str | None
     rows: np.ndarray
     w0: dict[str, torch.Tensor]
     algorithm: str
@@ -189,11 +190,11 @@ def _train_plan(
         backbones.clear()
         backbones[key] = _load(plan.model, plan.threads)
     backbone = backbones[key]
-    rkey = (plan.train_path, plan.pixel_path, plan.bad_images)
+    rkey = (plan.train_path, plan.pixel_path, plan.bad_images, plan.feature_path)
     if rkey not in readers:
         readers.clear()
         readers[rkey] = RowReader.open(
-            plan.train_path, plan.pixel_path, plan.bad_images
+            plan.train_path, plan.pixel_path, plan.bad_images, plan.feature_path
         )
     reader = readers[rkey]
     algorithm = build_algorithm(plan.algorithm, plan.params)

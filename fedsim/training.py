@@ -254,6 +254,12 @@ def train_cohort(
     cohort = CohortProjector([c.module for c in clients]) if len(clients) > 1 else None
     if cohort is not None:
         llava.multi_modal_projector = cohort
+    tower = llava.vision_tower
+    if getattr(reader, "features", None) is not None:
+        from fedsim.data.feature_cache import cached_tower
+
+        # The reader hands out cached encoder features: the encoder is skipped.
+        llava.vision_tower = cached_tower(backbone.model)
     backbone.model.train()
     try:
         steps = max((len(c.task.lrs) for c in clients), default=0)
@@ -271,6 +277,7 @@ def train_cohort(
             )
     finally:
         backbone.model.eval()
+        llava.vision_tower = tower
         if cohort is not None:
             llava.multi_modal_projector = resident
     seconds = (time.perf_counter() - t0) / max(len(clients), 1)

@@ -38,14 +38,30 @@ def decode_image(entry: dict[str, Any]) -> Any:
 
 
 class RowReader:
-    """``read(rows, backbone)`` → (the kept rows' non-image columns, their pixels, kept)."""
+    """``read(rows, backbone)`` → (the kept rows' non-image columns, their pixels, kept).
+
+    With a feature cache the "pixels" are the rows' cached vision features (see
+    :mod:`fedsim.data.feature_cache`); training then runs :class:`CachedVisionTower`.
+    """
 
     def __init__(
-        self, dataset: Any, pixel_path: str | None = None, bad_images: str = "skip"
+        self,
+        dataset: Any,
+        pixel_path: str | None = None,
+        bad_images: str = "skip",
+        feature_path: str | None = None,
     ) -> None:
         import datasets
 
+        from fedsim.data.feature_cache import FeatureStore
+
         self.pixels = PixelStore(pixel_path) if pixel_path else None
+        #: Cached vision features: ``read`` then returns them in place of pixel values.
+        self.features = FeatureStore(feature_path) if feature_path else None
+        if self.features is not None and len(self.features) != len(dataset):
+            raise ValueError(
+                f"feature cache {feature_path}: {len(self.features)} rows for a dataset of {len(dataset)}"
+            )
         if self.pixels is not None and len(self.pixels) != len(dataset):
             raise ValueError(
                 f"pixel cache {pixel_path}: {len(self.pixels)} rows for a dataset of {len(dataset)}"
@@ -62,11 +78,17 @@ class RowReader:
 
     @classmethod
     def open(
-        cls, dataset_path: str, pixel_path: str | None = None, bad_images: str = "skip"
+        cls,
+        dataset_path: str,
+        pixel_path: str | None = None,
+        bad_images: str = "skip",
+        feature_path: str | None = None,
     ) -> RowReader:
         import datasets
 
-        return cls(datasets.load_from_disk(dataset_path), pixel_path, bad_images)
+        return cls(
+            datasets.load_from_disk(dataset_path), pixel_path, bad_images, feature_path
+        )
 
     def __len__(self) -> int:
         return self.length
@@ -76,6 +98,9 @@ class RowReader:
     ) -> tuple[dict[str, list[Any]], torch.Tensor | None, list[int]]:
         """The rows' columns and pixels, and the positions (in ``rows``) that were kept."""
         ids = [int(r) for r in rows]
+        if self.features is not None:
+            feats = self.features[ids].to(backbone.model.dtype)
+            return self.text[ids], feats, list(range(len(ids)))
         if self.pixels is not None:
             pixels = self.pixels[ids].to(backbone.model.dtype)
             return self.text[ids], pixels, list(range(len(ids)))

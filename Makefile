@@ -12,5 +12,8 @@ run: setup
 test: setup
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
 
+bench: setup
+	.venv/bin/fedsim bench $(ARGS)
+
 clean-venv:
 	rm -rf .venv

@@ -201,6 +201,103 @@ def plot(
     console.print(f"wrote {path}")
 
 
+def _ints(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        _fail(f"{flag} {text!r}: expected comma-separated positive integers")
+    return values
+
+
+@app.command()
+def bench(
+    config: Annotated[
+        Optional[str],
+        typer.Option("--config", "-c", help="YAML file or scenario preset name."),
+    ] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", "-s", help="Config override key=value."),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for bench.json.")
+    ] = Path("runs/bench"),
+    sections: Annotated[
+        str, typer.Option(help="Comma-separated: training, aggregation, memory.")
+    ] = "training,aggregation,memory",
+    clients: Annotated[
+        int, typer.Option(help="Training: clients in the workload (one cohort).")
+    ] = 5,
+    steps: Annotated[int, typer.Option(help="Training: local steps per client.")] = 8,
+    batch: Annotated[int, typer.Option(help="Training: examples per local step.")] = 4,
+    repeats: Annotated[int, typer.Option(help="Timed repeats (median).")] = 3,
+    device: Annotated[
+        str, typer.Option(help="Training: cpu or cuda (the backbone's device).")
+    ] = "cpu",
+    threads: Annotated[int, typer.Option(help="Training: torch threads.")] = 1,
+    tf32: Annotated[
+        bool,
+        typer.Option(help="Training on CUDA: allow TF32 convolutions and matmuls."),
+    ] = True,
+    cohort_sizes: Annotated[
+        str, typer.Option(help="Aggregation: comma-separated cohort sizes.")
+    ] = "10,50,100,500",
+    memory_clients: Annotated[
+        str, typer.Option(help="Memory: comma-separated logical client counts.")
+    ] = "10,100,1000",
+    memory_cohort: Annotated[int, typer.Option(help="Memory: clients per round.")] = 10,
+    memory_rounds: Annotated[int, typer.Option(help="Memory: rounds per run.")] = 3,
+) -> None:
+    """Measure client updates/s, swap time, aggregation time and memory; ratios to baselines."""
+    from fedsim.bench import SECTIONS, BenchSettings, run_bench
+    from fedsim.config import load_config
+    from fedsim.models.backbone import BackboneError
+
+    chosen = tuple(x.strip() for x in sections.split(",") if x.strip())
+    bad = [x for x in chosen if x not in SECTIONS]
+    if bad or not chosen:
+        _fail(f"--sections {sections!r}: use some of {', '.join(SECTIONS)}")
+    for flag, value in (
+        ("--clients", clients),
+        ("--steps", steps),
+        ("--batch", batch),
+        ("--repeats", repeats),
+        ("--threads", threads),
+        ("--memory-cohort", memory_cohort),
+        ("--memory-rounds", memory_rounds),
+    ):
+        if value < 1:
+            _fail(f"{flag} {value}: must be >= 1")
+    if device != "cpu" and not device.startswith("cuda"):
+        _fail(f"--device {device!r}: use cpu or cuda")
+    settings = BenchSettings(
+        clients=clients,
+        steps=steps,
+        batch=batch,
+        repeats=repeats,
+        device=device,
+        threads=threads,
+        tf32=tf32,
+        cohort_sizes=_ints("--cohort-sizes", cohort_sizes),
+        memory_clients=_ints("--memory-clients", memory_clients),
+        memory_cohort=memory_cohort,
+        memory_rounds=memory_rounds,
+        sections=chosen,
+    )
+    if "memory" in chosen and memory_cohort > min(settings.memory_clients):
+        _fail(
+            f"--memory-cohort {memory_cohort}: more than the smallest --memory-clients "
+            f"({min(settings.memory_clients)})"
+        )
+    try:
+        cfg = load_config(config, list(set_ or []))
+        run_bench(cfg, settings, out, list(set_ or []), console)
+    except (ConfigError, BackboneError) as e:
+        _fail(str(e))
+
+
 @app.command("export")
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],

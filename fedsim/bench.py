@@ -1,0 +1,423 @@
+"""``fedsim bench``: speed and memory of the simulator, each against a baseline measured in the same run.
+
+Sections (each a table; all numbers in ``bench.json``):
+
+- **local training** — the same client workload (``clients`` clients × ``steps`` local steps of
+  ``batch`` examples on the toy data) done three ways on one process: (a) fedsim's resident
+  backbone, one client at a time (a projector swap per client); (b) the resident backbone with
+  cohort batching (the clients in one forward/backward pass per step); (c) the way peer
+  simulators do it: a fresh model built for every client task (Flower's simulation builds the
+  ClientApp's model per task, as its FlowerTune LLM examples do). Client updates per second and
+  ratios to (a); the projector swap time against the local step time.
+- **aggregation** — each algorithm's server half (pure functions over name → tensor dicts) against
+  the cohort size, at the backbone's projector size.
+- **memory** — ``fedsim run`` once per logical client count (own process, own local Ray), peak
+  resident memory of every fedsim process and the ratio to the smallest count.
+
+Timings are medians of ``repeats`` measurements after a warm-up; wall-clock numbers are never
+asserted in tests, only reported here.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fedsim.config import Config
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What ``fedsim bench`` measures (CLI flags)."""
+
+    clients: int = 5
+    steps: int = 8
+    batch: int = 4
+    repeats: int = 3
+    device: str = "cpu"
+    threads: int = 1
+    tf32: bool = True
+    cohort_sizes: tuple[int, ...] = (10, 50, 100, 500)
+    memory_clients: tuple[int, ...] = (10, 100, 1000)
+    memory_cohort: int = 10
+    memory_rounds: int = 3
+    sections: tuple[str, ...] = ("training", "aggregation", "memory")
+
+
+@dataclass
+class BenchResult:
+    settings: dict[str, Any]
+    machine: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)
+    aggregation: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
+
+
+SECTIONS = ("training", "aggregation", "memory")
+
+
+def _median_seconds(
+    fn: Callable[[], Any], repeats: int, sync: Callable[[], None]
+) -> float:
+    fn()  # warm-up (allocations, kernels, caches)
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _machine(device: str) -> dict[str, Any]:
+    import os
+    import platform
+
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _tasks(shards: Sequence[np.ndarray], s: BenchSettings, seed: int) -> list[Any]:
+    from fedsim.training import ClientTask
+
+    n = s.steps * s.batch
+    lrs = tuple([1e-3] * s.steps)
+    out = []
+    for cid in range(s.clients):
+        shard = shards[cid % len(shards)]
+        rows = np.resize(shard, n)  # the shard's first rows (repeated if it is small)
+        out.append(ClientTask(cid, 1, seed, rows, lrs, s.batch, {}))
+    return out
+
+
+def bench_training(cfg: Config, s: BenchSettings, console: Console) -> dict[str, Any]:
+    """Resident one at a time vs cohort batching vs a fresh model per task."""
+    from fedsim.algorithms.base import LocalTraining
+    from fedsim.data.rows import RowReader
+    from fedsim.driver import prepare
+    from fedsim.models.backbone import init_projector, load_backbone, set_projector_
+    from fedsim.training import TrainSettings, train_client, train_cohort
+
+    torch.set_num_threads(s.threads)
+    # CUDA: TF32 convolutions (cuDNN's default) and matmuls round to 10-bit mantissas; cuDNN
+    # picks algorithms by batch size, so results then depend on the batch at the 1e-3 level.
+    torch.backends.cudnn.allow_tf32 = s.tf32
+    torch.backends.cuda.matmul.allow_tf32 = s.tf32
+    prep = prepare(cfg)
+    spec = prep.model
+    dtype = getattr(torch, spec.dtype)
+
+    def load() -> Any:
+        return load_backbone(
+            spec.backbone_path,
+            lm=spec.lm_path,
+            projector=spec.projector,
+            device=s.device,
+            dtype=dtype,
+        )
+
+    sync = torch.cuda.synchronize if s.device.startswith("cuda") else (lambda: None)
+    backbone = load()
+    reader = RowReader.open(str(prep.train_path), prep.pixel_path)
+    tasks = _tasks(prep.shards, s, cfg.seed)
+    w0 = init_projector(backbone, cfg.seed)
+    local = LocalTraining()
+    settings = TrainSettings()
+
+    def one_at_a_time() -> list[Any]:
+        return [
+            train_client(backbone, reader, t, w0, {}, local, settings) for t in tasks
+        ]
+
+    def cohort() -> list[Any]:
+        return train_cohort(
+            backbone, reader, tasks, [w0] * len(tasks), {}, local, settings
+        )
+
+    def fresh_per_task() -> list[Any]:
+        out = []
+        for t in tasks:
+            model = load()  # what a peer simulator's client task does first
+            out.append(train_client(model, reader, t, w0, {}, local, settings))
+            del model
+        return out
+
+    console.print(
+        f"[bold]local training[/bold]: {s.clients} clients × {s.steps} steps × batch {s.batch}"
+    )
+    seconds = {
+        "resident, one client at a time": _median_seconds(
+            one_at_a_time, s.repeats, sync
+        ),
+        "resident, cohort batching": _median_seconds(cohort, s.repeats, sync),
+        "fresh model per client task (peer simulators)": _median_seconds(
+            fresh_per_task, max(1, s.repeats - 1), sync
+        ),
+    }
+    # How close cohort batching comes to one at a time (the issue's bar: relative 1e-5), next
+    # to how close one at a time comes to itself (GPU kernels need not be deterministic).
+    a = one_at_a_time()
+    rel = _max_relative(a, cohort())
+    repeat = _max_relative(a, one_at_a_time())
+    # Projector swap (copy into the resident parameters) against one local step.
+    other = init_projector(backbone, cfg.seed + 1)
+
+    def swap() -> None:
+        for _ in range(100):
+            set_projector_(backbone, other)
+
+    swap_s = _median_seconds(swap, s.repeats, sync) / 100
+    step_s = seconds["resident, one client at a time"] / (s.clients * s.steps)
+    base = seconds["resident, one client at a time"]
+    rows = {
+        name: {
+            "seconds": sec,
+            "client_updates_per_s": s.clients / sec,
+            "speedup_vs_one_at_a_time": base / sec,
+        }
+        for name, sec in seconds.items()
+    }
+    return {
+        "workload": {"clients": s.clients, "steps": s.steps, "batch": s.batch},
+        "ways": rows,
+        "cohort_max_relative_difference": rel,
+        "repeat_max_relative_difference": repeat,
+        "tf32": s.tf32 and s.device.startswith("cuda"),
+        "swap_seconds": swap_s,
+        "local_step_seconds": step_s,
+        "swap_share_of_step": swap_s / step_s,
+        "projector_params": sum(v.numel() for v in w0.values()),
+    }
+
+
+def _max_relative(a: Sequence[Any], b: Sequence[Any]) -> float:
+    """Largest |Δa − Δb| / max|Δa| over clients and tensors."""
+    return max(
+        float((x.update.delta[k] - y.update.delta[k]).abs().max())
+        / max(float(x.update.delta[k].abs().max()), 1e-30)
+        for x, y in zip(a, b)
+        for k in x.update.delta
+    )
+
+
+def bench_aggregation(
+    cfg: Config, s: BenchSettings, console: Console
+) -> dict[str, Any]:
+    """Server-half time of every registered algorithm against the cohort size."""
+    from fedsim.algorithms.base import ClientUpdate
+    from fedsim.algorithms.registry import build_algorithm, comparable
+    from fedsim.driver import prepare
+    from fedsim.models.backbone import init_projector, load_backbone
+
+    prep = prepare(cfg)
+    backbone = load_backbone(
+        prep.model.backbone_path, lm=prep.model.lm_path, projector=prep.model.projector
+    )
+    weights = init_projector(backbone, cfg.seed)
+    del backbone
+    out: dict[str, dict[str, float]] = {}
+    # centralized aggregates its one pooled update only; every other algorithm takes a cohort.
+    names = [n for n in comparable() if n != "centralized"]
+    console.print(
+        f"[bold]aggregation[/bold]: {', '.join(names)} at cohort sizes {list(s.cohort_sizes)}"
+    )
+    for name in names:
+        algo = build_algorithm(name)
+        out[name] = {}
+        for size in s.cohort_sizes:
+            g = torch.Generator().manual_seed(size)
+            updates = [
+                ClientUpdate(
+                    client_id=c,
+                    delta={
+                        k: 1e-3 * torch.randn(v.shape, generator=g)
+                        for k, v in weights.items()
+                    },
+                    num_samples=100 + c,
+                    loss=1.0,
+                    steps=8,
+                    extras=_extras(name, weights, g),
+                )
+                for c in range(size)
+            ]
+            state = algo.init_state(weights, max(s.cohort_sizes))
+
+            agg = functools.partial(algo.aggregate, weights, updates, state, 1)
+            out[name][str(size)] = _median_seconds(agg, s.repeats, lambda: None)
+    return {
+        "projector_params": sum(v.numel() for v in weights.values()),
+        "seconds": out,
+    }
+
+
+def _extras(
+    name: str, weights: dict[str, torch.Tensor], g: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """What an algorithm's client half uploads besides Δ (SCAFFOLD: Δc_i)."""
+    if name == "scaffold":
+        return {
+            f"dc/{k}": 1e-3 * torch.randn(v.shape, generator=g)
+            for k, v in weights.items()
+        }
+    return {}
+
+
+def bench_memory(
+    s: BenchSettings, sets: Sequence[str], out: Path, console: Console
+) -> dict[str, Any]:
+    """``fedsim run`` per logical client count; peak resident memory of each process."""
+    results: dict[str, dict[str, float]] = {}
+    seconds: dict[str, float] = {}
+    for n in s.memory_clients:
+        run_dir = out / f"memory-clients-{n}"
+        overrides = [
+            f"scenario.num_clients={n}",
+            f"scenario.cohort_size={s.memory_cohort}",
+            f"rounds={s.memory_rounds}",
+            "eval_every=0",
+            "eval.at_start=false",
+            "eval.benchmarks=[]",
+            *sets,
+        ]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fedsim.cli",
+            "run",
+            "--no-progress",
+            "--out",
+            str(run_dir),
+        ]
+        for o in overrides:
+            cmd += ["--set", o]
+        console.print(
+            f"[bold]memory[/bold]: fedsim run with {n} logical clients ({s.memory_cohort} a round, {s.memory_rounds} rounds)"
+        )
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:]
+            raise RuntimeError(
+                f"bench memory: fedsim run with {n} clients failed: {tail}"
+            )
+        seconds[str(n)] = time.perf_counter() - t0
+        results[str(n)] = json.loads((run_dir / "resources.json").read_text())[
+            "peak_rss_mb"
+        ]
+    base = sum(results[str(s.memory_clients[0])].values())
+    return {
+        "cohort": s.memory_cohort,
+        "rounds": s.memory_rounds,
+        "peak_rss_mb": results,
+        "total_ratio": {n: sum(v.values()) / base for n, v in results.items()},
+        "seconds": seconds,
+    }
+
+
+def run_bench(
+    cfg: Config, s: BenchSettings, out: Path, sets: Sequence[str], console: Console
+) -> BenchResult:
+    """Measure the chosen sections, print their tables, write ``out/bench.json``."""
+    for sec in s.sections:
+        if sec not in SECTIONS:
+            raise ValueError(
+                f"--sections: unknown section {sec!r} (use {', '.join(SECTIONS)})"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    result = BenchResult(asdict(s), _machine(s.device))
+    if "training" in s.sections:
+        result.training = bench_training(cfg, s, console)
+        console.print(training_table(result.training))
+    if "aggregation" in s.sections:
+        result.aggregation = bench_aggregation(cfg, s, console)
+        console.print(aggregation_table(result.aggregation))
+    if "memory" in s.sections:
+        result.memory = bench_memory(s, sets, out, console)
+        console.print(memory_table(result.memory))
+    tmp = out / "bench.json.tmp"
+    tmp.write_text(json.dumps(asdict(result), indent=2))
+    tmp.replace(out / "bench.json")
+    console.print(f"wrote {out / 'bench.json'}")
+    return result
+
+
+def training_table(t: dict[str, Any]) -> Table:
+    w = t["workload"]
+    table = Table(
+        title=f"local training: {w['clients']} clients × {w['steps']} steps × batch {w['batch']}"
+    )
+    for col in ("way", "seconds", "client updates / s", "ratio to one at a time"):
+        table.add_column(col, justify="right" if col != "way" else "left")
+    for name, r in t["ways"].items():
+        table.add_row(
+            name,
+            f"{r['seconds']:.3f}",
+            f"{r['client_updates_per_s']:.2f}",
+            f"{r['speedup_vs_one_at_a_time']:.2f}×",
+        )
+    table.caption = (
+        f"projector swap {t['swap_seconds'] * 1e3:.3f} ms = {100 * t['swap_share_of_step']:.2f} % "
+        f"of a local step ({t['local_step_seconds'] * 1e3:.1f} ms); max relative difference "
+        f"of the deltas: cohort vs one at a time {t['cohort_max_relative_difference']:.1e}, "
+        f"one at a time run twice {t['repeat_max_relative_difference']:.1e}"
+        + ("; TF32 on" if t.get("tf32") else "")
+    )
+    return table
+
+
+def aggregation_table(a: dict[str, Any]) -> Table:
+    sizes = list(next(iter(a["seconds"].values())))
+    table = Table(
+        title=f"server aggregation (ms) against cohort size, {a['projector_params']:,} projector parameters"
+    )
+    table.add_column("algorithm")
+    for size in sizes:
+        table.add_column(size, justify="right")
+    table.add_column(f"ms per client at {sizes[-1]}", justify="right")
+    for name, row in a["seconds"].items():
+        table.add_row(
+            name,
+            *[f"{row[size] * 1e3:.2f}" for size in sizes],
+            f"{row[sizes[-1]] * 1e3 / int(sizes[-1]):.4f}",
+        )
+    return table
+
+
+def memory_table(m: dict[str, Any]) -> Table:
+    counts = list(m["peak_rss_mb"])
+    roles = list(m["peak_rss_mb"][counts[0]])
+    table = Table(
+        title=f"peak resident memory (MiB) against logical clients ({m['cohort']} a round, {m['rounds']} rounds)"
+    )
+    for col in ["clients", *roles, "total", f"ratio to {counts[0]}"]:
+        table.add_column(col, justify="right")
+    for n in counts:
+        v = m["peak_rss_mb"][n]
+        table.add_row(
+            n,
+            *[f"{v[r]:.0f}" for r in roles],
+            f"{sum(v.values()):.0f}",
+            f"{m['total_ratio'][n]:.3f}",
+        )
+    return table

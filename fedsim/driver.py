@@ -27,6 +27,7 @@ from fedsim.algorithms import build_algorithm
 from fedsim.algorithms.base import PartialSum, add
 from fedsim.config import Config, config_to_yaml_data
 from fedsim.configtools import ConfigError
+from fedsim.cost import TokenCost
 from fedsim.data.scenes_dataset import ensure_scenes
 from fedsim.data.streams import Cursor, take
 from fedsim.eval.toy import ATTRIBUTES
@@ -291,8 +292,8 @@ IN_FLIGHT = (
 
 
 def _by_cost(tasks: list[ClientTask]) -> list[ClientTask]:
-    """Tasks by predicted cost (rows) descending, ties by client id: the dispatch order."""
-    return sorted(tasks, key=lambda t: (-len(t.rows), t.client_id))
+    """Tasks by predicted cost (tokens, else rows) descending, ties by client id."""
+    return sorted(tasks, key=lambda t: (-(t.cost or len(t.rows)), t.client_id))
 
 
 def _submit(
@@ -738,6 +739,7 @@ def _run_rounds(
         cfg.train.presum and getattr(algorithm, "presummable", False) and not personal
     )
     method = "train_presummed" if presum else "train"
+    cost = TokenCost(prep.model, prep.train_path, cfg.data.qa_fraction)
 
     def evaluate(ref: Any) -> dict[str, float]:
         return ray.get(evaluator.evaluate.remote(ref))
@@ -789,7 +791,14 @@ def _run_rounds(
                 state = {k: v for k, v in state.items() if not k.startswith(MODEL)}
             tasks.append(
                 ClientTask(
-                    cid, rnd, cfg.seed, rows, lrs[:n], cfg.train.batch_size, state
+                    cid,
+                    rnd,
+                    cfg.seed,
+                    rows,
+                    lrs[:n],
+                    cfg.train.batch_size,
+                    state,
+                    cost=cost(cid, rnd, cfg.seed, rows),
                 )
             )
         weights_ref = ray.put(weights)
@@ -895,6 +904,7 @@ def _run_rounds(
             },
             "client_seconds_max": max((r.seconds for r in results), default=0.0),
             "cohorts": groups,
+            "predicted_tokens": {str(t.client_id): t.cost for t in tasks},
             "upload_mib": round(received / 2**20, 6),
             **({"presummed_groups": len(parts)} if presum else {}),
             "bad_images": sum(r.bad_images for r in results),

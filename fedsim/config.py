@@ -313,6 +313,36 @@ class AlgorithmConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ValidationConfig:
+    """What happens to client updates that must not be aggregated.
+
+    Every update is checked before aggregation: keys and shapes against the global projector,
+    NaN/Inf in Δ or in what the algorithm uploads besides it, no samples, and (when set) a global
+    L2 norm above ``max_update_norm``. A rejected update is logged with its client id and reason
+    in ``metrics.jsonl`` and never averaged in; its client's state and own projector stay as
+    they were.
+
+    Attributes
+    ----------
+    max_update_norm:
+        Reject an update whose ‖Δ‖₂ (all tensors together) exceeds this; null for no bound.
+    on_reject:
+        What the round does when an update is rejected: ``continue`` (aggregate the others),
+        ``skip_round`` (keep W_t and the server state this round) or ``fail`` (stop the run
+        after writing the round's record, exit code 2).
+    """
+
+    max_update_norm: float | None = None
+    on_reject: Literal["continue", "skip_round", "fail"] = "continue"
+
+    def __post_init__(self) -> None:
+        if self.max_update_norm is not None and not self.max_update_norm > 0:
+            raise ConfigError(
+                f"validation.max_update_norm: must be > 0 or null, got {self.max_update_norm!r}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     """Toy evaluation with the transformers generation backend.
 
@@ -467,6 +497,7 @@ class Config:
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

@@ -8,6 +8,7 @@ message naming the dotted key and the bad value. YAML is read with ``safe_load``
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -38,6 +39,9 @@ def _type_name(tp: Any) -> str:
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     return getattr(tp, "__name__", str(tp))
+
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -87,6 +91,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {value!r} is not an integer")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads "1e-9" (no dot) as a string; take it as the number it spells.
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
             return float(value)
         raise ConfigError(f"{key}: {value!r} is not a number")
     if tp is str:

@@ -97,6 +97,10 @@ class Prepared:
     feature_path: str | None = None
 
 
+class RunError(RuntimeError):
+    """A run stopped on purpose (e.g. rejected updates under ``validation.on_reject: fail``)."""
+
+
 def cache_root(cfg: Config) -> Path:
     from fedsim.models.toy import default_cache_dir
 
@@ -498,6 +502,7 @@ def _settings(cfg: Config) -> TrainSettings:
         grad_clip=cfg.train.grad_clip,
         loss=cfg.train.loss,
         qa_fraction=cfg.data.qa_fraction,
+        max_update_norm=cfg.validation.max_update_norm,
     )
 
 
@@ -722,7 +727,12 @@ def _run_rounds(
         workers[0].init_projector.remote(cfg.seed)
     )
     aggregator = pool.aggregator(
-        cfg.algorithm.name, cfg.algorithm.params, weights, cfg.scenario.num_clients
+        cfg.algorithm.name,
+        cfg.algorithm.params,
+        weights,
+        cfg.scenario.num_clients,
+        cfg.validation.max_update_norm,
+        cfg.validation.on_reject,
     )
 
     w0 = weights
@@ -900,8 +910,11 @@ def _run_rounds(
             "update_norm": agg.get("update_norm"),
             "rejected": agg.get("rejected", []),
             "algorithm": {
-                k: v for k, v in agg.items() if k not in ("update_norm", "rejected")
+                k: v
+                for k, v in agg.items()
+                if k not in ("update_norm", "rejected", "action")
             },
+            **({"action": agg["action"]} if "action" in agg else {}),
             "client_seconds_max": max((r.seconds for r in results), default=0.0),
             "cohorts": groups,
             "predicted_tokens": {str(t.client_id): t.cost for t in tasks},
@@ -937,6 +950,14 @@ def _run_rounds(
         metrics.append(record)
         history.append(record)
         progress.update(round_task, advance=1, info=f"loss {_loss(record)}")
+        if record["rejected"] and cfg.validation.on_reject == "fail":
+            first = record["rejected"][0]
+            raise RunError(
+                f"round {rnd}: {len(record['rejected'])} update(s) rejected "
+                f"(clients {[r['client_id'] for r in record['rejected']]}; first: "
+                f"{first['reason']}); validation.on_reject is fail — rounds 1–{rnd} are in "
+                f"{out_dir / 'metrics.jsonl'}"
+            )
 
     meta = {
         "algorithm": cfg.algorithm.name,

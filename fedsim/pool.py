@@ -179,7 +179,13 @@ class ActorPool:
         return self._evaluator
 
     def aggregator(
-        self, algorithm: str, params: Any, weights: Any, num_clients: int
+        self,
+        algorithm: str,
+        params: Any,
+        weights: Any,
+        num_clients: int,
+        max_norm: float | None = None,
+        on_reject: str = "continue",
     ) -> Any:
         """The Aggregator actor, reset to a fresh server state for a new run."""
         import ray
@@ -190,10 +196,11 @@ class ActorPool:
             self._aggregator = ray.remote(num_cpus=0)(Aggregator).remote(
                 algorithm, params, weights, num_clients
             )
-        else:
-            ray.get(
-                self._aggregator.reset.remote(algorithm, params, weights, num_clients)
+        ray.get(
+            self._aggregator.reset.remote(
+                algorithm, params, weights, num_clients, max_norm, on_reject
             )
+        )
         return self._aggregator
 
     def initial_eval(self, seed: int, weights: Any) -> dict[str, float]:

@@ -73,6 +73,7 @@ class TrainSettings:
     grad_clip: float | None = 1.0
     loss: str = "per_example"
     qa_fraction: float = 0.3
+    max_update_norm: float | None = None
 
 
 @dataclass(frozen=True)

@@ -90,29 +90,16 @@ def test_run_with_the_feature_cache_gives_the_same_bits(
 ):
     import json
 
-    from rich.console import Console
+    from small_runs import NO_EVAL, small_run
 
-    from fedsim.config import load_config
-    from fedsim.driver import run
-
-    base = [
-        "data.num_scenes=2000",
-        "data.eval_scenes=40",
-        "rounds=2",
-        "eval_every=0",
-        "eval.benchmarks=[]",
-        "train.local_steps=2",
-        "train.batch_size=4",
-        "scenario.num_clients=20",
-        "scenario.cohort_size=4",
-        "algorithm.name=fedprox",
-        f"cache_dir={cache_dir}",
-    ]
     runs = {}
     for flag in ("false", "true"):
-        cfg = load_config(None, [*base, f"data.feature_cache={flag}"])
-        runs[flag] = run(
-            cfg, tmp_path / flag, console=Console(quiet=True), show_progress=False
+        runs[flag] = small_run(
+            tmp_path / flag,
+            cache_dir,
+            *NO_EVAL,
+            "algorithm.name=fedprox",
+            f"data.feature_cache={flag}",
         )
     for k, v in runs["false"].weights.items():
         assert torch.equal(v, runs["true"].weights[k]), k

@@ -14,19 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from small_runs import NO_EVAL, SMALL
 
 from fedsim.runio import load_weights
 
-SMALL = [
-    "data.num_scenes=2000",
-    "data.eval_scenes=40",
-    "rounds=2",
-    "eval_every=0",
-    "eval.benchmarks=[]",
-    "train.local_steps=2",
-    "train.batch_size=4",
-    "scenario.num_clients=20",
-    "scenario.cohort_size=4",
+RUN = [
+    *NO_EVAL,
     "train.cohort_batch=2",
     "ray.workers=2",
     "algorithm.name=scaffold",
@@ -64,7 +57,7 @@ def test_two_nodes_give_the_bits_of_one(tmp_path, toy_path, cache_dir, ray_sessi
     from fedsim.config import load_config
     from fedsim.driver import run
 
-    common = [*SMALL, f"cache_dir={cache_dir}"]
+    common = [*SMALL, *RUN, f"cache_dir={cache_dir}"]
     one = run(
         load_config(None, common),
         tmp_path / "one-node",

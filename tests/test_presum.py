@@ -122,31 +122,17 @@ def test_worker_rejects_non_finite_updates_by_name_and_sums_the_rest():
 
 @pytest.mark.slow
 def test_runs_with_presummed_groups(tmp_path, toy_path, cache_dir, ray_session):
-    from rich.console import Console
-
-    from fedsim.config import load_config
-    from fedsim.driver import run
+    from small_runs import NO_EVAL, small_run
 
     base = [
-        "data.num_scenes=2000",
-        "data.eval_scenes=40",
-        "rounds=2",
-        "eval_every=0",
-        "eval.benchmarks=[]",
-        "train.local_steps=2",
-        "train.batch_size=4",
-        "scenario.num_clients=20",
+        *NO_EVAL,
         "scenario.cohort_size=6",
         "train.cohort_batch=4",  # groups of 4 and 2
         "algorithm.name=fedadam",
-        f"cache_dir={cache_dir}",
     ]
 
     def go(name: str, *extra: str):
-        cfg = load_config(None, [*base, *extra])
-        return run(
-            cfg, tmp_path / name, console=Console(quiet=True), show_progress=False
-        )
+        return small_run(tmp_path / name, cache_dir, *base, *extra)
 
     on1 = go("on1", "ray.workers=1", "train.presum=true")
     on2 = go("on2", "ray.workers=2", "train.presum=true")

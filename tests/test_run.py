@@ -10,28 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
+from small_runs import NO_EVAL, small_run
+from small_runs import SMALL as BASE
 
 from fedsim.config import load_config
 from fedsim.runio import load_weights
 
-SMALL = [
-    "data.num_scenes=2000",
-    "data.eval_scenes=40",
-    "rounds=2",
-    "eval_every=1",
-    "train.local_steps=2",
-    "train.batch_size=4",
-    "scenario.num_clients=20",
-    "scenario.cohort_size=4",
-]
+SMALL = [*BASE, "eval_every=1"]
 
 
 def _run(tmp_path: Path, name: str, extra: list[str], cache_dir: Path):
-    from fedsim.driver import run
-
-    cfg = load_config(None, [*SMALL, f"cache_dir={cache_dir}", *extra])
-    return run(cfg, tmp_path / name, console=Console(quiet=True), show_progress=False)
+    return small_run(tmp_path / name, cache_dir, "eval_every=1", *extra)
 
 
 @pytest.mark.slow
@@ -167,7 +156,7 @@ def test_cohort_batching_same_groups_whatever_the_workers(
 ):
     """Groups of 2 of SCAFFOLD's 4 clients (client-state store in play), on 1 and 2 workers:
     bit-identical; one client at a time: equal within the issue's relative 1e-5."""
-    common = ["algorithm.name=scaffold", "eval_every=0", "eval.benchmarks=[]"]
+    common = ["algorithm.name=scaffold", *NO_EVAL]
     runs = {
         (cb, w): _run(
             tmp_path,

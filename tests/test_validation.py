@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from small_runs import NO_EVAL, SMALL, small_run
 
 from fedsim.actors import Aggregator, validate_update
 from fedsim.algorithms.base import ClientUpdate
@@ -90,31 +91,16 @@ def test_nothing_accepted_keeps_w():
     assert metrics["update_norm"] == 0.0 and "no accepted update" in metrics["action"]
 
 
-SMALL = [
-    "data.num_scenes=2000",
-    "data.eval_scenes=40",
-    "rounds=2",
-    "eval_every=0",
-    "eval.benchmarks=[]",
-    "train.local_steps=2",
-    "train.batch_size=4",
-    "scenario.num_clients=20",
-    "scenario.cohort_size=4",
-    "validation.max_update_norm=1e-9",
-]
+OVER = [*NO_EVAL, "validation.max_update_norm=1e-9"]  # every update is over the bound
 
 
 @pytest.mark.slow
 def test_every_update_over_the_bound_keeps_w0(
     tmp_path, toy_path, cache_dir, ray_session
 ):
-    from rich.console import Console
-
-    from fedsim.driver import run
     from fedsim.runio import load_weights
 
-    cfg = load_config(None, [*SMALL, f"cache_dir={cache_dir}"])
-    res = run(cfg, tmp_path / "r", console=Console(quiet=True), show_progress=False)
+    res = small_run(tmp_path / "r", cache_dir, *OVER)
     w0 = load_weights(tmp_path / "r" / "final" / "projector.safetensors")
     for rec in res.history[1:]:
         assert sorted(r["client_id"] for r in rec["rejected"]) == sorted(rec["clients"])
@@ -122,7 +108,7 @@ def test_every_update_over_the_bound_keeps_w0(
     # W_0 from the seed, untouched: the final projector is the one round 0 evaluated.
     from fedsim.models.backbone import init_projector, load_backbone
 
-    fresh = init_projector(load_backbone(toy_path), cfg.seed)
+    fresh = init_projector(load_backbone(toy_path), 0)
     assert all(torch.equal(w0[k], fresh[k]) for k in fresh)
 
 
@@ -140,7 +126,7 @@ def test_fail_policy_stops_with_one_line_and_keeps_the_rounds_done(
         "--out",
         str(out),
     ]
-    for s in [*SMALL, f"cache_dir={cache_dir}", "validation.on_reject=fail"]:
+    for s in [*SMALL, *OVER, f"cache_dir={cache_dir}", "validation.on_reject=fail"]:
         cmd += ["--set", s]
     r = subprocess.run(
         cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}

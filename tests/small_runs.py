@@ -1,0 +1,29 @@
+"""The small run the Ray integration tests start from: 2 rounds on 2 000 scenes, 4 of 20 clients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+SMALL = [
+    "data.num_scenes=2000",
+    "data.eval_scenes=40",
+    "rounds=2",
+    "train.local_steps=2",
+    "train.batch_size=4",
+    "scenario.num_clients=20",
+    "scenario.cohort_size=4",
+]
+#: No evaluation between rounds and no toy suite: for tests about training only.
+NO_EVAL = ["eval_every=0", "eval.benchmarks=[]"]
+
+
+def small_run(out: Path, cache_dir: Path, *extra: str) -> Any:
+    """``fedsim.driver.run`` of SMALL + ``extra`` into ``out`` (quiet, no progress)."""
+    from rich.console import Console
+
+    from fedsim.config import load_config
+    from fedsim.driver import run
+
+    cfg = load_config(None, [*SMALL, f"cache_dir={cache_dir}", *extra])
+    return run(cfg, out, console=Console(quiet=True), show_progress=False)

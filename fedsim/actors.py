@@ -257,6 +257,10 @@ class Aggregator:
         """The algorithm's server state (momentum, bases, ...), saved with the run."""
         return {k: v.contiguous() for k, v in self.state.items()}
 
+    def load_state(self, state: Weights) -> None:
+        """Continue from a checkpoint's server state (after :meth:`reset`)."""
+        self.state = {k: v.clone() for k, v in state.items()}
+
     def aggregate(
         self, weights: Weights, updates: Sequence[ClientUpdate], server_round: int
     ) -> tuple[Weights, dict[str, Any]]:

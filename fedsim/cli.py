@@ -79,6 +79,14 @@ def run(
     no_progress: Annotated[
         bool, typer.Option("--no-progress", help="No live progress display.")
     ] = False,
+    resume: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--resume",
+            help="Go on with the interrupted run in this folder from its newest checkpoint "
+            "(its own config.yaml; --set may change only ray.* and cache_dir).",
+        ),
+    ] = None,
 ) -> None:
     """Train the projector federatedly and evaluate it; writes config, metrics, weights and reports."""
     from fedsim.config import load_config
@@ -89,15 +97,25 @@ def run(
         overrides.append(f"ray.workers={workers}")
     if address is not None:
         overrides.append(f"ray.address={address}")
+    from fedsim.driver import RunError, resume_run
+    from fedsim.driver import run as run_driver
+    from fedsim.models.backbone import BackboneError
+
+    if resume is not None:
+        if config is not None or (out is not None and out != resume):
+            _fail(
+                "--resume takes the run's own config.yaml and folder: drop --config/--out"
+            )
+        try:
+            resume_run(resume, overrides, console, show_progress=not no_progress)
+        except (ConfigError, BackboneError, RunError) as e:
+            _fail(str(e))
+        return
     try:
         cfg = load_config(config, overrides)
     except ConfigError as e:
         _fail(str(e))
         return
-    from fedsim.driver import RunError
-    from fedsim.driver import run as run_driver
-    from fedsim.models.backbone import BackboneError
-
     try:
         run_driver(
             cfg,

@@ -441,6 +441,10 @@ class RayConfig:
         Evaluator reserves ``eval.vllm_gpus``.
     dashboard:
         Start the Ray dashboard (local Ray only), bound to ``dashboard_host``.
+    task_retries:
+        How often one group of client tasks is sent again after the worker (or node) running it
+        died; each retry goes to a live worker, and a replacement worker is started. A group's
+        result depends only on its tasks, so retries do not change the run's result.
     """
 
     address: str | None = None
@@ -455,11 +459,16 @@ class RayConfig:
     evaluator_resources: dict[str, float] = field(default_factory=dict)
     dashboard: bool = False
     dashboard_host: str = "127.0.0.1"
+    task_retries: int = 3
 
     def __post_init__(self) -> None:
         _positive(
             "ray", workers=self.workers, threads_per_worker=self.threads_per_worker
         )
+        if self.task_retries < 0:
+            raise ConfigError(
+                f"ray.task_retries: must be >= 0, got {self.task_retries!r}"
+            )
         if self.worker_cpus < 0 or self.worker_gpus < 0:
             raise ConfigError("ray.worker_cpus / ray.worker_gpus: must be >= 0")
         if self.evaluator_cpus < 0 or self.evaluator_gpus < 0:
@@ -486,12 +495,21 @@ class Config:
         Evaluate every this many rounds (and after the last); 0 = only at the end.
     cache_dir:
         Where built backbones and datasets are cached; null = $FEDSIM_CACHE or ~/.cache/fedsim.
+    checkpoint_every:
+        Write a round checkpoint (global projector, server state, client states, data cursors,
+        simulated clock) to ``<run>/checkpoints/round-<r>/`` every this many rounds; 0 = none.
+        ``fedsim run --resume <run>`` continues from the newest one to the same bits.
+    checkpoint_keep:
+        Keep the newest this many checkpoints (older ones are removed after a new one is in
+        place).
     """
 
     seed: int = 0
     rounds: int = 25
     eval_every: int = 5
     cache_dir: str | None = None
+    checkpoint_every: int = 5
+    checkpoint_keep: int = 2
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
@@ -508,6 +526,14 @@ class Config:
             raise ConfigError(f"eval_every: must be >= 0, got {self.eval_every!r}")
         if self.seed < 0:
             raise ConfigError(f"seed: must be >= 0, got {self.seed!r}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(
+                f"checkpoint_every: must be >= 0, got {self.checkpoint_every!r}"
+            )
+        if self.checkpoint_keep < 1:
+            raise ConfigError(
+                f"checkpoint_keep: must be >= 1, got {self.checkpoint_keep!r}"
+            )
 
 
 def _normalise_algorithm(data: dict[str, Any]) -> dict[str, Any]:

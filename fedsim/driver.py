@@ -9,10 +9,13 @@ actor validates the updates and applies the algorithm in sorted client-id order;
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +28,19 @@ from rich.table import Table
 from fedsim.actors import ModelSpec, peak_rss_mb
 from fedsim.algorithms import build_algorithm
 from fedsim.algorithms.base import PartialSum, add
+from fedsim.checkpoint import (
+    RoundState,
+    config_digest,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fedsim.config import Config, config_to_yaml_data
 from fedsim.configtools import ConfigError
 from fedsim.cost import TokenCost
 from fedsim.data.scenes_dataset import ensure_scenes
 from fedsim.data.streams import Cursor, take
+from fedsim.dispatch import WorkerSet, WorkersLost, dispatch
 from fedsim.eval.toy import ATTRIBUTES
 from fedsim.pool import ActorPool
 from fedsim.progress import build_reporter, make_progress
@@ -316,6 +327,33 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+@dataclass
+class _Uploads:
+    """What a round's groups sent back: per-client results, partial sums, bytes received."""
+
+    presum: bool
+    results: list[ClientResult] = field(default_factory=list)
+    parts: list[PartialSum] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # by the workers
+    received: int = 0
+
+    def add(self, out: Any) -> list[ClientResult]:
+        """Take one group's output; returns its per-client results."""
+        if self.presum:
+            batch = out.results
+            self.rejected.extend(out.rejected)
+            if out.partial is not None:
+                self.parts.append(out.partial)
+                self.received += _nbytes(out.partial.weighted)
+        else:
+            batch = out
+            self.received += sum(
+                _nbytes(r.update.delta) + _nbytes(r.update.extras) for r in out
+            )
+        self.results.extend(batch)
+        return batch
+
+
 def _cohorts(tasks: list[ClientTask], size: int) -> list[list[ClientTask]]:
     """The round's cohorts: tasks by cost (:func:`_by_cost`) cut into groups of ``size``."""
     ordered = _by_cost(tasks)
@@ -409,12 +447,15 @@ def run(
     show_progress: bool = True,
     pool: ActorPool | None = None,
     plot: bool = True,
+    resume: bool = False,
 ) -> RunResult:
     """Run ``cfg`` to the end, writing everything to ``out_dir`` (which must be new or empty).
 
     ``pool`` lends resident workers and an Evaluator kept across runs (``fedsim compare``); by
     default the run starts its own and stops them at the end. ``plot=False`` skips the run's own
     ``curves.png`` (``fedsim compare`` draws all runs in one figure; ``fedsim plot`` draws any).
+    ``resume=True``: ``out_dir`` holds an interrupted run of ``cfg``; go on from its newest
+    checkpoint (see :func:`resume_run`).
     """
     import ray
 
@@ -422,32 +463,49 @@ def run(
     algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
     # Cheap checks first, so that bad input leaves nothing behind.
     check_inputs(cfg)
-    check_run_dir(Path(out_dir))
+    out_dir = Path(out_dir)
+    restored = None
+    if resume:
+        if getattr(algorithm, "pooled", False):
+            raise RunError(
+                f"--resume {str(out_dir)!r}: centralized runs (Ray Train) have no round "
+                "checkpoints; start it again"
+            )
+        restored = find_checkpoint(cfg, out_dir)
+    else:
+        check_run_dir(out_dir)
     if cfg.model.backbone != "toy":
         resolve_backbone(cfg)
-    out_dir = prepare_run_dir(Path(out_dir))
-    write_yaml(out_dir / "config.yaml", config_to_yaml_data(cfg))
     metrics = MetricsLog(out_dir / "metrics.jsonl")
+    if restored is None:
+        out_dir = prepare_run_dir(out_dir)
+        write_yaml(out_dir / "config.yaml", config_to_yaml_data(cfg))
+    else:
+        cut_metrics(out_dir, restored.round, restored.metrics_lines)
     t_start = time.perf_counter()
 
     progress = make_progress(console, disable=not show_progress)
     with progress:
         prep = prepare(cfg, build_reporter(progress))
         started_ray = connect_ray(cfg)
-        if cfg.data.feature_cache:
-            from fedsim.data.feature_cache import ensure_feature_cache
-
-            progress.console.print("vision features: cached (Ray Data batch inference)")
-            found = ensure_feature_cache(
-                cache_root(cfg), prep.model, prep.train_path, prep.pixel_path
-            )
-            prep = replace(prep, feature_path=str(found))
         own_pool = pool is None
         pool = pool or ActorPool()
         try:
-            loop = _run_pooled if getattr(algorithm, "pooled", False) else _run_rounds
-            result = loop(
-                cfg, algorithm, prep, out_dir, metrics, progress, console, pool
+            if cfg.data.feature_cache:
+                from fedsim.data.feature_cache import ensure_feature_cache
+
+                progress.console.print(
+                    "vision features: cached (Ray Data batch inference)"
+                )
+                found = ensure_feature_cache(
+                    cache_root(cfg), prep.model, prep.train_path, prep.pixel_path
+                )
+                prep = replace(prep, feature_path=str(found))
+            args = (cfg, algorithm, prep, out_dir, metrics, progress, console, pool)
+            result = (
+                _run_pooled(*args)
+                if getattr(algorithm, "pooled", False)
+                else _run_rounds(*args, restored)
             )
         finally:
             if own_pool:
@@ -479,6 +537,85 @@ def run(
         + (", curves.png)" if plot else ")")
     )
     return result
+
+
+def find_checkpoint(cfg: Config, run_dir: Path) -> RoundState:
+    """The newest checkpoint of the interrupted run in ``run_dir``, checked against ``cfg``."""
+    if not (run_dir / "config.yaml").exists():
+        raise RunError(f"--resume {str(run_dir)!r}: not a run folder (no config.yaml)")
+    if (run_dir / "summary.md").exists():
+        raise RunError(
+            f"--resume {str(run_dir)!r}: the run finished (summary.md is there); nothing to "
+            "resume"
+        )
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise RunError(
+            f"--resume {str(run_dir)!r}: no checkpoint in {str(run_dir / 'checkpoints')!r} "
+            f"(checkpoint_every={cfg.checkpoint_every}); start the run again"
+        )
+    restored = load_checkpoint(found, config_digest(config_to_yaml_data(cfg)))
+    lines = len(MetricsLog(run_dir / "metrics.jsonl").read_lines())
+    if lines < restored.metrics_lines:
+        raise RunError(
+            f"--resume {str(run_dir)!r}: metrics.jsonl has {lines} complete lines, the "
+            f"checkpoint of round {restored.round} expects {restored.metrics_lines}"
+        )
+    return restored
+
+
+def cut_metrics(run_dir: Path, round_: int, keep: int) -> None:
+    """Cut ``metrics.jsonl`` back to the checkpoint's rounds (atomically); log the resume.
+
+    The rounds after the checkpoint are run again and logged anew; which ones were dropped, and
+    when, goes to ``resumes.jsonl``.
+    """
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    lines = log.read_lines()
+    dropped = [json.loads(x).get("round") for x in lines[keep:] if _complete(x)]
+    write_text(log.path, "".join(x + "\n" for x in lines[:keep]))
+    MetricsLog(run_dir / "resumes.jsonl").append(
+        {
+            "resumed_after_round": round_,
+            "dropped_rounds": dropped,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
+
+
+def _complete(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
+def resume_run(
+    run_dir: Path,
+    overrides: list[str] | None = None,
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> RunResult:
+    """Go on with the interrupted run in ``run_dir`` from its newest checkpoint.
+
+    The run's own ``config.yaml`` is the config; ``overrides`` may change only where it runs
+    (``ray.*``) and ``cache_dir``, which do not change its result.
+    """
+    from fedsim.config import load_config
+
+    run_dir = Path(run_dir)
+    for o in overrides or []:
+        key = o.split("=", 1)[0].strip()
+        if not (key.startswith("ray.") or key == "cache_dir"):
+            raise ConfigError(
+                f"--resume: --set {key} would change the run; only ray.* and cache_dir may "
+                "change on resume"
+            )
+    if not (run_dir / "config.yaml").is_file():
+        raise RunError(f"--resume {str(run_dir)!r}: not a run folder (no config.yaml)")
+    cfg = load_config(str(run_dir / "config.yaml"), overrides)
+    return run(cfg, run_dir, console, show_progress, resume=True)
 
 
 def _lrs(cfg: Config, rnd: int, steps: int) -> tuple[float, ...]:
@@ -716,15 +853,16 @@ def _run_rounds(
     progress: Progress,
     console: Console,
     pool: ActorPool,
+    restored: RoundState | None = None,
 ) -> RunResult:
     import ray
 
     personal = bool(getattr(algorithm, "personal", False))
     evaluator = pool.evaluator(cfg, prep)
-    workers = pool.workers(cfg, prep)
+    workers = WorkerSet(pool, pool.workers(cfg, prep))
     # W_0 from the run seed (not from the checkpoint's stored projector).
     weights: dict[str, torch.Tensor] = ray.get(
-        workers[0].init_projector.remote(cfg.seed)
+        workers.handles()[0].init_projector.remote(cfg.seed)
     )
     aggregator = pool.aggregator(
         cfg.algorithm.name,
@@ -775,14 +913,39 @@ def _run_rounds(
         )
 
     history: list[dict[str, Any]] = []
-    initial_eval = _initial_eval(cfg, pool, weights, metrics, history, console)
+    final_eval: dict[str, float] = {}
+    first = 1
+    if restored is None:
+        initial_eval = _initial_eval(cfg, pool, weights, metrics, history, console)
+    else:
+        # Go on after the checkpoint's round: its weights, server state, client states, cursors
+        # and clock; metrics.jsonl already holds its rounds (and was cut back to them).
+        if len(restored.cursors) != len(shards):
+            raise RunError(
+                f"checkpoint of round {restored.round}: {len(restored.cursors)} client "
+                f"cursors, the config partitions into {len(shards)} clients"
+            )
+        weights = restored.weights
+        ray.get(aggregator.load_state.remote(restored.server_state))
+        cursors = list(restored.cursors)
+        store.restore(restored.clients)
+        sim_clock = restored.sim_clock
+        final_eval = dict(restored.final_eval)
+        history = metrics.read()
+        initial_eval = next(
+            (r["eval"] for r in history if r.get("round") == 0 and "eval" in r), None
+        )
+        first = restored.round + 1
+        console.print(f"resumed after round {restored.round} (its checkpoint)")
     # At round 0 every client of a personal algorithm holds W_0 too: one evaluation.
     w0_eval.update(initial_eval or {})
+    digest = config_digest(config_to_yaml_data(cfg))
 
-    round_task = progress.add_task("rounds", total=cfg.rounds, info="")
+    round_task = progress.add_task(
+        "rounds", total=cfg.rounds, completed=first - 1, info=""
+    )
     client_task = progress.add_task("client tasks", total=1, info="")
-    final_eval: dict[str, float] = {}
-    for rnd in range(1, cfg.rounds + 1):
+    for rnd in range(first, cfg.rounds + 1):
         t0 = time.perf_counter()
         plan = plan_round(participation, sizes, steps, upload_bytes, cfg.seed, rnd)
         cohort = plan.cohort
@@ -816,25 +979,16 @@ def _run_rounds(
         payload_ref = aggregator.payload.remote()
         # Cohorts: the round's tasks by predicted cost, cut into groups of train.cohort_batch
         # (similar costs share a pass, so little is masked); a group depends on the config
-        # alone, never on the workers. Pull scheduling: largest groups first, each worker kept
-        # IN_FLIGHT deep and topped up as its groups finish, so no worker idles while another
-        # still has a queue. Which worker trains a group does not change its result.
+        # alone, never on the workers. fedsim.dispatch sends them largest first to whichever
+        # worker frees, and sends a group again when its worker or node is lost.
         # Presummable algorithms (the FedAvg family): each group comes back as one partial
         # sum Σ n_k Δ_k instead of a Δ per client.
         pending = _cohorts(tasks, cfg.train.cohort_batch)
         groups = [[t.client_id for t in g] for g in pending]
-        owner: dict[Any, Any] = {}
-        waiting: list[Any] = []
         rest = (payload_ref, cfg.algorithm.name, cfg.algorithm.params, settings)
         start_of = {
             t.client_id: start_refs.get(t.client_id, weights_ref) for t in tasks
         }
-        for _ in range(IN_FLIGHT):
-            for w in workers:
-                if pending:
-                    ref = _submit(w, pending.pop(0), start_of, rest, method)
-                    owner[ref] = w
-                    waiting.append(ref)
         progress.update(
             client_task,
             total=len(tasks),
@@ -842,35 +996,43 @@ def _run_rounds(
             description=f"round {rnd} clients",
             info="",
         )
-        results: list[ClientResult] = []
-        parts: list[PartialSum] = []
-        worker_rejected: list[dict[str, Any]] = []
-        received = 0  # bytes of updates that came back from the workers this round
-        while waiting:
-            done, waiting = ray.wait(waiting, num_returns=1)
-            freed = owner.pop(done[0])
-            if pending:
-                ref = _submit(freed, pending.pop(0), start_of, rest, method)
-                owner[ref] = freed
-                waiting.append(ref)
-            out = ray.get(done[0])
-            if presum:
-                batch = out.results
-                worker_rejected += out.rejected
-                if out.partial is not None:
-                    parts.append(out.partial)
-                    received += _nbytes(out.partial.weighted)
-            else:
-                batch = out
-                received += sum(
-                    _nbytes(r.update.delta) + _nbytes(r.update.extras) for r in out
-                )
-            results.extend(batch)
+        uploads = _Uploads(presum)
+
+        def on_result(out: Any, uploads: _Uploads = uploads) -> None:
+            batch = uploads.add(out)
             progress.update(
                 client_task,
                 advance=len(batch),
                 info=f"client {batch[-1].update.client_id} loss {batch[-1].update.loss:.3f}",
             )
+
+        try:
+            sent = dispatch(
+                pending,
+                partial(_submit, start_of=start_of, rest=rest, method=method),
+                workers,
+                on_result,
+                depth=IN_FLIGHT,
+                max_retries=cfg.ray.task_retries,
+                label=lambda g: str([t.client_id for t in g]),
+            )
+        except WorkersLost as e:
+            raise RunError(
+                f"round {rnd}: {e}; rounds before it are in {out_dir / 'metrics.jsonl'}"
+                + (
+                    f", the last checkpoint in {out_dir / 'checkpoints'} (fedsim run "
+                    f"--resume {out_dir})"
+                    if cfg.checkpoint_every
+                    else ""
+                )
+            ) from None
+        if sent.lost:
+            console.print(
+                f"round {rnd}: lost worker(s) {sent.lost}; {sent.retries} client group(s) "
+                "sent again"
+            )
+        results, parts, received = uploads.results, uploads.parts, uploads.received
+        worker_rejected = uploads.rejected
         results.sort(key=lambda r: r.update.client_id)
         updates = [r.update for r in results]
         if presum:
@@ -917,6 +1079,8 @@ def _run_rounds(
             **({"action": agg["action"]} if "action" in agg else {}),
             "client_seconds_max": max((r.seconds for r in results), default=0.0),
             "cohorts": groups,
+            "retries": sent.retries,
+            **({"workers_lost": sent.lost} if sent.lost else {}),
             "predicted_tokens": {str(t.client_id): t.cost for t in tasks},
             "upload_mib": round(received / 2**20, 6),
             **({"presummed_groups": len(parts)} if presum else {}),
@@ -949,6 +1113,22 @@ def _run_rounds(
         record["wall_seconds"] = round(time.perf_counter() - t0, 3)
         metrics.append(record)
         history.append(record)
+        if cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0:
+            save_checkpoint(
+                out_dir,
+                RoundState(
+                    round=rnd,
+                    weights=weights,
+                    server_state=ray.get(aggregator.server_state.remote()),
+                    clients=store.snapshot(),
+                    cursors=cursors,
+                    sim_clock=sim_clock,
+                    final_eval=final_eval,
+                    metrics_lines=len(history),
+                ),
+                digest,
+                cfg.checkpoint_keep,
+            )
         progress.update(round_task, advance=1, info=f"loss {_loss(record)}")
         if record["rejected"] and cfg.validation.on_reject == "fail":
             first = record["rejected"][0]
@@ -984,7 +1164,10 @@ def _run_rounds(
         "driver": peak_rss_mb(),
         **{
             f"worker{i}": v
-            for i, v in enumerate(ray.get([w.peak_rss_mb.remote() for w in workers]))
+            for i, v in zip(
+                sorted(workers.live),
+                ray.get([w.peak_rss_mb.remote() for w in workers.handles()]),
+            )
         },
         "aggregator": ray.get(aggregator.peak_rss_mb.remote()),
         "evaluator": ray.get(evaluator.peak_rss_mb.remote()),
@@ -992,7 +1175,10 @@ def _run_rounds(
     nodes = {
         **{
             f"worker{i}": v
-            for i, v in enumerate(ray.get([w.node.remote() for w in workers]))
+            for i, v in zip(
+                sorted(workers.live),
+                ray.get([w.node.remote() for w in workers.handles()]),
+            )
         },
         "aggregator": ray.get(aggregator.node.remote()),
         "evaluator": ray.get(evaluator.node.remote()),

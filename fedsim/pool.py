@@ -33,6 +33,7 @@ class ActorPool:
     def __init__(self) -> None:
         self._workers: list[Any] = []
         self._workers_key: tuple[Any, ...] | None = None
+        self._new_worker: Any = None
         self._evaluator: Any = None
         self._evaluator_key: tuple[Any, ...] | None = None
         self._initial: dict[tuple[Any, ...], dict[str, float]] = {}
@@ -71,17 +72,16 @@ class ActorPool:
                 if cfg.ray.placement == "spread"
                 else "DEFAULT",
             )(BackboneWorker)
-            self._workers = [
-                cls.remote(
-                    prep.model,
-                    str(prep.train_path),
-                    cfg.ray.threads_per_worker,
-                    prep.pixel_path,
-                    cfg.data.bad_images,
-                    prep.feature_path,
-                )
-                for _ in range(cfg.ray.workers)
-            ]
+            args = (
+                prep.model,
+                str(prep.train_path),
+                cfg.ray.threads_per_worker,
+                prep.pixel_path,
+                cfg.data.bad_images,
+                prep.feature_path,
+            )
+            self._new_worker = lambda: cls.remote(*args)
+            self._workers = [self._new_worker() for _ in range(cfg.ray.workers)]
             self._workers_key = None
             try:
                 ray.get([w.ready.remote() for w in self._workers])
@@ -91,6 +91,24 @@ class ActorPool:
                 ) from None
             self._workers_key = key
         return self._workers
+
+    def replace_worker(self, index: int) -> Any:
+        """A new worker in place of worker ``index`` (lost with its process or node).
+
+        The old handle is killed (a no-op when it is dead already); the new one is started with
+        the same backbone, data and resources and is returned at once: call ``ready`` on it
+        before sending tasks. Ray places it on a node that has room, which need not be the old
+        worker's.
+        """
+        import ray
+
+        try:
+            ray.kill(self._workers[index])
+        except Exception:  # noqa: BLE001 - already gone, or its node is
+            pass
+        self._workers[index] = self._new_worker()
+        self._workers_key = None  # the next run starts a fresh set
+        return self._workers[index]
 
     def trainer(self, cfg: Config) -> Any:
         """The Ray Train worker group of centralized runs (:class:`fedsim.pooled.PooledTrainer`).
@@ -193,9 +211,16 @@ class ActorPool:
         from fedsim.actors import Aggregator
 
         if self._aggregator is None:
-            self._aggregator = ray.remote(num_cpus=0)(Aggregator).remote(
-                algorithm, params, weights, num_clients
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            # On the driver's node: the run ends with that node anyway, so the server state
+            # does not depend on any other node staying up.
+            here = NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False
             )
+            self._aggregator = ray.remote(num_cpus=0, scheduling_strategy=here)(
+                Aggregator
+            ).remote(algorithm, params, weights, num_clients)
         ray.get(
             self._aggregator.reset.remote(
                 algorithm, params, weights, num_clients, max_norm, on_reject
@@ -217,7 +242,10 @@ class ActorPool:
         import ray
 
         for a in actors:
-            ray.kill(a)
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - dead already (lost worker, removed node)
+                pass
 
     def close(self) -> None:
         self._close_trainer()

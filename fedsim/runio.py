@@ -119,10 +119,13 @@ class MetricsLog:
             os.fsync(f.fileno())
 
     def read(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.read_lines()]
+
+    def read_lines(self) -> list[str]:
+        """The complete lines (a line cut short by a crash, without its newline, is left out)."""
         if not self.path.exists():
             return []
-        return [
-            json.loads(line)
-            for line in self.path.read_text().splitlines()
-            if line.strip()
-        ]
+        text = self.path.read_text()
+        lines = text.split("\n")
+        lines = lines[:-1]  # after the last newline: "" or a line cut short
+        return [line for line in lines if line.strip()]

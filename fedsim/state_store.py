@@ -38,6 +38,16 @@ class MemoryStore:
         else:
             self._states.pop(client_id, None)
 
+    def snapshot(self) -> dict[int, Tensors]:
+        """Every client's state (for a round checkpoint); tensors are shared, not copied."""
+        return dict(self._states)
+
+    def restore(self, states: dict[int, Tensors]) -> None:
+        """Replace the whole store with ``states`` (from a round checkpoint)."""
+        self._states = {}
+        for cid, state in states.items():
+            self.save(cid, state)
+
 
 class DiskStore:
     """Client states as ``<root>/client-<id>.safetensors``, written atomically."""

@@ -27,3 +27,21 @@ def small_run(out: Path, cache_dir: Path, *extra: str) -> Any:
 
     cfg = load_config(None, [*SMALL, f"cache_dir={cache_dir}", *extra])
     return run(cfg, out, console=Console(quiet=True), show_progress=False)
+
+
+def cli_run_args(out: Path, cache_dir: Path, *extra: str) -> list[str]:
+    """The ``fedsim run`` command line (a new interpreter) of SMALL + ``extra`` into ``out``."""
+    import sys
+
+    args = [
+        sys.executable,
+        "-m",
+        "fedsim.cli",
+        "run",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    for s in [*SMALL, f"cache_dir={cache_dir}", *extra]:
+        args += ["--set", s]
+    return args

@@ -6,11 +6,10 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
-from small_runs import NO_EVAL, SMALL, small_run
+from small_runs import NO_EVAL, cli_run_args, small_run
 
 from fedsim.actors import Aggregator, validate_update
 from fedsim.algorithms.base import ClientUpdate
@@ -117,17 +116,7 @@ def test_fail_policy_stops_with_one_line_and_keeps_the_rounds_done(
     tmp_path, toy_path, cache_dir
 ):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "fedsim.cli",
-        "run",
-        "--no-progress",
-        "--out",
-        str(out),
-    ]
-    for s in [*SMALL, *OVER, f"cache_dir={cache_dir}", "validation.on_reject=fail"]:
-        cmd += ["--set", s]
+    cmd = cli_run_args(out, cache_dir, *OVER, "validation.on_reject=fail")
     r = subprocess.run(
         cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )

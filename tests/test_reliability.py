@@ -1,0 +1,251 @@
+"""A run survives interruption: SIGKILL and --resume, a killed worker, a removed node.
+
+Each interrupted run is compared with one uninterrupted run of the same config (module fixture
+``baseline``): the final projector must be the same bits. The config has SCAFFOLD (server
+control variate + per-client c_i in the client-state store), so a resume that lost any piece of
+state (server state, client states, cursors) would end elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from small_runs import NO_EVAL, SMALL, cli_run_args, small_run
+
+from fedsim.runio import load_weights
+
+ROUNDS = 6
+RUN = [
+    *NO_EVAL,
+    f"rounds={ROUNDS}",
+    "train.local_steps=4",
+    "train.cohort_batch=2",
+    "ray.workers=2",
+    "algorithm.name=scaffold",
+    "checkpoint_every=1",
+]
+TIMING = ("wall_seconds", "client_seconds_max")
+
+
+def _same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines]
+
+
+def _without_timing(records: list[dict], *extra: str) -> list[dict]:
+    drop = (*TIMING, *extra)
+    return [{k: v for k, v in r.items() if k not in drop} for r in records]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen | None = None, timeout=300.0) -> None:
+    t0 = time.monotonic()
+    while not path.exists():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(
+                f"run exited ({proc.returncode}) before {path} appeared"
+            )
+        assert time.monotonic() - t0 < timeout, f"{path} did not appear"
+        time.sleep(0.01)
+
+
+def _round_logged(metrics: Path, rnd: int) -> bool:
+    if not metrics.exists():
+        return False
+    return any(
+        json.loads(x).get("round") == rnd
+        for x in metrics.read_text().splitlines()
+        if x.endswith("}")
+    )
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, toy_path, cache_dir, ray_session):
+    out = tmp_path_factory.mktemp("reliability") / "baseline"
+    return small_run(out, cache_dir, *RUN)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_bits_of_an_uninterrupted_run(
+    tmp_path, baseline, cache_dir
+):
+    out = tmp_path / "killed"
+    args = cli_run_args(out, cache_dir, *RUN)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # A session of its own, so that what the killed driver leaves (Ray's agents) can be
+    # cleaned up by process group afterwards.
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        _wait_for(out / "checkpoints" / "round-000002" / "state.json", proc)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only, mid round 3
+        proc.wait(timeout=60)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "final").exists()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedsim.cli",
+            "run",
+            "--no-progress",
+            "--resume",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    _same_bits(baseline.weights, load_weights(out / "final" / "projector.safetensors"))
+    # The rounds, as logged, are those of the uninterrupted run (timings aside).
+    assert _without_timing(_rounds(out)) == _without_timing(_rounds(baseline.out_dir))
+    resumes = [json.loads(x) for x in (out / "resumes.jsonl").read_text().splitlines()]
+    assert len(resumes) == 1 and resumes[0]["resumed_after_round"] >= 2
+    # checkpoint_keep (2): only the newest two are left.
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == [f"round-{ROUNDS - 1:06d}", f"round-{ROUNDS:06d}"]
+
+
+@pytest.mark.slow
+def test_killed_worker_mid_run_same_projector_and_retries_counted(
+    tmp_path, baseline, cache_dir, ray_session
+):
+    import ray
+
+    from fedsim.pool import ActorPool
+
+    out = tmp_path / "worker-killed"
+    pool = ActorPool()
+    killed: list[int] = []
+
+    def kill_when_round_1_is_logged() -> None:
+        while not _round_logged(out / "metrics.jsonl", 1):
+            time.sleep(0.005)
+        victim = pool._workers[0]
+        killed.append(1)
+        ray.kill(victim, no_restart=True)
+
+    killer = threading.Thread(target=kill_when_round_1_is_logged, daemon=True)
+    killer.start()
+    try:
+        from rich.console import Console
+
+        from fedsim.config import load_config
+        from fedsim.driver import run
+
+        cfg = load_config(None, [*SMALL, f"cache_dir={cache_dir}", *RUN])
+        result = run(
+            cfg, out, console=Console(quiet=True), show_progress=False, pool=pool
+        )
+    finally:
+        pool.close()
+    killer.join(timeout=5)
+    assert killed
+    _same_bits(baseline.weights, result.weights)
+    records = [r for r in _rounds(out) if r["round"] > 0]
+    assert sum(r["retries"] for r in records) >= 1
+    assert [r["workers_lost"] for r in records if "workers_lost" in r] == [[0]]
+    # Apart from the retry counts, the log is the uninterrupted run's.
+    assert _without_timing(_rounds(out), "retries", "workers_lost") == _without_timing(
+        _rounds(baseline.out_dir), "retries"
+    )
+
+
+NODE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, threading, time
+    from pathlib import Path
+    import ray
+    from ray.cluster_utils import Cluster
+    from rich.console import Console
+    from fedsim.config import load_config
+    from fedsim.driver import run
+
+    out, overrides = Path(sys.argv[1]), json.loads(sys.argv[2])
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1}}
+    )
+    second = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    removed = []
+
+    def remove_after_round_1():
+        metrics = out / "metrics.jsonl"
+        while not (metrics.exists() and any(
+            json.loads(x).get("round") == 1
+            for x in metrics.read_text().splitlines() if x.endswith("}")
+        )):
+            time.sleep(0.005)
+        cluster.remove_node(second, allow_graceful=False)
+        removed.append(time.time())
+
+    threading.Thread(target=remove_after_round_1, daemon=True).start()
+    try:
+        run(load_config(None, overrides), out, console=Console(quiet=True),
+            show_progress=False)
+        assert removed, "the node was not removed during the run"
+        (out.parent / "removed.json").write_text(json.dumps({"node": second.node_id}))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    """
+)
+
+
+@pytest.mark.slow
+def test_removed_node_mid_run_same_projector(tmp_path, baseline, cache_dir):
+    out = tmp_path / "node-removed"
+    overrides = [
+        *SMALL,
+        *RUN,
+        f"cache_dir={cache_dir}",
+        "ray.placement=spread",
+        "ray.evaluator_resources={head: 0.01}",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", NODE_SCRIPT, str(out), json.dumps(overrides)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    removed = json.loads((tmp_path / "removed.json").read_text())["node"]
+    _same_bits(baseline.weights, load_weights(out / "final" / "projector.safetensors"))
+    records = [r for r in _rounds(out) if r["round"] > 0]
+    lost = [r["workers_lost"] for r in records if "workers_lost" in r]
+    # The worker on the removed node was lost once, and its groups were sent again.
+    assert len(lost) == 1 and len(lost[0]) == 1
+    assert sum(r["retries"] for r in records) >= 1
+    # The workers alive at the end (a replacement may still be loading) and the aggregator
+    # are on the node that stayed.
+    nodes = json.loads((out / "resources.json").read_text())["nodes"]
+    placed = [v for k, v in nodes.items() if k.startswith("worker")]
+    assert placed and removed not in placed and nodes["aggregator"] != removed

@@ -74,7 +74,9 @@ class JudgeConfig:
     api_key_env:
         Name of the environment variable that holds the API key (sent as
         ``Authorization: Bearer …``); when that variable is unset or empty no header
-        is sent, as a local vLLM without ``--api-key`` expects.
+        is sent, as a local vLLM without ``--api-key`` expects. Whitespace around the
+        key (a trailing newline) is ignored; a key with a line break, control or
+        non-ASCII character inside is refused with an error that names the variable.
     temperature:
         Sampling temperature; null: the benchmark's official value (MM-Vet 0.0, raised
         by 0.5 on every unparsable grade; LLaVA-Bench 0.2).
@@ -260,11 +262,13 @@ class Judge:
                 "max_tokens": max_tokens,
             }
         ).encode("utf-8")
+        self._check_key()
         attempts = self.config.retries + 1
         for attempt in range(1, attempts + 1):
             wait = min(
                 self.config.backoff * 2 ** (attempt - 1), self.config.max_backoff
             )
+            refused: str | None = None
             try:
                 return self._post(body)
             except urllib.error.HTTPError as e:
@@ -280,6 +284,13 @@ class Judge:
                 detail = self._scrub(f"{type(e).__name__}: {getattr(e, 'reason', e)}")
             except _BadReply as e:
                 detail = self._scrub(str(e))
+            except ValueError as e:
+                # A request urllib or http.client refuses to send: not worth a retry.
+                # Their messages quote the offending value, so the original exception is
+                # not kept as context either.
+                refused = self._scrub(str(e))
+            if refused is not None:
+                raise JudgeError(f"judge {self._where()}: {refused}")
             if attempt == attempts:
                 raise JudgeError(
                     f"judge {self._where()}: {detail} (gave up after {attempts} "
@@ -340,7 +351,19 @@ class Judge:
         return JudgeReply(content=content, model=str(data.get("model") or ""))
 
     def _key(self) -> str:
-        return os.environ.get(self.config.api_key_env, "")
+        # A key read from a file often ends in a newline: never part of the key.
+        return os.environ.get(self.config.api_key_env, "").strip()
+
+    def _check_key(self) -> None:
+        """Refuse a key that no HTTP header can carry (a line break, a non-ASCII or
+        control character): urllib's error would quote the whole header, key included."""
+        key = self._key()
+        if key and not (key.isascii() and key.isprintable()):
+            raise JudgeError(
+                f"judge {self._where()}: the API key in ${self.config.api_key_env} "
+                "holds a line break, control or non-ASCII character; an HTTP header "
+                "cannot carry it"
+            )
 
     def _scrub(self, text: str) -> str:
         """``text`` with the API key (if any) replaced by ``***``."""

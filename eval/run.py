@@ -96,6 +96,63 @@ def save_and_score(
     return scores
 
 
+BACKENDS = ("hf", "vllm")
+
+
+def benchmark_names(benchmarks: Sequence[str]) -> list[str]:
+    """Canonical names of ``--benchmarks``; an unknown or empty list is an error naming it."""
+    names = []
+    for b in benchmarks:
+        try:
+            names.append(suite.canonical(b))
+        except BenchmarkError as e:
+            raise BenchmarkError(f"--benchmarks: {e}") from None
+    if not names:
+        raise BenchmarkError("--benchmarks: name at least one benchmark")
+    return names
+
+
+def check_request(
+    run_dir: Path,
+    benchmarks: Sequence[str],
+    backend: str = "hf",
+    limit: int | None = None,
+    judge: Any = None,
+    projector: Path | None = None,
+    client: int | None = None,
+) -> tuple[list[str], dict[str, torch.Tensor], Path]:
+    """Check an ``eval run`` request without loading the backbone or reading benchmark data.
+
+    Benchmark names, backend, limit and judge first; then the projector file: it must be
+    safetensors and fit the run's backbone (shapes read from the backbone's config files).
+    Returns the canonical benchmark names and the projector weights with their file.
+    """
+    from fedsim.config import load_config
+    from fedsim.driver import resolve_backbone
+    from fedsim.export import ExportError, check_fits, run_projector
+
+    names = benchmark_names(benchmarks)
+    if backend not in BACKENDS:
+        raise BenchmarkError(
+            f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}"
+        )
+    if limit is not None and limit <= 0:
+        raise BenchmarkError(f"--limit: must be > 0, got {limit}")
+    for b in names:
+        if suite.get(b).judged and judge is None:
+            raise BenchmarkError(
+                f"{b}: needs an LLM judge: give --judge-url and --judge-model "
+                "(any OpenAI-compatible endpoint); the other benchmarks run without one"
+            )
+    weights, source = run_projector(Path(run_dir), projector, client)
+    cfg = load_config(str(Path(run_dir) / "config.yaml"))
+    try:
+        check_fits(weights, source, resolve_backbone(cfg))
+    except ExportError as e:
+        raise BenchmarkError(str(e)) from None
+    return names, weights, source
+
+
 def evaluate_run(
     run_dir: Path,
     benchmarks: Sequence[str],
@@ -114,22 +171,15 @@ def evaluate_run(
     from fedsim.actors import _load
     from fedsim.config import load_config
     from fedsim.driver import resolve_backbone
-    from fedsim.export import export_checkpoint, run_projector
+    from fedsim.export import export_checkpoint
     from fedsim.models.backbone import set_projector_
 
     run_dir = Path(run_dir)
-    names = [suite.canonical(b) for b in benchmarks]
-    # Every input is checked before any generation starts.
+    # Every input is checked before any generation starts, and before the backbone loads.
+    names, weights, source = check_request(
+        run_dir, benchmarks, backend, limit, judge, projector, client
+    )
     located = {b: suite.locate(b, data_root) for b in names}
-    for b in names:
-        if suite.get(b).judged and judge is None:
-            raise BenchmarkError(
-                f"{b}: needs an LLM judge: give --judge-url and --judge-model "
-                "(any OpenAI-compatible endpoint); the other benchmarks run without one"
-            )
-    if limit is not None and limit <= 0:
-        raise BenchmarkError(f"--limit: must be > 0, got {limit}")
-    weights, source = run_projector(run_dir, projector, client)
     cfg = load_config(str(run_dir / "config.yaml"))
     backbone = _load(resolve_backbone(cfg), torch.get_num_threads())
     set_projector_(backbone, weights)

@@ -37,6 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedsim.config import Config
+from fedsim.runio import check_writable
 
 
 @dataclass(frozen=True)
@@ -344,6 +345,7 @@ def run_bench(
             raise ValueError(
                 f"--sections: unknown section {sec!r} (use {', '.join(SECTIONS)})"
             )
+    check_writable(Path(out), "--out")  # before anything is measured or created
     out.mkdir(parents=True, exist_ok=True)
     result = BenchResult(asdict(s), _machine(s.device))
     if "training" in s.sections:

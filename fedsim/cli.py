@@ -39,8 +39,12 @@ err_console = Console(stderr=True)
 
 
 def _fail(message: str) -> None:
-    """One line on stderr, exit code 2."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """One line on stderr (the message printed as it is, never read as markup), exit code 2."""
+    from rich.markup import escape
+
+    err_console.print(
+        f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True
+    )
     raise typer.Exit(code=2)
 
 
@@ -454,25 +458,43 @@ def scenarios_show(
 ) -> None:
     """Per-client statistics of a scenario's partition: a table and a PNG of the heterogeneity."""
     from fedsim.config import load_config
+    from fedsim.runio import check_writable
     from fedsim.scenario_stats import plot_stats, scenario_stats, stats_table
 
     try:
         cfg = load_config(name, list(set_ or []))
+        png = out or Path(f"scenario-{cfg.scenario.name}.png")
+        check_writable(png, "--out", folder=False)  # before the statistics are computed
         stats = scenario_stats(cfg)
     except ConfigError as e:
         _fail(str(e))
         return
     console.print(stats_table(stats))
-    png = plot_stats(stats, out or Path(f"scenario-{cfg.scenario.name}.png"))
+    png = plot_stats(stats, png)
     console.print(f"wrote {png}")
 
 
 def main() -> None:
-    try:
-        app()
-    except ConfigError as e:  # anything that escaped a command's own handling
-        err_console.print(f"error: {e}")
+    """The ``fedsim`` entry point: typer's own usage errors are one ``error:`` line too."""
+    from rich.markup import escape
+
+    def one_line(message: str) -> None:
+        err_console.print(f"error: {escape(message)}", highlight=False, soft_wrap=True)
         sys.exit(2)
+
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as e:  # unknown option, bad or missing value
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        if not message:  # a group called without a command: its help was printed
+            sys.exit(2)
+        one_line(message)
+    except typer.Abort:
+        err_console.print("aborted", highlight=False)
+        sys.exit(1)
+    except ConfigError as e:  # anything that escaped a command's own handling
+        one_line(str(e))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,12 @@ JudgeKeyEnv = Annotated[
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """One line on stderr (the message is printed as it is, never read as markup), exit 2."""
+    from rich.markup import escape
+
+    err_console.print(
+        f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True
+    )
     raise typer.Exit(code=2)
 
 
@@ -100,6 +105,7 @@ def score(
     """Score an existing predictions file with the benchmark's official rules (no generation)."""
     from fedsim.eval import suite
     from fedsim.eval.benchmark import BenchmarkError, check_answered
+    from fedsim.eval.judge import JudgeError
 
     try:
         benchmark = suite.get(bench)
@@ -115,7 +121,7 @@ def score(
                     "--judge-model (any OpenAI-compatible endpoint)"
                 )
         result = benchmark.score(qs, preds, **options)
-    except BenchmarkError as e:
+    except (BenchmarkError, JudgeError) as e:
         _fail(str(e))
         return
     if as_json:
@@ -178,7 +184,7 @@ def run(
 
     from fedsim.config import ConfigError
     from fedsim.eval.benchmark import BenchmarkError
-    from fedsim.eval.run import evaluate_run
+    from fedsim.eval.run import check_request, evaluate_run
     from fedsim.export import ExportError
     from fedsim.models.backbone import BackboneError
 
@@ -191,12 +197,25 @@ def run(
         try:
             engine_args = yaml.safe_load(vllm_args)
         except yaml.YAMLError as e:
-            _fail(f"--vllm-args: not YAML ({e})")
+            mark = getattr(e, "problem_mark", None)
+            where = f" at column {mark.column + 1}" if mark is not None else ""
+            _fail(f"--vllm-args {vllm_args!r}: not valid YAML{where}")
         if not isinstance(engine_args, dict):
             _fail(f"--vllm-args: {vllm_args!r} is not a mapping")
     try:
-        root = _data_root(run_dir, data_root)
         judge = _judge(judge_url, judge_model, judge_key_env)
+        # Names, backend, limit, judge and the projector (its shapes against the backbone's
+        # config) before the data root is read or built and before the backbone loads.
+        check_request(
+            run_dir,
+            [b for b in benchmarks.split(",") if b.strip()],
+            backend,
+            limit,
+            judge,
+            projector,
+            client,
+        )
+        root = _data_root(run_dir, data_root)
         with Progress(console=console, transient=True) as progress:
             tasks: dict[str, Any] = {}
 
@@ -218,6 +237,8 @@ def run(
                 progress=report,
                 vllm_args=engine_args,
             )
+    except typer.Exit:  # a RuntimeError too: already reported by _fail
+        raise
     except (BenchmarkError, ExportError, ConfigError, BackboneError, RuntimeError) as e:
         _fail(str(e))
         return

@@ -35,7 +35,7 @@ from rich.table import Table
 
 from fedsim.config import Config, load_config
 from fedsim.configtools import ConfigError
-from fedsim.runio import MetricsLog, write_text
+from fedsim.runio import MetricsLog, RunDirError, check_writable, write_text
 
 METRICS = [
     ("attr_mean", "attr. acc."),
@@ -77,6 +77,22 @@ def _finished(run_dir: Path) -> dict[str, float] | None:
     return json.loads(path.read_text()).get("final") or None
 
 
+def check_compare_dir(out_dir: Path) -> None:
+    """Refuse an ``--out`` that cannot be written or that holds a single run (not a comparison).
+
+    A comparison folder is reused (finished runs are kept, interrupted ones moved aside); a run
+    folder (``config.yaml``, ``metrics.jsonl`` at its top) is never written into.
+    """
+    out_dir = Path(out_dir)
+    check_writable(out_dir, "--out")
+    for name in ("metrics.jsonl", "config.yaml"):
+        if (out_dir / name).exists():
+            raise RunDirError(
+                f"--out {str(out_dir)!r}: holds a run ({name}), not a comparison; "
+                "choose a new folder"
+            )
+
+
 def compare(
     algorithms: Sequence[str],
     seeds: Sequence[int],
@@ -98,7 +114,7 @@ def compare(
     ``ray.workers`` workers) always go first, one at a time, on one worker group.
     """
     from fedsim.algorithms import build_algorithm
-    from fedsim.driver import connect_ray
+    from fedsim.driver import check_inputs, connect_ray
 
     console = console or Console()
     out_dir = Path(out_dir)
@@ -112,6 +128,9 @@ def compare(
     first = next(iter(configs.values()))
     if lanes is not None and lanes < 1:
         raise ConfigError(f"--lanes: must be >= 1, got {lanes}")
+    check_compare_dir(out_dir)
+    for cfg in configs.values():
+        check_inputs(cfg)  # missing data or backbone: before Ray starts
     n_lanes = 1 if lanes is None else lanes
     out_dir.mkdir(parents=True, exist_ok=True)
     finals: dict[str, dict[int, dict[str, float]]] = {a: {} for a in algorithms}

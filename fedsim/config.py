@@ -7,6 +7,7 @@ Layers, later winning: these defaults (the toy IID scenario) ← a YAML file or 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +58,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.backbone:
             raise ConfigError("model.backbone: must not be empty")
+        if not re.fullmatch(r"linear|mlp[1-9][0-9]*x_gelu", self.projector):
+            raise ConfigError(
+                f"model.projector: {self.projector!r} is not linear or mlp<N>x_gelu (N >= 1)"
+            )
         if self.lm is not None and self.backbone == "toy":
             raise ConfigError(
                 "model.lm: pairs with a vision encoder folder in model.backbone, not with 'toy'"

@@ -92,6 +92,19 @@ def run_projector(
     return load_weights(path), path
 
 
+def check_fits(weights: dict[str, torch.Tensor], source: Path, spec: Any) -> None:
+    """Refuse projector ``weights`` (from ``source``) whose shapes do not fit the backbone of
+    ``spec`` (a ``ModelSpec``), from its config files alone: nothing is loaded."""
+    from fedsim.models.backbone import BackboneError, check_projector_fits
+
+    try:
+        check_projector_fits(
+            weights, str(source), spec.backbone_path, spec.lm_path, spec.projector
+        )
+    except BackboneError as e:
+        raise ExportError(str(e)) from None
+
+
 def _processor(backbone: Any) -> Any:
     """The backbone's LlavaProcessor: its own for a LLaVA folder, or assembled for a pair."""
     from transformers import AutoProcessor, LlavaProcessor
@@ -172,6 +185,7 @@ def export_checkpoint(
     from fedsim.actors import _load
     from fedsim.driver import resolve_backbone
     from fedsim.models.backbone import BackboneError, set_projector_
+    from fedsim.runio import RunDirError, check_writable
 
     run_dir, out = Path(run_dir), Path(out)
     config = run_dir / "config.yaml"
@@ -179,6 +193,10 @@ def export_checkpoint(
         raise ExportError(f"{config}: not a run folder (no config.yaml)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out}: exists and is not empty; choose a new folder")
+    try:
+        check_writable(out, "OUT")
+    except RunDirError as e:
+        raise ExportError(str(e)) from None
     try:
         cfg = load_config(str(config))
     except ConfigError as e:
@@ -189,7 +207,9 @@ def export_checkpoint(
             "checkpoint (LlavaMultiModalProjector is mlp2x_gelu)"
         )
     weights, source = run_projector(run_dir, projector, client)
-    backbone = _load(resolve_backbone(cfg), torch.get_num_threads())
+    spec = resolve_backbone(cfg)
+    check_fits(weights, source, spec)  # before the backbone is loaded
+    backbone = _load(spec, torch.get_num_threads())
     try:
         set_projector_(backbone, weights)
     except BackboneError as e:

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fedsim.runio import MetricsLog  # noqa: E402
+from fedsim.runio import MetricsLog, check_writable  # noqa: E402
 
 PANELS = [
     ("loss", "training loss (mean over clients)", False),
@@ -30,6 +30,7 @@ def _plot_runs(
     labels = list(labels) if labels else [Path(d).name for d in run_dirs]
     if len(labels) != len(run_dirs):
         raise ValueError(f"plot: {len(run_dirs)} runs but {len(labels)} labels")
+    check_writable(Path(out), "--out", folder=False)  # before any drawing
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5.2 * len(PANELS), 4.0))
     colours = plt.get_cmap("tab10").colors
     for i, (run_dir, label) in enumerate(zip(run_dirs, labels)):

@@ -86,8 +86,11 @@ class ActorPool:
             try:
                 ray.get([w.ready.remote() for w in self._workers])
             except ray.exceptions.RayActorError as e:
+                # Ray's message holds the worker's whole traceback: its last line is the cause.
+                lines = [x.strip() for x in str(e).splitlines() if x.strip()]
                 raise BackboneError(
-                    f"model.backbone: workers could not load {prep.model.backbone_path!r}: {e}"
+                    f"model.backbone: workers could not load {prep.model.backbone_path!r}: "
+                    f"{lines[-1] if lines else type(e).__name__}"
                 ) from None
             self._workers_key = key
         return self._workers

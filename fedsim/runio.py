@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedsim.configtools import ConfigError
@@ -32,6 +33,32 @@ def check_run_dir(path: Path) -> None:
     if path.is_dir() and any(path.iterdir()):
         raise RunDirError(
             f"--out {str(path)!r}: folder is not empty (it may hold a run); choose a new one"
+        )
+
+
+def check_writable(path: Path, flag: str = "--out", folder: bool = True) -> None:
+    """Refuse an output ``path`` that could not be written, creating nothing.
+
+    ``folder``: ``path`` is a folder to create or fill (it must not be a file); otherwise a file
+    to write (it must not be a folder). The nearest existing folder above must be writable; a
+    regular file on the way (``afile/out``) cannot hold anything.
+    """
+    p = Path(path)
+    if p.exists():
+        if folder and not p.is_dir():
+            raise RunDirError(f"{flag} {str(p)!r}: exists and is not a folder")
+        if not folder and p.is_dir():
+            raise RunDirError(f"{flag} {str(p)!r}: is a folder, not a file")
+    above = p if folder and p.is_dir() else p.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise RunDirError(
+            f"{flag} {str(p)!r}: cannot write there ({str(above)!r} is a file, not a folder)"
+        )
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise RunDirError(
+            f"{flag} {str(p)!r}: cannot write there (no write permission on {str(above)!r})"
         )
 
 
@@ -91,7 +118,8 @@ def save_weights(
         save_file(
             {k: v.contiguous() for k, v in weights.items()},
             tmp,
-            metadata=dict(metadata or {}),
+            # None, not {}: safetensors writes an unreadable header for no tensors and {}.
+            metadata=dict(metadata) if metadata else None,
         )
         os.replace(tmp, path)
     finally:
@@ -100,10 +128,31 @@ def save_weights(
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Projector weights from a safetensors file (no pickle)."""
-    if not Path(path).exists():
-        raise ConfigError(f"weights file {str(path)!r} does not exist")
-    return load_file(str(path))
+    """Projector weights from a safetensors file (never a pickle).
+
+    Anything that is not safetensors is refused with a :class:`ConfigError` naming the
+    file; a ``torch.save`` / pickle file (whatever its name) is never unpickled, and the
+    error says what it is (from its first bytes).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"weights file {str(p)!r} does not exist")
+    if not p.is_file():
+        raise ConfigError(f"weights file {str(p)!r} is not a file")
+    try:
+        return load_file(str(p))
+    except SafetensorError as e:
+        with open(p, "rb") as f:
+            head = f.read(4)
+        kind = (
+            "is a pickle (torch.save) file, not safetensors"
+            if head[:2] == b"PK" or head[:1] == b"\x80"
+            else "is not a safetensors file"
+        )
+        raise ConfigError(
+            f"weights file {str(p)!r} {kind} ({e}); fedsim reads weights only from "
+            "safetensors and never unpickles them"
+        ) from None
 
 
 class MetricsLog:

@@ -44,6 +44,84 @@ class BackboneError(ValueError):
     """A backbone that cannot be loaded or does not fit the projector asked for."""
 
 
+#: Weight files that are pickles (``torch.save``): fedsim never loads them.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def require_safetensors(path: Path, option: str) -> None:
+    """Refuse a checkpoint folder whose weights are not safetensors.
+
+    A ``pytorch_model.bin`` (or any ``torch.save`` file) is a pickle, and unpickling runs
+    whatever code the file names; fedsim loads model weights from safetensors only (and
+    passes ``use_safetensors=True`` to transformers, so it never falls back to a pickle).
+    """
+    if not path.is_dir():
+        raise BackboneError(f"{option}: {str(path)!r} is not a checkpoint folder")
+    files = sorted(path.glob("*.safetensors"))
+    for f in files:
+        # The header only (the tensors stay on disk): a truncated or foreign file is named
+        # here, before any worker tries to load it.
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as e:
+            raise BackboneError(
+                f"{option}: {str(f)!r} is not a readable safetensors file ({_first_line(e)})"
+            ) from None
+    if files:
+        return
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    found = f" (it holds {', '.join(pickled)}: pickle files)" if pickled else ""
+    raise BackboneError(
+        f"{option}: {str(path)!r} has no safetensors weights{found}; fedsim loads model "
+        "weights only from *.safetensors, never from pickle-based files, which can run "
+        "code when loaded. Convert the checkpoint with a tool you trust (transformers' "
+        "save_pretrained writes safetensors)"
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_backbone_source(source: str | Path, lm: str | Path | None = None) -> None:
+    """Check ``model.backbone`` (and ``model.lm``) from their files alone, loading nothing.
+
+    A LLaVA checkpoint folder (``config.json`` of a LLaVA model, safetensors weights), or with
+    ``lm`` a vision encoder folder and a causal LM folder. Each problem is a one-line
+    :class:`BackboneError` naming the field and the path.
+    """
+    checks = [("model.backbone", Path(source))]
+    if lm is not None:
+        checks.append(("model.lm", Path(lm)))
+    for option, path in checks:
+        if not path.exists():
+            raise BackboneError(f"{option}: path {str(path)!r} does not exist")
+        if not path.is_dir():
+            raise BackboneError(
+                f"{option}: {str(path)!r} is a file, not a checkpoint folder"
+            )
+        if not (path / "config.json").is_file():
+            raise BackboneError(
+                f"{option}: {str(path)!r} has no config.json (not an HF checkpoint)"
+            )
+        try:
+            cfg = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise BackboneError(
+                f"{option}: {str(path)!r}: config.json cannot be read ({_first_line(e)})"
+            ) from None
+        if lm is None and not isinstance(cfg, LlavaConfig):
+            raise BackboneError(
+                f"model.backbone: {str(path)!r} is a {type(cfg).__name__}, not a LLaVA checkpoint; "
+                "give a vision encoder and model.lm to pair it with a language model"
+            )
+        require_safetensors(path, option)
+
+
 @dataclass
 class Backbone:
     """A resident LLaVA model with frozen encoder and LM, and what is needed to feed it."""
@@ -132,7 +210,10 @@ def load_backbone(
                 f"model.backbone: {str(path)!r} is a {type(cfg).__name__}, not a LLaVA checkpoint; "
                 "give a vision encoder and model.lm to pair it with a language model"
             )
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        require_safetensors(path, "model.backbone")
+        model = LlavaForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, use_safetensors=True
+        )
         processor = AutoProcessor.from_pretrained(path)
         tokenizer, image_processor = processor.tokenizer, processor.image_processor
     else:
@@ -168,6 +249,7 @@ def load_backbone(
 
 def load_image_processor(source: str | Path, lm: str | Path | None = None) -> object:
     """The image processor :func:`load_backbone` gives the same arguments (without the model)."""
+    check_backbone_source(source, lm)
     if lm is None:
         return AutoProcessor.from_pretrained(source).image_processor
     return AutoImageProcessor.from_pretrained(source)
@@ -179,8 +261,12 @@ def _assemble_pair(
     """Assemble a vision encoder folder and a causal LM folder into one LLaVA model."""
     if not lm_path.exists():
         raise BackboneError(f"model.lm: path {str(lm_path)!r} does not exist")
-    vision = AutoModel.from_pretrained(vision_path, dtype=dtype)
-    lm = AutoModelForCausalLM.from_pretrained(lm_path, dtype=dtype)
+    require_safetensors(vision_path, "model.backbone")
+    require_safetensors(lm_path, "model.lm")
+    vision = AutoModel.from_pretrained(vision_path, dtype=dtype, use_safetensors=True)
+    lm = AutoModelForCausalLM.from_pretrained(
+        lm_path, dtype=dtype, use_safetensors=True
+    )
     tokenizer = AutoTokenizer.from_pretrained(lm_path)
     image_processor = AutoImageProcessor.from_pretrained(vision_path)
     image_token = "<image>"
@@ -222,6 +308,15 @@ def check_projector_shapes(
 ) -> None:
     """Raise a one-line error when ``weights`` does not fit this backbone's projector."""
     expected = {k: tuple(v.shape) for k, v in backbone.projector.named_parameters()}
+    compare_projector_shapes(expected, weights, where)
+
+
+def compare_projector_shapes(
+    expected: Mapping[str, tuple[int, ...]],
+    weights: Mapping[str, torch.Tensor],
+    where: str,
+) -> None:
+    """Raise a one-line error when ``weights`` do not have the ``expected`` names and shapes."""
     got = {k: tuple(v.shape) for k, v in weights.items()}
     if set(expected) != set(got):
         missing = sorted(set(expected) - set(got))
@@ -234,6 +329,53 @@ def check_projector_shapes(
             raise BackboneError(
                 f"{where}: {k} has shape {list(got[k])}, the backbone's projector needs {list(shape)}"
             )
+
+
+def expected_projector_shapes(
+    source: str | Path, lm: str | Path | None = None, projector: str = "mlp2x_gelu"
+) -> dict[str, tuple[int, ...]] | None:
+    """The projector's parameter shapes, read from the backbone's ``config.json`` files only.
+
+    Nothing is loaded (the projector is built on the meta device), so a projector file can be
+    checked against the backbone before the model is. None when the configs cannot be read
+    (:func:`load_backbone` then reports the reason, and :func:`set_projector_` checks shapes).
+    """
+    try:
+        if lm is None:
+            cfg = AutoConfig.from_pretrained(source)
+            if not isinstance(cfg, LlavaConfig):
+                return None
+            v_dim = cfg.vision_config.hidden_size
+            t_dim = cfg.text_config.hidden_size
+        else:
+            vcfg = AutoConfig.from_pretrained(source)
+            v_dim = getattr(vcfg, "vision_config", vcfg).hidden_size
+            t_dim = AutoConfig.from_pretrained(lm).get_text_config().hidden_size
+        with torch.device("meta"):
+            if projector == "mlp2x_gelu" and lm is None:
+                from transformers.models.llava.modeling_llava import (
+                    LlavaMultiModalProjector,
+                )
+
+                module: torch.nn.Module = LlavaMultiModalProjector(cfg)
+            else:
+                module = build_projector(projector, v_dim, t_dim)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return None
+    return {k: tuple(v.shape) for k, v in module.named_parameters()}
+
+
+def check_projector_fits(
+    weights: Mapping[str, torch.Tensor],
+    where: str,
+    source: str | Path,
+    lm: str | Path | None = None,
+    projector: str = "mlp2x_gelu",
+) -> None:
+    """Check ``weights`` against the backbone's projector from its configs, before loading it."""
+    expected = expected_projector_shapes(source, lm, projector)
+    if expected is not None:
+        compare_projector_shapes(expected, weights, where)
 
 
 def init_projector(backbone: Backbone, seed: int) -> Weights:

@@ -466,16 +466,23 @@ def run(
     out_dir = Path(out_dir)
     restored = None
     if resume:
-        if getattr(algorithm, "pooled", False):
-            raise RunError(
-                f"--resume {str(out_dir)!r}: centralized runs (Ray Train) have no round "
-                "checkpoints; start it again"
-            )
         restored = find_checkpoint(cfg, out_dir)
     else:
         check_run_dir(out_dir)
     if cfg.model.backbone != "toy":
-        resolve_backbone(cfg)
+        from fedsim.models.backbone import check_backbone_source
+
+        spec = resolve_backbone(cfg)
+        check_backbone_source(spec.backbone_path, spec.lm_path)
+        check_scene_fits_backbone(cfg, read_manifest(spec))
+    else:
+        from fedsim.models.toy import ToyBuildConfig, toy_backbone_path
+
+        built = toy_backbone_path(ToyBuildConfig(), cache_root(cfg)) / "fedsim.json"
+        if (
+            built.exists()
+        ):  # the scene against the toy's recipe, before anything is written
+            check_scene_fits_backbone(cfg, json.loads(built.read_text()))
     metrics = MetricsLog(out_dir / "metrics.jsonl")
     if restored is None:
         out_dir = prepare_run_dir(out_dir)
@@ -502,11 +509,8 @@ def run(
                 )
                 prep = replace(prep, feature_path=str(found))
             args = (cfg, algorithm, prep, out_dir, metrics, progress, console, pool)
-            result = (
-                _run_pooled(*args)
-                if getattr(algorithm, "pooled", False)
-                else _run_rounds(*args, restored)
-            )
+            loop = _run_pooled if getattr(algorithm, "pooled", False) else _run_rounds
+            result = loop(*args, restored)
         finally:
             if own_pool:
                 pool.close()
@@ -779,8 +783,14 @@ def _run_pooled(
     progress: Progress,
     console: Console,
     pool: ActorPool,
+    restored: RoundState | None = None,
 ) -> RunResult:
-    """The centralized upper bound: Ray Train's TorchTrainer over the pooled shards."""
+    """The centralized upper bound: Ray Train's TorchTrainer over the pooled shards.
+
+    Rank 0 sends its training state with every ``checkpoint_every``-th round's record; the
+    driver writes the round checkpoint (the pooled stream is client 0 of the client-state store
+    and the cursors). A resumed run hands the checkpoint to the workers as the plan's start.
+    """
     import ray
 
     from fedsim.pooled import PooledPlan
@@ -788,7 +798,25 @@ def _run_pooled(
     evaluator = pool.evaluator(cfg, prep)
     w0: dict[str, torch.Tensor] = ray.get(evaluator.init_projector.remote(cfg.seed))
     history: list[dict[str, Any]] = []
-    initial_eval = _initial_eval(cfg, pool, w0, metrics, history, console)
+    final_eval: dict[str, float] = {}
+    start = None
+    if restored is None:
+        initial_eval = _initial_eval(cfg, pool, w0, metrics, history, console)
+    else:
+        history = metrics.read()
+        initial_eval = next(
+            (r["eval"] for r in history if r.get("round") == 0 and "eval" in r), None
+        )
+        final_eval = dict(restored.final_eval)
+        start = {
+            "round": restored.round,
+            "weights": restored.weights,
+            "server_state": restored.server_state,
+            "client_state": restored.clients.get(0, {}),
+            "cursor": (restored.cursors[0].passes, restored.cursors[0].position),
+        }
+        console.print(f"resumed after round {restored.round} (its checkpoint)")
+    digest = config_digest(config_to_yaml_data(cfg))
     steps = cfg.train.local_steps * cfg.scenario.cohort_size
     plan = PooledPlan(
         model=prep.model,
@@ -808,23 +836,51 @@ def _run_pooled(
         settings=_settings(cfg),
         threads=cfg.ray.threads_per_worker,
         eval_rounds=frozenset(r for r in range(1, cfg.rounds + 1) if _eval_due(cfg, r)),
+        checkpoint_every=cfg.checkpoint_every,
+        start=start,
     )
-    round_task = progress.add_task("rounds (Ray Train)", total=cfg.rounds, info="")
-    final_eval: dict[str, float] = {}
+    round_task = progress.add_task(
+        "rounds (Ray Train)",
+        total=cfg.rounds,
+        completed=restored.round if restored else 0,
+        info="",
+    )
 
     def on_record(record: dict[str, Any]) -> None:
         nonlocal final_eval
+        state = record.pop("checkpoint", None)
         metrics.append(record)
         history.append(record)
         if "eval" in record:
             final_eval = record["eval"]
+        if state is not None:
+            save_checkpoint(
+                out_dir,
+                RoundState(
+                    round=record["round"],
+                    weights=state["weights"],
+                    server_state=state["server_state"],
+                    clients={0: state["client_state"]} if state["client_state"] else {},
+                    cursors=[Cursor(*state["cursor"])],
+                    sim_clock=0.0,
+                    final_eval=final_eval,
+                    metrics_lines=len(history),
+                ),
+                digest,
+                cfg.checkpoint_keep,
+            )
+        if "eval" in record:
             console.print(
                 f"round {record['round']}: loss {record['loss']:.3f}, attr_mean "
                 f"{final_eval['attr_mean']:.3f}, yes/no {final_eval['yesno_acc']:.3f}"
             )
         progress.update(round_task, advance=1, info=f"loss {_loss(record)}")
 
-    weights, train_peak = pool.trainer(cfg).train(plan, evaluator, on_record)
+    if restored is not None and restored.round == cfg.rounds:
+        # Stopped after the last round's checkpoint: nothing left to train.
+        weights, train_peak = restored.weights, 0.0
+    else:
+        weights, train_peak = pool.trainer(cfg).train(plan, evaluator, on_record)
     meta = {
         "algorithm": cfg.algorithm.name,
         "rounds": str(cfg.rounds),

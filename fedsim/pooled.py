@@ -62,6 +62,10 @@ class PooledPlan:
     settings: TrainSettings
     threads: int
     eval_rounds: frozenset[int]
+    #: Send the training state to the driver every this many rounds (a round checkpoint).
+    checkpoint_every: int = 0
+    #: Go on after a checkpoint: {round, weights, server_state, client_state, cursor}.
+    start: dict[str, Any] | None = None
 
 
 class AllReduceGradients(LocalTraining):
@@ -206,7 +210,16 @@ def _train_plan(
     state = algorithm.init_state(weights, 1)
     client_state: Weights = {}
     cursor = Cursor()
-    for rnd in range(1, plan.rounds + 1):
+    first = 1
+    if plan.start is not None:
+        # Every rank holds the same weights and optimiser state (gradients are all-reduced),
+        # so rank 0's, saved at the checkpoint, is every rank's.
+        weights = dict(plan.start["weights"])
+        state = dict(plan.start["server_state"])
+        client_state = dict(plan.start["client_state"])
+        cursor = Cursor(*plan.start["cursor"])
+        first = plan.start["round"] + 1
+    for rnd in range(first, plan.rounds + 1):
         t0 = time.perf_counter()
         rows, cursor = take(
             plan.rows, cursor, plan.steps * plan.batch_size, plan.seed, POOLED_CLIENT
@@ -251,6 +264,13 @@ def _train_plan(
             if rnd in plan.eval_rounds or last:
                 record["eval"] = ray.get(evaluator.evaluate.remote(weights))
             record["wall_seconds"] = round(time.perf_counter() - t0, 3)
+            if plan.checkpoint_every and rnd % plan.checkpoint_every == 0:
+                record["checkpoint"] = {
+                    "weights": {k: v.clone() for k, v in weights.items()},
+                    "server_state": {k: v.clone() for k, v in state.items()},
+                    "client_state": {k: v.clone() for k, v in client_state.items()},
+                    "cursor": (cursor.passes, cursor.position),
+                }
             if last:
                 record["peak_rss_mb"] = peak_rss_mb()
                 record["final_weights"] = {k: v.clone() for k, v in weights.items()}

@@ -251,12 +251,63 @@ def test_removed_node_mid_run_same_projector(tmp_path, baseline, cache_dir):
     assert placed and removed not in placed and nodes["aggregator"] != removed
 
 
+def _cut_back(full: Path, cut: Path, keep_round: int, rounds: int) -> None:
+    """``cut``: a copy of the finished run ``full`` as a crash after round ``keep_round``'s
+    checkpoint leaves it (later checkpoints never written, later rounds logged, a line cut
+    short, no final outputs)."""
+    import shutil
+
+    shutil.copytree(full, cut)
+    for name in ("summary.md", "eval.json", "resources.json", "curves.png"):
+        (cut / name).unlink(missing_ok=True)
+    shutil.rmtree(cut / "final")
+    shutil.rmtree(cut / "eval", ignore_errors=True)
+    for r in range(keep_round + 1, rounds + 1):
+        shutil.rmtree(cut / "checkpoints" / f"round-{r:06d}", ignore_errors=True)
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"round": 4, "loss": 0.1')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["fedcmp", "local"])
+def test_server_state_and_personal_projectors_survive_a_resume(
+    tmp_path, toy_path, cache_dir, ray_session, algorithm
+):
+    """Fed-CMP (bases and momentum in the server state, evaluation between rounds) and local
+    (every client's own projector in the client-state store): resumed = uninterrupted."""
+    from rich.console import Console
+
+    from fedsim.driver import resume_run
+
+    extra = [
+        "eval.benchmarks=[]",
+        "eval_every=2",
+        "rounds=3",
+        f"algorithm.name={algorithm}",
+        "checkpoint_every=1",
+        "checkpoint_keep=3",
+    ]
+    full = small_run(tmp_path / "full", cache_dir, *extra)
+    _cut_back(full.out_dir, tmp_path / "cut", 1, 3)
+    resumed = resume_run(
+        tmp_path / "cut", console=Console(quiet=True), show_progress=False
+    )
+    final = "client_projectors" if algorithm == "local" else "projector"
+    _same_bits(
+        load_weights(full.out_dir / "final" / f"{final}.safetensors"),
+        load_weights(tmp_path / "cut" / "final" / f"{final}.safetensors"),
+    )
+    assert resumed.final_eval == full.final_eval
+    assert _without_timing(_rounds(tmp_path / "cut")) == _without_timing(
+        _rounds(full.out_dir)
+    )
+
+
 @pytest.mark.slow
 def test_centralized_run_resumes_from_its_checkpoint(
     tmp_path, toy_path, cache_dir, ray_session
 ):
     """Ray Train's pooled run: rank 0 ships its state at checkpoints; resume = same bits."""
-    import shutil
 
     from fedsim.driver import resume_run
 
@@ -269,17 +320,8 @@ def test_centralized_run_resumes_from_its_checkpoint(
         "checkpoint_keep=4",
     ]
     full = small_run(tmp_path / "full", cache_dir, *extra)
-    # The folder as a crash leaves it when the checkpoints of rounds 3 and 4 were never written
-    # (rounds 3 and 4 logged, then a line cut short), and no final outputs.
     cut = tmp_path / "cut"
-    shutil.copytree(full.out_dir, cut)
-    for name in ("summary.md", "eval.json", "resources.json", "curves.png"):
-        (cut / name).unlink(missing_ok=True)
-    shutil.rmtree(cut / "final")
-    for r in (3, 4):
-        shutil.rmtree(cut / "checkpoints" / f"round-{r:06d}")
-    with open(cut / "metrics.jsonl", "a") as f:
-        f.write('{"round": 4, "loss": 0.1')  # a line cut short by the crash
+    _cut_back(full.out_dir, cut, 2, 4)
     from rich.console import Console
 
     resumed = resume_run(cut, console=Console(quiet=True), show_progress=False)

@@ -2,8 +2,9 @@
 
 Every (algorithm, seed) pair is one ordinary run in ``OUT/<algorithm>/seed-<seed>/``. Client
 sampling depends only on (seed, round), so all algorithms see the same cohorts and the same data.
-A pair whose run folder already holds a finished run (``eval.json``) is reused, so an interrupted
-comparison continues where it stopped. Outputs: ``comparison.md`` and ``comparison.csv`` (mean ±
+A pair whose run folder already holds a finished run (``eval.json``) is reused, and an interrupted
+run with a checkpoint of the same config is resumed from it, so an interrupted comparison
+continues where it stopped. Outputs: ``comparison.md`` and ``comparison.csv`` (mean ±
 std over seeds of the final evaluation, one row per algorithm) and ``comparison.png`` (training
 loss and evaluation metrics against the round, a line per algorithm with a ±std band over seeds).
 """
@@ -77,6 +78,19 @@ def _finished(run_dir: Path) -> dict[str, float] | None:
     return json.loads(path.read_text()).get("final") or None
 
 
+def _resumable(run_dir: Path, cfg: Config) -> bool:
+    """Whether ``run_dir`` holds an interrupted run of ``cfg`` with a usable checkpoint."""
+    from fedsim.driver import RunError, find_checkpoint
+
+    if not (run_dir / "config.yaml").exists():
+        return False
+    try:
+        find_checkpoint(cfg, run_dir)
+    except (ConfigError, RunError):
+        return False
+    return True
+
+
 def check_compare_dir(out_dir: Path) -> None:
     """Refuse an ``--out`` that cannot be written or that holds a single run (not a comparison).
 
@@ -136,6 +150,7 @@ def compare(
     finals: dict[str, dict[int, dict[str, float]]] = {a: {} for a in algorithms}
     run_dirs: dict[str, dict[int, Path]] = {a: {} for a in algorithms}
     todo: list[tuple[str, int]] = []
+    resumes: set[tuple[str, int]] = set()
     for algo, seed in configs:
         run_dir = out_dir / algo / f"seed-{seed}"
         run_dirs[algo][seed] = run_dir
@@ -144,8 +159,16 @@ def compare(
             console.print(f"{algo}, seed {seed}: reusing finished run in {run_dir}")
             finals[algo][seed] = done
             continue
+        if _resumable(run_dir, configs[(algo, seed)]):
+            console.print(
+                f"{algo}, seed {seed}: resuming the interrupted run in {run_dir}"
+            )
+            resumes.add((algo, seed))
+            todo.append((algo, seed))
+            continue
         if run_dir.exists() and any(run_dir.iterdir()):
-            # An interrupted run: keep it aside, never delete what was written.
+            # An interrupted run without a usable checkpoint: keep it aside, never delete
+            # what was written.
             aside = run_dir.with_name(f"{run_dir.name}.incomplete-{int(time.time())}")
             shutil.move(str(run_dir), aside)
             console.print(f"[yellow]{run_dir} was incomplete; moved to {aside}")
@@ -174,9 +197,9 @@ def compare(
     try:
         with _progress(console, show_progress, len(todo)) as bar:
             if pooled:
-                _run_lanes(pooled, configs, run_dirs, finals, bar, 1)
+                _run_lanes(pooled, configs, run_dirs, finals, bar, 1, resumes)
             if laned:
-                _run_lanes(laned, configs, run_dirs, finals, bar, n_lanes)
+                _run_lanes(laned, configs, run_dirs, finals, bar, n_lanes, resumes)
     finally:
         if started:
             ray.shutdown()
@@ -229,8 +252,10 @@ def _lane(
     finals: dict[str, dict[int, dict[str, float]]],
     bar: _Bar,
     stop: threading.Event,
+    resumes: set[tuple[str, int]],
 ) -> None:
-    """Take runs from ``jobs`` until it is empty (or ``stop``), on one actor pool."""
+    """Take runs from ``jobs`` until it is empty (or ``stop``), on one actor pool; the pairs in
+    ``resumes`` go on from their newest checkpoint."""
     from fedsim.driver import run
     from fedsim.pool import ActorPool
 
@@ -250,6 +275,7 @@ def _lane(
                 False,
                 pool,
                 plot=False,
+                resume=(algo, seed) in resumes,
             )
             finals[algo][seed] = result.final_eval
             bar.done(algo, seed, time.perf_counter() - t0, result.final_eval)
@@ -264,6 +290,7 @@ def _run_lanes(
     finals: dict[str, dict[int, dict[str, float]]],
     bar: _Bar,
     lanes: int,
+    resumes: set[tuple[str, int]],
 ) -> None:
     """Run ``jobs`` on ``lanes`` threads, each taking the next job when it is free.
 
@@ -277,7 +304,7 @@ def _run_lanes(
 
     def lane() -> None:
         try:
-            _lane(todo, configs, run_dirs, finals, bar, stop)
+            _lane(todo, configs, run_dirs, finals, bar, stop, resumes)
         except BaseException as e:  # re-raised in the caller's thread
             errors.append(e)
             stop.set()

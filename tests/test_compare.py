@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ TINY = [
     "train.local_steps=1",
     "train.batch_size=4",
     "scenario.cohort_size=3",
+    "checkpoint_every=1",
 ]
 
 
@@ -79,10 +81,29 @@ def test_compare_table_matches_the_runs(tmp_path, toy_path, cache_dir, ray_sessi
     compare(["fedavg", "fedcmp"], [0, 1], out, "toy-dirichlet", sets, quiet, False)
     assert (out / "fedavg" / "seed-0" / "metrics.jsonl").stat().st_mtime_ns == before
 
+    # An interrupted run with a checkpoint of the same config is resumed from it (same bits);
+    # one without a usable checkpoint is moved aside and run again.
+    from fedsim.runio import load_weights
+
+    cut = out / "fedavg" / "seed-1"
+    full = load_weights(cut / "final" / "projector.safetensors")
+    (cut / "summary.md").unlink()
+    (cut / "eval.json").unlink()
+    shutil.rmtree(cut / "final")
+    shutil.rmtree(cut / "checkpoints" / "round-000002")
+    gone = out / "fedcmp" / "seed-0"
+    (gone / "eval.json").unlink()
+    shutil.rmtree(gone / "checkpoints")
+    compare(["fedavg", "fedcmp"], [0, 1], out, "toy-dirichlet", sets, quiet, False)
+    resumed = load_weights(cut / "final" / "projector.safetensors")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert json.loads((cut / "resumes.jsonl").read_text())["resumed_after_round"] == 1
+    assert len(list((out / "fedcmp").glob("seed-0.incomplete-*"))) == 1
+    assert (gone / "eval.json").exists()
+
     # Runs on the pool's reused actors give the same bits as a run on fresh ones.
     from fedsim.config import load_config
     from fedsim.driver import run
-    from fedsim.runio import load_weights
 
     cfg = load_config("toy-dirichlet", [*sets, "algorithm.name=fedcmp", "seed=1"])
     fresh = run(cfg, tmp_path / "fresh", console=quiet, show_progress=False)

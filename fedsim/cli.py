@@ -114,21 +114,35 @@ def run(
             resume_run(resume, overrides, console, show_progress=not no_progress)
         except (ConfigError, BackboneError, RunError) as e:
             _fail(str(e))
+        except KeyboardInterrupt:
+            _interrupted(resume)
         return
     try:
         cfg = load_config(config, overrides)
     except ConfigError as e:
         _fail(str(e))
         return
+    out = out or default_run_dir()
     try:
-        run_driver(
-            cfg,
-            out or default_run_dir(),
-            console=console,
-            show_progress=not no_progress,
-        )
+        run_driver(cfg, out, console=console, show_progress=not no_progress)
     except (ConfigError, BackboneError, RunError) as e:
         _fail(str(e))
+    except KeyboardInterrupt:
+        _interrupted(out)
+
+
+def _interrupted(run_dir: Path) -> None:
+    """Ctrl-C: one line saying where the run stands and how to go on; exit code 130."""
+    from fedsim.checkpoint import latest_checkpoint
+
+    found = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    where = (
+        f"; go on from {found.name} with: fedsim run --resume {run_dir}"
+        if found
+        else "; no checkpoint yet"
+    )
+    err_console.print(f"interrupted{where}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=130)
 
 
 @app.command()

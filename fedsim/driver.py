@@ -510,7 +510,17 @@ def run(
                 prep = replace(prep, feature_path=str(found))
             args = (cfg, algorithm, prep, out_dir, metrics, progress, console, pool)
             loop = _run_pooled if getattr(algorithm, "pooled", False) else _run_rounds
-            result = loop(*args, restored)
+            try:
+                result = loop(*args, restored)
+            except ray.exceptions.RayActorError as e:
+                # The Evaluator or the Aggregator died (lost workers are replaced in-round).
+                lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+                found = latest_checkpoint(out_dir)
+                raise RunError(
+                    f"an actor of the run died ({lines[-1] if lines else type(e).__name__}); "
+                    f"the rounds done are in {out_dir / 'metrics.jsonl'}"
+                    + (f"; go on with: fedsim run --resume {out_dir}" if found else "")
+                ) from None
         finally:
             if own_pool:
                 pool.close()

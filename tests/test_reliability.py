@@ -134,6 +134,34 @@ def test_sigkill_then_resume_gives_the_bits_of_an_uninterrupted_run(
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, toy_path, cache_dir):
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        cli_run_args(out, cache_dir, *RUN),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )
+    try:
+        _wait_for(out / "checkpoints" / "round-000001" / "state.json", proc)
+        os.kill(proc.pid, signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 130
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert lines[-1].startswith("interrupted; go on from round-")
+    assert lines[-1].endswith(f"fedsim run --resume {out}")
+    # What was written stays: the config, the rounds logged, the checkpoints.
+    assert (out / "config.yaml").exists() and _rounds(out)[0]["round"] == 0
+
+
+@pytest.mark.slow
 def test_killed_worker_mid_run_same_projector_and_retries_counted(
     tmp_path, baseline, cache_dir, ray_session
 ):

@@ -479,9 +479,8 @@ def run(
         from fedsim.models.toy import ToyBuildConfig, toy_backbone_path
 
         built = toy_backbone_path(ToyBuildConfig(), cache_root(cfg)) / "fedsim.json"
-        if (
-            built.exists()
-        ):  # the scene against the toy's recipe, before anything is written
+        # The scene against the toy's recipe, before anything is written.
+        if built.exists():
             check_scene_fits_backbone(cfg, json.loads(built.read_text()))
     metrics = MetricsLog(out_dir / "metrics.jsonl")
     if restored is None:

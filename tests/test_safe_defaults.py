@@ -595,7 +595,9 @@ def test_backbone_with_only_pickled_weights_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BackboneError, match=r"^model\.backbone: .*no safetensors"):
         load_backbone(vision, lm=lm)
     (vision / "pytorch_model.bin").unlink()
-    (vision / "model.safetensors").write_bytes(b"")  # passes the check, never read
+    from safetensors.torch import save_file
+
+    save_file({}, str(vision / "model.safetensors"))  # passes the check, never loaded
     with pytest.raises(BackboneError, match=r"^model\.lm: .*pytorch_model\.bin"):
         load_backbone(vision, lm=lm)
     assert not marker.exists()

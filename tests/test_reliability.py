@@ -80,46 +80,61 @@ def baseline(tmp_path_factory, toy_path, cache_dir, ray_session):
     return small_run(out, cache_dir, *RUN)
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_gives_the_bits_of_an_uninterrupted_run(
-    tmp_path, baseline, cache_dir
-):
-    out = tmp_path / "killed"
-    args = cli_run_args(out, cache_dir, *RUN)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # A session of its own, so that what the killed driver leaves (Ray's agents) can be
-    # cleaned up by process group afterwards.
-    proc = subprocess.Popen(
+def _start(args: list[str]) -> subprocess.Popen:
+    """``args`` in a session of its own, so that what a killed driver leaves (Ray's agents)
+    can be cleaned up by process group afterwards."""
+    return subprocess.Popen(
         args,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env=env,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
         start_new_session=True,
     )
+
+
+def _interrupt(proc: subprocess.Popen, when: Path, sig: int) -> str:
+    """Send ``sig`` to the driver once ``when`` exists; its stderr."""
     try:
-        _wait_for(out / "checkpoints" / "round-000002" / "state.json", proc)
-        os.kill(proc.pid, signal.SIGKILL)  # the driver only, mid round 3
-        proc.wait(timeout=60)
+        _wait_for(when, proc)
+        os.kill(proc.pid, sig)
+        return proc.communicate(timeout=120)[1]
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_sigkill_then_resume_gives_the_bits_of_an_uninterrupted_run(
+    tmp_path, baseline, cache_dir
+):
+    out = tmp_path / "interrupted"
+    resume = [sys.executable, "-m", "fedsim.cli", "run", "--no-progress", "--resume"]
+    # Ctrl-C after round 1's checkpoint: a clean stop, one line saying how to go on.
+    proc = _start(cli_run_args(out, cache_dir, *RUN))
+    err = _interrupt(
+        proc, out / "checkpoints" / "round-000001" / "state.json", signal.SIGINT
+    )
+    assert proc.returncode == 130
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert lines[-1].startswith("interrupted; go on from round-")
+    assert lines[-1].endswith(f"fedsim run --resume {out}")
+    assert not (out / "final").exists()
+    # Resumed, then SIGKILL of the driver alone once round 3's checkpoint is written.
+    proc = _start([*resume, str(out)])
+    _interrupt(
+        proc, out / "checkpoints" / "round-000003" / "state.json", signal.SIGKILL
+    )
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "final").exists()
+    # Resumed again, to the end.
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedsim.cli",
-            "run",
-            "--no-progress",
-            "--resume",
-            str(out),
-        ],
+        [*resume, str(out)],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -127,38 +142,14 @@ def test_sigkill_then_resume_gives_the_bits_of_an_uninterrupted_run(
     # The rounds, as logged, are those of the uninterrupted run (timings aside).
     assert _without_timing(_rounds(out)) == _without_timing(_rounds(baseline.out_dir))
     resumes = [json.loads(x) for x in (out / "resumes.jsonl").read_text().splitlines()]
-    assert len(resumes) == 1 and resumes[0]["resumed_after_round"] >= 2
+    assert len(resumes) == 2
+    assert (
+        resumes[0]["resumed_after_round"] >= 1
+        and resumes[1]["resumed_after_round"] >= 3
+    )
     # checkpoint_keep (2): only the newest two are left.
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert kept == [f"round-{ROUNDS - 1:06d}", f"round-{ROUNDS:06d}"]
-
-
-@pytest.mark.slow
-def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, toy_path, cache_dir):
-    out = tmp_path / "interrupted"
-    proc = subprocess.Popen(
-        cli_run_args(out, cache_dir, *RUN),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        start_new_session=True,
-    )
-    try:
-        _wait_for(out / "checkpoints" / "round-000001" / "state.json", proc)
-        os.kill(proc.pid, signal.SIGINT)
-        err = proc.communicate(timeout=120)[1]
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == 130
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert lines[-1].startswith("interrupted; go on from round-")
-    assert lines[-1].endswith(f"fedsim run --resume {out}")
-    # What was written stays: the config, the rounds logged, the checkpoints.
-    assert (out / "config.yaml").exists() and _rounds(out)[0]["round"] == 0
 
 
 @pytest.mark.slow

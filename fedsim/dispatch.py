@@ -70,6 +70,20 @@ class WorkerSet:
     def handles(self) -> list[Any]:
         return [self.live[i] for i in sorted(self.live)]
 
+    def ask(self, method: str) -> dict[str, Any]:
+        """``{"worker<i>": answer}`` of every live worker to ``method`` (no arguments); a worker
+        lost after the last round is left out instead of failing the finished run."""
+        import ray
+
+        refs = {i: getattr(self.live[i], method).remote() for i in sorted(self.live)}
+        out: dict[str, Any] = {}
+        for i, ref in refs.items():
+            try:
+                out[f"worker{i}"] = ray.get(ref)
+            except lost_errors():
+                continue
+        return out
+
 
 @dataclass
 class DispatchStats:

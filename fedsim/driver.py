@@ -1227,24 +1227,12 @@ def _run_rounds(
         save_weights(out_dir / "final" / "server_state.safetensors", server_state)
     resources = {
         "driver": peak_rss_mb(),
-        **{
-            f"worker{i}": v
-            for i, v in zip(
-                sorted(workers.live),
-                ray.get([w.peak_rss_mb.remote() for w in workers.handles()]),
-            )
-        },
+        **workers.ask("peak_rss_mb"),
         "aggregator": ray.get(aggregator.peak_rss_mb.remote()),
         "evaluator": ray.get(evaluator.peak_rss_mb.remote()),
     }
     nodes = {
-        **{
-            f"worker{i}": v
-            for i, v in zip(
-                sorted(workers.live),
-                ray.get([w.node.remote() for w in workers.handles()]),
-            )
-        },
+        **workers.ask("node"),
         "aggregator": ray.get(aggregator.node.remote()),
         "evaluator": ray.get(evaluator.node.remote()),
     }

@@ -90,7 +90,15 @@ def _start(args: list[str]) -> subprocess.Popen:
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         start_new_session=True,
+        # A job started in the background by a non-interactive shell (as CI may run the
+        # tests) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
+        # handler: give the driver Ctrl-C back, as a terminal would.
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _interrupt(proc: subprocess.Popen, when: Path, sig: int) -> str:

@@ -196,6 +196,79 @@ def truncated_backbone(s: Sandbox) -> None:
     )
 
 
+def alias_bomb(s: Sandbox) -> None:
+    """The 403-byte "billion laughs" of the report (test_safe_defaults.BOMB, padded)."""
+    from test_safe_defaults import BOMB
+
+    pad = "unknown_key: " + "x" * (403 - len(BOMB) - len("unknown_key: ") - 1) + "\n"
+    _write(s.tmp / "bomb.yaml", BOMB + pad)
+
+
+#: Child processes holding a run folder's lock; each exits when its stdin closes.
+_HOLDERS: list = []
+
+
+def _hold(folder: Path) -> None:
+    """Another process holds ``folder``'s writer lock (as a live run does) until the test ends."""
+    import subprocess
+
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from fedsim.runio import RunLock; "
+            f"lock = RunLock({str(folder)!r}, 'x'); print('held', flush=True); "
+            "sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout.readline().strip() == "held"
+    _HOLDERS.append(child)
+
+
+def live_run(s: Sandbox) -> None:
+    """A run that has just started: its config.yaml, its lock held by another process."""
+    _write(s.tmp / "live-run" / "config.yaml", "rounds: 2\n")
+    _hold(s.tmp / "live-run")
+
+
+def _checkpointed(s: Sandbox, name: str, config: str, state_round: int) -> Path:
+    """A run folder with a sound checkpoint (its own config's digest), round 1 in metrics."""
+    import torch
+
+    from fedsim.checkpoint import RoundState, config_digest, save_checkpoint
+    from fedsim.config import config_to_yaml_data, load_config
+
+    _write(s.tmp / name / "config.yaml", config)
+    cfg = load_config(str(s.tmp / name / "config.yaml"))
+    state = RoundState(
+        round=state_round,
+        weights={"linear_1.weight": torch.zeros(2, 2)},
+        server_state={},
+        clients={},
+        cursors=[],
+        sim_clock=0.0,
+        final_eval={},
+        metrics_lines=2,
+    )
+    save_checkpoint(s.tmp / name, state, config_digest(config_to_yaml_data(cfg)), 2)
+    return s.tmp / name
+
+
+def long_run(s: Sandbox) -> None:
+    """A checkpoint of round 5 in a 2-round run (state.json altered, checksums intact)."""
+    run = _checkpointed(s, "long-run", "rounds: 2\n", 5)
+    _write(run / "metrics.jsonl", '{"round": 0}\n{"round": 1}\n')
+
+
+def messy_run(s: Sandbox) -> None:
+    """An interrupted run whose metrics.jsonl holds a garbage line among the checkpoint's."""
+    run = _checkpointed(s, "messy-run", "rounds: 4\n", 1)
+    _write(run / "metrics.jsonl", '{"round": 0}\nGARBAGE\n{"round": 2}\n')
+
+
 def both(*setups: Callable[[Sandbox], None]) -> Callable[[Sandbox], None]:
     def setup(s: Sandbox) -> None:
         for f in setups:
@@ -253,10 +326,16 @@ SETUPS: dict[str, Callable[[Sandbox], None]] = {
     "unknown-projector": nothing,
     "resume-not-a-run": nothing,
     "resume-finished": done_run,
-    "resume-no-checkpoint": cut_run,
     "resume-changes-the-run": cut_run,
     "resume-other-config": other_run,
     "backbone-truncated-weights": truncated_backbone,
+    "config-alias-bomb": alias_bomb,
+    "set-alias": nothing,
+    "resume-live-run": live_run,
+    "out-live-run": live_run,
+    "resume-round-beyond": long_run,
+    "resume-garbage-metrics": messy_run,
+    "resume-threads": cut_run,
 }
 
 

@@ -88,7 +88,8 @@ def run(
         typer.Option(
             "--resume",
             help="Go on with the interrupted run in this folder from its newest checkpoint "
-            "(its own config.yaml; --set may change only ray.* and cache_dir).",
+            "(its own config.yaml; --set may change only cache_dir and ray.* but "
+            "ray.threads_per_worker). Without a checkpoint it starts again from round 1.",
         ),
     ] = None,
 ) -> None:

@@ -269,6 +269,11 @@ def messy_run(s: Sandbox) -> None:
     _write(run / "metrics.jsonl", '{"round": 0}\nGARBAGE\n{"round": 2}\n')
 
 
+def toy_built(s: Sandbox) -> None:
+    """The toy backbone in the cache: the run gets as far as partitioning the data."""
+    s.toy()
+
+
 def both(*setups: Callable[[Sandbox], None]) -> Callable[[Sandbox], None]:
     def setup(s: Sandbox) -> None:
         for f in setups:

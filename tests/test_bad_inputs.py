@@ -341,6 +341,9 @@ SETUPS: dict[str, Callable[[Sandbox], None]] = {
     "resume-round-beyond": long_run,
     "resume-garbage-metrics": messy_run,
     "resume-threads": cut_run,
+    "dirichlet-alpha-zero": toy_built,
+    "label-not-a-column": toy_built,
+    "clients-over-rows": toy_built,
 }
 
 

@@ -335,3 +335,17 @@ def load_checkpoint_weights(stem):
     from fedsim.runio import load_weights
 
     return load_weights(stem.with_suffix(".safetensors"))
+
+
+def test_resume_may_move_the_cache_and_the_workers(tmp_path):
+    """--set cache_dir=… on resume was documented as allowed and always refused (digest)."""
+    from fedsim.config import load_config
+    from fedsim.driver import find_checkpoint
+
+    _interrupted_run(tmp_path)
+    moved = ["cache_dir=/elsewhere", "ray.workers=7", "ray.task_retries=0"]
+    cfg = load_config(str(tmp_path / "config.yaml"), moved)
+    assert find_checkpoint(cfg, tmp_path).round == 2
+    threads = load_config(str(tmp_path / "config.yaml"), ["ray.threads_per_worker=2"])
+    with pytest.raises(CheckpointError, match="another config"):
+        find_checkpoint(threads, tmp_path)

@@ -249,3 +249,36 @@ def test_default_run_one_writer_loopback_only_and_deaf_to_ray_address(
     for key, ip, port in sockets:
         assert table[key] == "127.0.0.1", (key, table[key])
         assert _loopback(ip), f"{key} listens on {ip}:{port}"
+
+
+@pytest.mark.slow
+def test_resume_before_the_first_checkpoint_starts_the_run_again(
+    tmp_path, toy_path, cache_dir, ray_session
+):
+    """What a kill before the first checkpoint leaves is resumed from round 1, same folder."""
+    from rich.console import Console
+
+    from fedsim.config import config_to_yaml_data, load_config
+    from fedsim.driver import resume_run
+    from fedsim.runio import write_yaml
+
+    out = tmp_path / "run"
+    cfg = load_config(
+        None, [*SMALL, *NO_EVAL, "checkpoint_every=0", f"cache_dir={cache_dir}"]
+    )
+    write_yaml(out / "config.yaml", config_to_yaml_data(cfg))
+    (out / "metrics.jsonl").write_text('{"round": 1, "loss": 9.9}\n{"round": 2, "lo')
+    (out / "final").mkdir()
+    (out / "final" / ".projector.safetensors.ab12cd34").write_bytes(
+        b"half"
+    )  # a killed write
+    console = Console(record=True, width=200)
+    result = resume_run(out, console=console, show_progress=False)
+    assert "starts again from round 1" in console.export_text()
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]  # round 0: eval.at_start
+    assert records[1]["loss"] != 9.9  # logged anew
+    resumes = json.loads((out / "resumes.jsonl").read_text())
+    assert resumes["resumed_after_round"] == 0 and resumes["dropped_rounds"] == [1]
+    assert not (out / "final" / ".projector.safetensors.ab12cd34").exists()
+    assert (out / "summary.md").exists() and result.history[-1]["round"] == 2

@@ -117,6 +117,11 @@ def test_export_reloads_with_transformers_and_answers_as_in_the_run(
     assert scores == pytest.approx(final, abs=0, rel=0)
     provenance = json.loads((out / "fedsim.json").read_text())["export"]
     assert provenance["algorithm"] == "fedavg" and provenance["rounds"] == 3
+    # The weights are named by their tensors' digest, not by the file's bytes.
+    from fedsim.runio import load_weights, weights_digest
+
+    final_weights = load_weights(toy_run / "final" / "projector.safetensors")
+    assert provenance["projector_digest"] == weights_digest(final_weights)
 
 
 @pytest.mark.slow
@@ -124,8 +129,10 @@ def test_hf_backend_on_the_toy_suite_end_to_end(toy_run, suite_root):
     from fedsim.eval.answers import read_answers
     from fedsim.eval.run import evaluate_run
     from fedsim.eval.suite import get, locate
+    from fedsim.runio import load_weights, weights_digest
 
     results = evaluate_run(toy_run, BENCHES, suite_root, backend="hf", batch_size=64)
+    digest = weights_digest(load_weights(toy_run / "final" / "projector.safetensors"))
     assert set(results) == set(BENCHES)
     for bench in BENCHES:
         questions = get(bench).load(*locate(bench, suite_root))
@@ -133,6 +140,7 @@ def test_hf_backend_on_the_toy_suite_end_to_end(toy_run, suite_root):
         assert set(answers) == {q.question_id for q in questions}
         saved = json.loads((toy_run / "eval" / bench / "scores.json").read_text())
         assert saved["scores"] == results[bench]
+        assert saved["projector_digest"] == digest
         assert saved["questions"] == len(questions)
     # The toy LM answers exactly "yes" or "no": POPE's accuracy is then the share of answers
     # equal to the label, counted here without the scorer.

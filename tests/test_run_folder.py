@@ -282,3 +282,30 @@ def test_resume_before_the_first_checkpoint_starts_the_run_again(
     assert resumes["resumed_after_round"] == 0 and resumes["dropped_rounds"] == [1]
     assert not (out / "final" / ".projector.safetensors.ab12cd34").exists()
     assert (out / "summary.md").exists() and result.history[-1]["round"] == 2
+
+
+def test_two_exports_into_one_folder_the_second_is_refused(tmp_path, monkeypatch):
+    """Export writes under a temporary name and renames: onto a filled folder that fails."""
+    from types import SimpleNamespace
+
+    import fedsim.export as export
+    from fedsim.export import ExportError, write_checkpoint
+
+    out = tmp_path / "ckpt"
+
+    class Model:
+        def save_pretrained(self, folder):
+            (Path(folder) / "model.safetensors").write_bytes(b"ours")
+            # Meanwhile another export finished into the same folder.
+            out.mkdir(exist_ok=True)
+            (out / "model.safetensors").write_bytes(b"theirs")
+
+    monkeypatch.setattr(
+        export, "_processor", lambda bb: SimpleNamespace(save_pretrained=lambda f: None)
+    )
+    monkeypatch.setattr(export, "_rename_safetensors", lambda folder: 0)
+    backbone = SimpleNamespace(model=Model(), manifest={})
+    with pytest.raises(ExportError, match="written by another process meanwhile"):
+        write_checkpoint(backbone, out, {})
+    assert (out / "model.safetensors").read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left

@@ -208,30 +208,12 @@ def alias_bomb(s: Sandbox) -> None:
 _HOLDERS: list = []
 
 
-def _hold(folder: Path) -> None:
-    """Another process holds ``folder``'s writer lock (as a live run does) until the test ends."""
-    import subprocess
-
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from fedsim.runio import RunLock; "
-            f"lock = RunLock({str(folder)!r}, 'x'); print('held', flush=True); "
-            "sys.stdin.read()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdout.readline().strip() == "held"
-    _HOLDERS.append(child)
-
-
 def live_run(s: Sandbox) -> None:
     """A run that has just started: its config.yaml, its lock held by another process."""
     _write(s.tmp / "live-run" / "config.yaml", "rounds: 2\n")
-    _hold(s.tmp / "live-run")
+    from lock_holder import hold
+
+    _HOLDERS.append(hold(s.tmp / "live-run"))
 
 
 def _checkpointed(s: Sandbox, name: str, config: str, state_round: int) -> Path:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from lock_holder import hold
 from small_runs import NO_EVAL, SMALL, cli_run_args
 
 from fedsim.runio import RunDirError, RunLock, check_run_dir, prepare_run_dir
@@ -68,25 +69,8 @@ def test_two_runs_into_one_new_folder_exactly_one_writes(tmp_path):
     assert (out / "metrics.jsonl").read_text() == '{"round": 0}\n'
 
 
-def _holder(folder: Path) -> subprocess.Popen:
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from fedsim.runio import RunLock; "
-            f"lock = RunLock({str(folder)!r}, 'x'); print('held', flush=True); "
-            "sys.stdin.read()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdout.readline().strip() == "held"
-    return child
-
-
 def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
-    child = _holder(tmp_path)
+    child = hold(tmp_path)
     try:
         with pytest.raises(
             RunDirError, match=rf"in use by another .*pid {child.pid}\)"

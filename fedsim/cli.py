@@ -369,7 +369,7 @@ def export(
 @backbones_app.command("build")
 def backbones_build(
     kind: Annotated[
-        str, typer.Argument(help="Which backbone to build: 'toy'.")
+        str, typer.Argument(help="Which backbone to build: 'toy' (from its recipe).")
     ] = "toy",
     cache_dir: Annotated[
         Optional[Path],
@@ -378,26 +378,57 @@ def backbones_build(
     force: Annotated[
         bool, typer.Option("--force", help="Rebuild even when cached.")
     ] = False,
+    seed: Annotated[
+        int, typer.Option(help="The recipe's seed (the shipped reference is seed 0).")
+    ] = 0,
 ) -> None:
-    """Pre-train the toy vision encoder and LM on synthetic scenes; cache the LLaVA checkpoint."""
+    """Build the toy backbone from its recipe into the cache and check its skill gates.
+
+    Runs use the shipped reference (``model.backbone: toy``); a build from the recipe is used
+    with ``model.backbone: toy-recipe`` (seed 0) or by its folder's path.
+    """
     if kind != "toy":
         _fail(f"backbones build: unknown backbone {kind!r} (known: toy)")
     import json
 
     import torch
 
-    from fedsim.models.toy import build_toy_backbone
+    from fedsim.models.toy import ToyBuildConfig, ToyBuildError, build_toy_backbone
+    from fedsim.models.toy_reference import REFERENCE_DIR
     from fedsim.progress import build_reporter, make_progress
+    from fedsim.runio import file_sha256
 
     torch.set_num_threads(os.cpu_count() or 1)
-    with make_progress(console) as progress:
-        path = build_toy_backbone(
-            cache_dir=cache_dir, report=build_reporter(progress), force=force
-        )
+    try:
+        with make_progress(console) as progress:
+            path = build_toy_backbone(
+                ToyBuildConfig(seed=seed),
+                cache_dir=cache_dir,
+                report=build_reporter(progress),
+                force=force,
+            )
+    except ToyBuildError as e:
+        _fail(str(e))
+        return
     manifest = json.loads((path / "fedsim.json").read_text())
-    console.print(f"toy backbone: {path}")
+    console.print(f"toy backbone (recipe, seed {seed}): {path}")
     for k, v in manifest.get("metrics", {}).items():
-        console.print(f"  {k}: {v:.3f}")
+        console.print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
+    for k, gate in manifest.get("gates", {}).items():
+        if isinstance(gate, dict) and "min" in gate:
+            console.print(f"  gate {k}: {gate['value']:.3f} >= {gate['min']} passed")
+    same = (
+        file_sha256(path / "model.safetensors")
+        == file_sha256(REFERENCE_DIR / "model.safetensors")
+        if (REFERENCE_DIR / "model.safetensors").is_file()
+        else False
+    )
+    console.print(
+        "  weights: the same bits as the shipped reference"
+        if same
+        else "  weights: differ from the shipped reference (another seed, or this CPU's "
+        "rounding); run on it with --set model.backbone=" + str(path)
+    )
 
 
 @algorithms_app.command("list")

@@ -40,13 +40,14 @@ from fedsim.checkpoint import (
     remove_temp_leftovers,
     save_checkpoint,
 )
-from fedsim.config import Config, config_to_yaml_data
+from fedsim.config import Config, config_to_yaml_data, is_toy
 from fedsim.configtools import ConfigError
 from fedsim.cost import TokenCost
 from fedsim.data.scenes_dataset import ensure_scenes
 from fedsim.data.streams import Cursor, take
 from fedsim.dispatch import WorkerSet, WorkersLost, dispatch
 from fedsim.eval.toy import ATTRIBUTES
+from fedsim.machine import machine_info, machine_line
 from fedsim.pool import ActorPool
 from fedsim.progress import build_reporter, make_progress
 from fedsim.runio import (
@@ -132,7 +133,7 @@ def missing_inputs(cfg: Config) -> list[str]:
 
     out = []
     if (
-        cfg.model.backbone != "toy"
+        not is_toy(cfg.model.backbone)
         and not Path(cfg.model.backbone).expanduser().exists()
     ):
         out.append(f"model.backbone {cfg.model.backbone!r}")
@@ -154,11 +155,16 @@ def check_inputs(cfg: Config) -> None:
 def resolve_backbone(
     cfg: Config, report: Callable[[str, int, int, float], None] | None = None
 ) -> ModelSpec:
-    """Build (toy) or locate the backbone; paths are checked before any work starts."""
+    """The shipped toy (verified), the toy rebuilt from its recipe, or a checked local path."""
     if cfg.model.backbone == "toy":
-        from fedsim.models.toy import build_toy_backbone
+        path = toy_reference_path()
+    elif cfg.model.backbone == "toy-recipe":
+        from fedsim.models.toy import ToyBuildError, build_toy_backbone
 
-        path = build_toy_backbone(cache_dir=cache_root(cfg), report=report)
+        try:
+            path = build_toy_backbone(cache_dir=cache_root(cfg), report=report)
+        except ToyBuildError as e:
+            raise RunError(str(e)) from None
     else:
         path = Path(cfg.model.backbone).expanduser()
         if not path.exists():
@@ -169,6 +175,16 @@ def resolve_backbone(
     return ModelSpec(
         str(path), lm, cfg.model.projector, cfg.model.dtype, cfg.model.device
     )
+
+
+def toy_reference_path() -> Path:
+    """The reference toy backbone shipped with fedsim, every file checked by its SHA-256."""
+    from fedsim.models.toy_reference import ReferenceError, reference_toy_backbone
+
+    try:
+        return reference_toy_backbone()
+    except ReferenceError as e:
+        raise ConfigError(f"model.backbone: {e}") from None
 
 
 def read_manifest(model: ModelSpec) -> dict[str, Any]:
@@ -443,6 +459,17 @@ def corpus_summary(train_path: Path) -> dict[str, Any]:
     return {k: info[k] for k in keys if k in info}
 
 
+def backbone_line(cfg: Config) -> str:
+    """``model.backbone`` as the summary names it (the reference toy with its digest)."""
+    if cfg.model.backbone == "toy":
+        from fedsim.models.toy_reference import reference_digest
+
+        return f"toy (the shipped reference, SHA-256 {reference_digest()[:16]}…)"
+    if cfg.model.backbone == "toy-recipe":
+        return "toy-recipe (the toy recipe, built on this machine)"
+    return cfg.model.backbone
+
+
 def _summary_md(cfg: Config, result: RunResult, wall: float) -> str:
     lines = [
         f"# fedsim run: {cfg.algorithm.name} on {cfg.scenario.name}",
@@ -450,7 +477,8 @@ def _summary_md(cfg: Config, result: RunResult, wall: float) -> str:
         f"- clients: {cfg.scenario.num_clients} logical, {cfg.scenario.cohort_size} per round, "
         f"{cfg.rounds} rounds × {cfg.train.local_steps} local steps × batch {cfg.train.batch_size}",
         f"- seed {cfg.seed}; workers {cfg.ray.workers}; wall time {wall:.1f} s",
-        f"- backbone: {cfg.model.backbone}; projector {cfg.model.projector}",
+        f"- backbone: {backbone_line(cfg)}; projector {cfg.model.projector}",
+        f"- machine: {machine_line(machine_info())}",
         "",
         "| metric | untrained (round 0) | final |",
         "|---|---:|---:|",
@@ -536,19 +564,22 @@ def run(
 
 
 def _check_backbone(cfg: Config) -> None:
-    """The backbone's files and the scene against its recipe, before anything is written."""
-    if cfg.model.backbone != "toy":
-        from fedsim.models.backbone import check_backbone_source
+    """The backbone's files (the shipped toy: its SHA-256s) and the scene against its recipe.
 
-        spec = resolve_backbone(cfg)
-        check_backbone_source(spec.backbone_path, spec.lm_path)
-        check_scene_fits_backbone(cfg, read_manifest(spec))
-    else:
+    Before anything is written.
+    """
+    if cfg.model.backbone == "toy-recipe":
         from fedsim.models.toy import ToyBuildConfig, toy_backbone_path
 
         built = toy_backbone_path(ToyBuildConfig(), cache_root(cfg)) / "fedsim.json"
         if built.exists():
             check_scene_fits_backbone(cfg, json.loads(built.read_text()))
+    else:
+        from fedsim.models.backbone import check_backbone_source
+
+        spec = resolve_backbone(cfg)
+        check_backbone_source(spec.backbone_path, spec.lm_path)
+        check_scene_fits_backbone(cfg, read_manifest(spec))
 
 
 def _run_locked(
@@ -892,7 +923,7 @@ def toy_benchmarks(
     from fedsim.eval.run import save_and_score
     from fedsim.eval.toy_suite import ensure_toy_suite
 
-    if not cfg.eval.benchmarks or cfg.model.backbone != "toy":
+    if not cfg.eval.benchmarks or not is_toy(cfg.model.backbone):
         return {}
     root = ensure_toy_suite(
         cache_root(cfg), cfg.data.scene, images=cfg.eval.suite_images
@@ -952,7 +983,7 @@ def _finish(
     )
     write_json(
         out_dir / "resources.json",
-        {"peak_rss_mb": resources, "nodes": nodes or {}},
+        {"peak_rss_mb": resources, "nodes": nodes or {}, "machine": machine_info()},
     )
 
 

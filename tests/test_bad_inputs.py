@@ -101,7 +101,9 @@ def old_run(s: Sandbox) -> None:
 def _run_folder(s: Sandbox, name: str, weights: dict) -> None:
     from safetensors.torch import save_file
 
-    cache = s.toy().parents[1]  # <cache>/backbones/toy-<hash>
+    from fedsim.models.toy import default_cache_dir
+
+    cache = default_cache_dir()  # the cache_dir fixture's folder (data caches of the run)
     _write(s.tmp / name / "config.yaml", f"cache_dir: {cache}\nrounds: 1\n")
     (s.tmp / name / "final").mkdir(parents=True)
     save_file(weights, str(s.tmp / name / "final" / "projector.safetensors"))

@@ -62,10 +62,10 @@ def _w0_file(run_dir):
 
 def _in_run_backbone(run_dir):
     from fedsim.models.backbone import load_backbone, set_projector_
-    from fedsim.models.toy import build_toy_backbone
+    from fedsim.models.toy_reference import reference_toy_backbone
     from fedsim.runio import load_weights
 
-    bb = load_backbone(build_toy_backbone())
+    bb = load_backbone(reference_toy_backbone())
     set_projector_(bb, load_weights(run_dir / "final" / "projector.safetensors"))
     return bb
 

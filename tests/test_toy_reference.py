@@ -134,3 +134,41 @@ def test_the_recipe_builds_a_backbone_that_passes_its_gates(tmp_path):
         for name in ("model.safetensors", "lm/model.safetensors"):
             built = hashlib.sha256((path / name).read_bytes()).hexdigest()
             assert built == REFERENCE_FILES[name][1], name
+
+
+def test_gates_name_the_skill_that_missed():
+    from fedsim.models.toy import ToyBuildConfig, ToyBuildError, check_gates
+
+    cfg = ToyBuildConfig()
+    lm = {"lm_context_qa": 0.95, "lm_extensions": 1, "lm_restarts": 0}
+    joint = {"joint_attr_mean": 0.94, "joint_yesno_acc": 0.70, "joint_extensions": 2}
+    record = check_gates(cfg, lm, joint)
+    assert record["passed"] is True
+    assert record["extensions"] == {"lm": 1, "lm_restarts": 0, "joint": 2}
+    assert record["yesno_acc"] == {"value": 0.70, "min": 0.65}
+    with pytest.raises(ToyBuildError, match=r"yesno_acc 0\.600 < 0\.65; nothing"):
+        check_gates(cfg, lm, {**joint, "joint_yesno_acc": 0.60})
+    with pytest.raises(ToyBuildError, match=r"lm_context_qa 0\.500 < 0\.9"):
+        check_gates(cfg, {**lm, "lm_context_qa": 0.5}, None)  # the LM stage alone
+
+
+def test_a_build_that_misses_a_gate_caches_nothing(tmp_path, monkeypatch):
+    import fedsim.models.toy as toy
+
+    def lm_at_chance(cfg, tokenizer, report):
+        return None, {
+            "lm_loss": 0.31,
+            "lm_context_qa": 0.49,
+            "lm_extensions": 3,
+            "lm_restarts": 3,
+        }
+
+    def never(*args, **kwargs):
+        raise AssertionError("a later stage ran after the LM stage missed its gate")
+
+    monkeypatch.setattr(toy, "pretrain_lm", lm_at_chance)
+    monkeypatch.setattr(toy, "pretrain_vision", never)
+    with pytest.raises(toy.ToyBuildError, match="lm_context_qa 0.490 < 0.9"):
+        toy.build_toy_backbone(toy.ToyBuildConfig(seed=5), cache_dir=tmp_path)
+    left = [p.name for p in (tmp_path / "backbones").iterdir()]
+    assert all(name.startswith(".") and name.endswith(".lock") for name in left), left

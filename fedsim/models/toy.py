@@ -112,6 +112,9 @@ class ToyBuildConfig:
         A stage that misses its gate goes on for half its steps again, on a fresh cosine cycle at
         ``extension_lr_scale`` times its learning rate, at most ``max_extensions`` times; a build
         that still misses a gate fails, naming the skill, and caches nothing.
+    max_restarts:
+        The LM stage, when it still misses its gate after its extensions, starts again from a
+        new initialisation keyed by (seed, attempt), at most this many times.
     """
 
     seed: int = 0
@@ -145,6 +148,7 @@ class ToyBuildConfig:
     gate_yesno: float = 0.65
     max_extensions: int = 3
     extension_lr_scale: float = 0.5
+    max_restarts: int = 3
 
     def key(self) -> str:
         payload = {k: v for k, v in dataclasses.asdict(self).items() if k != "scene"}
@@ -232,8 +236,35 @@ def pretrain_lm(
     tokenizer: PreTrainedTokenizerFast,
     report: Callable[[str, int, int, float], None],
 ) -> tuple[LlamaForCausalLM, dict[str, float]]:
-    """Train the causal LM on text-only caption, in-context caption and in-context QA tasks."""
-    torch.manual_seed(cfg.seed)
+    """Train the causal LM on text-only caption, in-context caption and in-context QA tasks.
+
+    The in-context yes/no skill forms through a plateau whose length depends on the
+    initialisation: some draws answer with a constant "yes" or "no" (loss ≈ 0.31) for thousands
+    of steps (seed 2 of the recipe: through 1600 steps and three extensions; 3200-step cycles, lr
+    6e-3 and 70 % questions each still sat on it after 800 steps, where seed 0 had left it). An
+    attempt that misses the gate after its extensions is therefore restarted from a new
+    initialisation keyed by (seed, attempt), at most ``max_restarts`` times.
+    """
+    for attempt in range(cfg.max_restarts + 1):
+        lm, metrics = _lm_attempt(cfg, tokenizer, report, attempt)
+        if metrics["lm_context_qa"] >= cfg.gate_lm_context_qa:
+            break
+    return lm, {**metrics, "lm_restarts": attempt}
+
+
+def _lm_attempt(
+    cfg: ToyBuildConfig,
+    tokenizer: PreTrainedTokenizerFast,
+    report: Callable[[str, int, int, float], None],
+    attempt: int,
+) -> tuple[LlamaForCausalLM, dict[str, float]]:
+    """One LM pre-training attempt: a cosine cycle, then extensions while the gate is missed."""
+    key = [cfg.seed, STREAM_PRETRAIN_LM] + ([attempt] if attempt else [])
+    torch.manual_seed(
+        cfg.seed
+        if attempt == 0
+        else int(np.random.SeedSequence(key).generate_state(1)[0])
+    )
     lm_cfg = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.lm_hidden,
@@ -249,7 +280,7 @@ def pretrain_lm(
     )
     lm = LlamaForCausalLM(lm_cfg)
     opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lm_lr, weight_decay=0.01)
-    rng = np.random.default_rng([cfg.seed, STREAM_PRETRAIN_LM])
+    rng = np.random.default_rng(key)
     index = 0
 
     def batch(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -298,13 +329,18 @@ def pretrain_lm(
             report(stage, step + 1, steps, loss_val)
         lm.eval()
 
-    train(cfg.lm_steps, cfg.lm_lr, "lm")
+    stage = f"lm (restart {attempt})" if attempt else "lm"
+    train(cfg.lm_steps, cfg.lm_lr, stage)
     qa, extensions = context_qa_accuracy(lm, tokenizer, cfg), 0
     # The in-context yes/no skill forms abruptly, late in the cycle (≈ step 500–700 of 1600 at
     # lr 3e-3); a cycle that decays before it forms leaves it at chance on shape questions.
     while qa < cfg.gate_lm_context_qa and extensions < cfg.max_extensions:
         extensions += 1
-        train(cfg.lm_steps // 2, cfg.lm_lr * cfg.extension_lr_scale, f"lm+{extensions}")
+        train(
+            cfg.lm_steps // 2,
+            cfg.lm_lr * cfg.extension_lr_scale,
+            f"{stage}+{extensions}",
+        )
         qa = context_qa_accuracy(lm, tokenizer, cfg)
     with torch.no_grad():
         input_ids, mask, labels = batch(512)
@@ -644,28 +680,36 @@ class ToyBuildError(RuntimeError):
 
 
 def check_gates(
-    cfg: ToyBuildConfig, lm_metrics: dict[str, float], joint_metrics: dict[str, float]
+    cfg: ToyBuildConfig,
+    lm_metrics: dict[str, float],
+    joint_metrics: dict[str, float] | None,
 ) -> dict[str, Any]:
-    """The gates' record for ``fedsim.json``; raises :class:`ToyBuildError` on a miss."""
-    record = {
-        "lm_context_qa": [lm_metrics["lm_context_qa"], cfg.gate_lm_context_qa],
-        "attr_mean": [joint_metrics["joint_attr_mean"], cfg.gate_attributes],
-        "yesno_acc": [joint_metrics["joint_yesno_acc"], cfg.gate_yesno],
-    }
+    """The gates' record for ``fedsim.json``; raises :class:`ToyBuildError` on a miss.
+
+    ``joint_metrics`` None: the LM stage's gate only (checked before the later stages run).
+    """
+    record = {"lm_context_qa": [lm_metrics["lm_context_qa"], cfg.gate_lm_context_qa]}
+    if joint_metrics is not None:
+        record["attr_mean"] = [joint_metrics["joint_attr_mean"], cfg.gate_attributes]
+        record["yesno_acc"] = [joint_metrics["joint_yesno_acc"], cfg.gate_yesno]
     missed = [f"{k} {v:.3f} < {floor}" for k, (v, floor) in record.items() if v < floor]
     if missed:
         raise ToyBuildError(
             f"toy backbone recipe (seed {cfg.seed}) missed its skill gate"
-            f"{'s' if len(missed) > 1 else ''} after {cfg.max_extensions} extensions: "
+            f"{'s' if len(missed) > 1 else ''} after {cfg.max_extensions} extensions"
+            f" (the LM stage: and {cfg.max_restarts} restarts): "
             + ", ".join(missed)
             + "; nothing was cached"
         )
+    extensions = {
+        "lm": lm_metrics["lm_extensions"],
+        "lm_restarts": lm_metrics["lm_restarts"],
+    }
+    if joint_metrics is not None:
+        extensions["joint"] = joint_metrics["joint_extensions"]
     return {
         **{k: {"value": v, "min": floor} for k, (v, floor) in record.items()},
-        "extensions": {
-            "lm": lm_metrics["lm_extensions"],
-            "joint": joint_metrics["joint_extensions"],
-        },
+        "extensions": extensions,
         "passed": True,
     }
 
@@ -711,6 +755,8 @@ def _build(
     tokenizer = build_tokenizer()
     lm, lm_metrics = pretrain_lm(cfg, tokenizer, report)
     t_lm = time.perf_counter() - t0
+    # Fail fast: the joint warm-up cannot teach image yes/no without the in-context skill.
+    check_gates(cfg, lm_metrics, None)
     scenes, images = render_scenes(
         cfg.scene, cfg.seed, STREAM_PRETRAIN_VISION, cfg.vision_scenes
     )

@@ -28,8 +28,8 @@ REFERENCE_FILES: dict[str, tuple[int, str]] = {
         "82c0fc6df3768d1a9e3f612a45ede8c5602172f574869e86fde71929c80d0051",
     ),
     "fedsim.json": (
-        3127,
-        "301d376b99d4250624c2c5d86b214a7cd1f0a5a44fdf3cfc7d9c1f9196a0d103",
+        3196,
+        "75c833c6f1090e19ad9e2eb609f0c4e08ff7df3c6c1c9ddfd88dd6ea19b83f12",
     ),
     "generation_config.json": (
         216,

@@ -379,13 +379,14 @@ def backbones_build(
         bool, typer.Option("--force", help="Rebuild even when cached.")
     ] = False,
     seed: Annotated[
-        int, typer.Option(help="The recipe's seed (the shipped reference is seed 0).")
-    ] = 0,
+        Optional[int],
+        typer.Option(help="The recipe's seed (default: 2, the shipped reference's)."),
+    ] = None,
 ) -> None:
     """Build the toy backbone from its recipe into the cache and check its skill gates.
 
     Runs use the shipped reference (``model.backbone: toy``); a build from the recipe is used
-    with ``model.backbone: toy-recipe`` (seed 0) or by its folder's path.
+    with ``model.backbone: toy-recipe`` (the default seed) or by its folder's path.
     """
     if kind != "toy":
         _fail(f"backbones build: unknown backbone {kind!r} (known: toy)")
@@ -401,8 +402,9 @@ def backbones_build(
     torch.set_num_threads(os.cpu_count() or 1)
     try:
         with make_progress(console) as progress:
+            cfg = ToyBuildConfig() if seed is None else ToyBuildConfig(seed=seed)
             path = build_toy_backbone(
-                ToyBuildConfig(seed=seed),
+                cfg,
                 cache_dir=cache_dir,
                 report=build_reporter(progress),
                 force=force,
@@ -411,7 +413,7 @@ def backbones_build(
         _fail(str(e))
         return
     manifest = json.loads((path / "fedsim.json").read_text())
-    console.print(f"toy backbone (recipe, seed {seed}): {path}")
+    console.print(f"toy backbone (recipe, seed {cfg.seed}): {path}")
     for k, v in manifest.get("metrics", {}).items():
         console.print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
     for k, gate in manifest.get("gates", {}).items():

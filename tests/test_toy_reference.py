@@ -1,7 +1,6 @@
 """The reference toy backbone: shipped bits, checked by SHA-256, used by the default run.
 
-And the recipe it was built from: built again here (slow), it must pass its skill gates, and on
-the machine kind it was built on (same CPU model, vector unit, BLAS and torch) give the same bits.
+And the recipe it was built from: built again here (slow), it must pass its skill gates.
 """
 
 from __future__ import annotations
@@ -109,10 +108,14 @@ def test_fedsim_run_on_a_damaged_reference_stops_with_one_line(
 
 @pytest.mark.slow
 def test_the_recipe_builds_a_backbone_that_passes_its_gates(tmp_path):
-    """The recipe from scratch (seed 0, ≈ 4 minutes on 2 cores), into a fresh cache."""
+    """The recipe from scratch (seed 0, ≈ 5 minutes on 2 cores), into a fresh cache.
+
+    Seed 0 passes without an extension or a restart, the cheapest of the three seeds the README
+    tabulates. The shipped reference (seed 2, ≈ 7 minutes) is rebuilt by ``fedsim backbones
+    build toy``, which says whether the weights are the shipped bits.
+    """
     import torch
 
-    from fedsim.machine import machine_info
     from fedsim.models.toy import ToyBuildConfig, build_toy_backbone
 
     threads = torch.get_num_threads()
@@ -127,13 +130,10 @@ def test_the_recipe_builds_a_backbone_that_passes_its_gates(tmp_path):
     assert metrics["joint_yesno_acc"] >= 0.65
     assert metrics["lm_context_qa"] >= 0.9
     assert manifest["gates"]["passed"] is True
-    shipped = json.loads((REFERENCE_DIR / "fedsim.json").read_text())
-    keys = ("cpu", "torch", "torch_cpu_capability", "blas")
-    if all(shipped["machine"][k] == machine_info()[k] for k in keys):
-        # The build is deterministic on one machine: here it must be the shipped bits.
-        for name in ("model.safetensors", "lm/model.safetensors"):
-            built = hashlib.sha256((path / name).read_bytes()).hexdigest()
-            assert built == REFERENCE_FILES[name][1], name
+    assert (
+        manifest["recipe"]["seed"] == 0
+        and manifest["key"] == ToyBuildConfig(seed=0).key()
+    )
 
 
 def test_gates_name_the_skill_that_missed():

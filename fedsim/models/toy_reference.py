@@ -28,8 +28,8 @@ REFERENCE_FILES: dict[str, tuple[int, str]] = {
         "82c0fc6df3768d1a9e3f612a45ede8c5602172f574869e86fde71929c80d0051",
     ),
     "fedsim.json": (
-        3196,
-        "75c833c6f1090e19ad9e2eb609f0c4e08ff7df3c6c1c9ddfd88dd6ea19b83f12",
+        3246,
+        "af12d1a19b0aa506e53e7c2388b980972c1d954a6eb712eb94ba96595f111c78",
     ),
     "generation_config.json": (
         216,
@@ -45,7 +45,7 @@ REFERENCE_FILES: dict[str, tuple[int, str]] = {
     ),
     "lm/model.safetensors": (
         1358472,
-        "fe21759266ec67b0075bf17affc7766f7e7242becd53882731319b1eed8df1b1",
+        "bb9e3e9a34ed2b8887dcc792904be98e97026e5d7f4665ce102bfc09ae542ce0",
     ),
     "lm/tokenizer.json": (
         2347,
@@ -57,7 +57,7 @@ REFERENCE_FILES: dict[str, tuple[int, str]] = {
     ),
     "model.safetensors": (
         2665160,
-        "7a253730a1a98fd1ea551a2924dd8c4b2c8d005eb803267daba53c966425b845",
+        "bab4c83004adc1f497314e695be4a72f37dbe19a8df315bcd40eeea4746ef71c",
     ),
     "processor_config.json": (
         665,
@@ -77,7 +77,7 @@ REFERENCE_FILES: dict[str, tuple[int, str]] = {
     ),
     "vision/model.safetensors": (
         1173320,
-        "8f19b4038eedf9af93c6c2f73cb47944e17e6e7ab23d1e75b68ca71db4876827",
+        "85ccb5603819fb2d58b8b41f99a2dea88483c90f40222a77b058f340d375a201",
     ),
     "vision/preprocessor_config.json": (
         422,

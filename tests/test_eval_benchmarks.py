@@ -114,6 +114,7 @@ def test_export_reloads_with_transformers_and_answers_as_in_the_run(
     bb = load_backbone(out)
     scores = evaluate_toy(HFBackend(bb, 100), rows, bb.caption_prompt, bb.qa_prompt)
     final = json.loads((toy_run / "eval.json").read_text())["final"]
+    # Exact: the same weights, rows and kernels in one process on one machine (invariant 2).
     assert scores == pytest.approx(final, abs=0, rel=0)
     provenance = json.loads((out / "fedsim.json").read_text())["export"]
     assert provenance["algorithm"] == "fedavg" and provenance["rounds"] == 3

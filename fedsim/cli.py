@@ -387,7 +387,12 @@ def backbones_build(
 
     from fedsim.models.toy import build_toy_backbone
     from fedsim.progress import build_reporter, make_progress
+    from fedsim.runio import cache_folder
 
+    try:
+        cache_dir = cache_folder(cache_dir, "--cache-dir")
+    except ConfigError as e:
+        _fail(str(e))
     torch.set_num_threads(os.cpu_count() or 1)
     with make_progress(console) as progress:
         path = build_toy_backbone(

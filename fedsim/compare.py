@@ -129,6 +129,7 @@ def compare(
     """
     from fedsim.algorithms import build_algorithm
     from fedsim.driver import check_inputs, connect_ray
+    from fedsim.resources import check_before_ray
 
     console = console or Console()
     out_dir = Path(out_dir)
@@ -145,6 +146,7 @@ def compare(
     check_compare_dir(out_dir)
     for cfg in configs.values():
         check_inputs(cfg)  # missing data or backbone: before Ray starts
+    check_before_ray(first)  # ray.* may not differ between the runs
     n_lanes = 1 if lanes is None else lanes
     out_dir.mkdir(parents=True, exist_ok=True)
     finals: dict[str, dict[int, dict[str, float]]] = {a: {} for a in algorithms}

@@ -44,6 +44,7 @@ from fedsim.dispatch import WorkerSet, WorkersLost, dispatch
 from fedsim.eval.toy import ATTRIBUTES
 from fedsim.pool import ActorPool
 from fedsim.progress import build_reporter, make_progress
+from fedsim.resources import check_before_ray, check_feasible
 from fedsim.runio import (
     MetricsLog,
     check_run_dir,
@@ -113,29 +114,33 @@ class RunError(RuntimeError):
 
 
 def cache_root(cfg: Config) -> Path:
-    from fedsim.models.toy import default_cache_dir
+    """``cfg.cache_dir`` or the default cache, checked (see :func:`fedsim.runio.cache_folder`)."""
+    from fedsim.runio import cache_folder
 
-    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    return cache_folder(cfg.cache_dir)
 
 
-def missing_inputs(cfg: Config) -> list[str]:
-    """Every input path the config names that does not exist (backbone, LM, corpus files)."""
+def missing_inputs(cfg: Config, model: bool = True) -> list[str]:
+    """Every input path the config names that does not exist (backbone, LM, corpus files);
+    ``model=False``: the data's only (``scenarios show`` loads no model)."""
     from fedsim.data.loaders import missing_files
 
     out = []
     if (
-        cfg.model.backbone != "toy"
+        model
+        and cfg.model.backbone != "toy"
         and not Path(cfg.model.backbone).expanduser().exists()
     ):
         out.append(f"model.backbone {cfg.model.backbone!r}")
-    if cfg.model.lm and not Path(cfg.model.lm).expanduser().exists():
+    if model and cfg.model.lm and not Path(cfg.model.lm).expanduser().exists():
         out.append(f"model.lm {cfg.model.lm!r}")
     return out + missing_files(getattr(cfg.data, "corpora", ()))
 
 
-def check_inputs(cfg: Config) -> None:
+def check_inputs(cfg: Config, model: bool = True) -> None:
     """One error listing every missing input, before anything is written."""
-    missing = missing_inputs(cfg)
+    cache_root(cfg)  # a file where the cache folder should be
+    missing = missing_inputs(cfg, model)
     if missing:
         raise ConfigError(
             f"missing input{'s' if len(missing) > 1 else ''} for scenario "
@@ -283,12 +288,17 @@ def connect_ray(cfg: Config) -> bool:
     # Every worker process of the run first quiets Ray Train's per-report chatter.
     env = {"worker_process_setup_hook": "fedsim.raylog.quiet_ray_train"}
     if cfg.ray.address:
-        ray.init(
-            address=cfg.ray.address,
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-            runtime_env=env,
-        )
+        try:
+            ray.init(
+                address=cfg.ray.address,
+                logging_level=logging.WARNING,
+                log_to_driver=True,
+                runtime_env=env,
+            )
+        except ConnectionError as e:
+            # Something accepted the connection (resources.check_address) but is not a
+            # Ray cluster; Ray gives up after its own bounded retries (about 20 s).
+            raise ConfigError(f"ray.address {cfg.ray.address!r}: {e}") from None
     else:
         ray.init(
             num_cpus=os.cpu_count(),
@@ -401,14 +411,56 @@ def corpus_summary(train_path: Path) -> dict[str, Any]:
     return {k: info[k] for k in keys if k in info}
 
 
-def _summary_md(cfg: Config, result: RunResult, wall: float) -> str:
+def data_lines(
+    cfg: Config, corpus: dict[str, Any], history: list[dict[str, Any]]
+) -> list[str]:
+    """What the run trained on, for summary.md: the corpora (rows, images missing at build,
+    images that failed to decode in training) or the generated scenes."""
+    split = f"{cfg.scenario.partition} split"
+    if cfg.scenario.partition != "iid":
+        split += f" by {cfg.scenario.label}"
+    if not cfg.data.corpora:
+        return [f"- data: {cfg.data.num_scenes} generated scenes, {split}"]
+    names = [c.name or c.format for c in cfg.data.corpora]
     lines = [
-        f"# fedsim run: {cfg.algorithm.name} on {cfg.scenario.name}",
+        f"- data: {', '.join(f'{n} ({c.path})' for n, c in zip(names, cfg.data.corpora))}; "
+        f"{corpus.get('rows', '?')} rows, {split}"
+    ]
+    per = corpus.get("per_dataset") or {}
+    if len(per) > 1:
+        lines.append(
+            "- rows per corpus: " + ", ".join(f"{k} {v}" for k, v in per.items())
+        )
+    missing = corpus.get("missing_images", 0)
+    examples = ", ".join(corpus.get("missing_examples", [])[:3])
+    lines.append(
+        f"- images missing when the corpus was built: {missing} (rows skipped"
+        + (f"; e.g. {examples})" if missing else ")")
+    )
+    bad = sum(int(r.get("bad_images", 0)) for r in history)
+    lines.append(f"- images that did not decode in training: {bad} (rows skipped)")
+    return lines
+
+
+def run_title(cfg: Config) -> str:
+    """``algorithm on scenario``, naming the corpora when the data is not the scenario's own."""
+    if not cfg.data.corpora:
+        return f"{cfg.algorithm.name} on {cfg.scenario.name}"
+    names = ", ".join(c.name or c.format for c in cfg.data.corpora)
+    return f"{cfg.algorithm.name} on {names} ({cfg.scenario.name} scenario settings)"
+
+
+def _summary_md(
+    cfg: Config, result: RunResult, wall: float, corpus: dict[str, Any]
+) -> str:
+    lines = [
+        f"# fedsim run: {run_title(cfg)}",
         "",
         f"- clients: {cfg.scenario.num_clients} logical, {cfg.scenario.cohort_size} per round, "
         f"{cfg.rounds} rounds × {cfg.train.local_steps} local steps × batch {cfg.train.batch_size}",
         f"- seed {cfg.seed}; workers {cfg.ray.workers}; wall time {wall:.1f} s",
         f"- backbone: {cfg.model.backbone}; projector {cfg.model.projector}",
+        *data_lines(cfg, corpus, result.history),
         "",
         "| metric | untrained (round 0) | final |",
         "|---|---:|---:|",
@@ -463,6 +515,7 @@ def run(
     algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
     # Cheap checks first, so that bad input leaves nothing behind.
     check_inputs(cfg)
+    check_before_ray(cfg)
     out_dir = Path(out_dir)
     restored = None
     if resume:
@@ -482,6 +535,10 @@ def run(
         # The scene against the toy's recipe, before anything is written.
         if built.exists():
             check_scene_fits_backbone(cfg, json.loads(built.read_text()))
+    if cfg.data.corpora:
+        # Built (or found in the cache) before the run folder exists: a corpus file that
+        # cannot be read, or a bad image under bad_images: fail, is bad input.
+        training_data(cfg)
     metrics = MetricsLog(out_dir / "metrics.jsonl")
     if restored is None:
         out_dir = prepare_run_dir(out_dir)
@@ -497,6 +554,7 @@ def run(
         own_pool = pool is None
         pool = pool or ActorPool()
         try:
+            check_feasible(cfg)  # before any actor: Ray would wait forever for one
             if cfg.data.feature_cache:
                 from fedsim.data.feature_cache import ensure_feature_cache
 
@@ -511,6 +569,11 @@ def run(
             loop = _run_pooled if getattr(algorithm, "pooled", False) else _run_rounds
             try:
                 result = loop(*args, restored)
+            except ray.exceptions.RayTaskError as e:
+                bad_input = worker_input_error(e)
+                if bad_input is None:
+                    raise  # a bug: keep the worker's traceback
+                raise bad_input from None
             except ray.exceptions.RayActorError as e:
                 # The Evaluator or the Aggregator died (lost workers are replaced in-round).
                 lines = [x.strip() for x in str(e).splitlines() if x.strip()]
@@ -526,7 +589,8 @@ def run(
             if started_ray:
                 ray.shutdown()
     wall = time.perf_counter() - t_start
-    write_text(out_dir / "summary.md", _summary_md(cfg, result, wall))
+    corpus = corpus_summary(prep.train_path)
+    write_text(out_dir / "summary.md", _summary_md(cfg, result, wall, corpus))
     if plot:
         from fedsim.plots import plot_runs
 
@@ -534,13 +598,13 @@ def run(
             [out_dir],
             out_dir / "curves.png",
             [cfg.algorithm.name],
-            f"{cfg.algorithm.name} on {cfg.scenario.name}",
+            run_title(cfg),
         )
     console.print(
         results_table(
             result.initial_eval,
             result.final_eval,
-            f"{cfg.algorithm.name} on {cfg.scenario.name}: held-out toy evaluation",
+            f"{run_title(cfg)}: held-out toy evaluation",
         )
     )
     if result.benchmarks:
@@ -550,6 +614,20 @@ def run(
         + (", curves.png)" if plot else ")")
     )
     return result
+
+
+def worker_input_error(e: Exception) -> Exception | None:
+    """What to raise for an exception a Ray task re-raised in the driver.
+
+    Bad input a worker finds (an image that no longer decodes under ``bad_images: fail``, a
+    checkpoint that does not fit) is a ConfigError or BackboneError there: the driver gets it
+    wrapped in a RayTaskError whose text is the worker's whole traceback. Its cause alone is
+    the one line to show; None for anything else (a bug, which keeps its traceback).
+    """
+    from fedsim.models.backbone import BackboneError
+
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, (ConfigError, BackboneError)) else None
 
 
 def find_checkpoint(cfg: Config, run_dir: Path) -> RoundState:

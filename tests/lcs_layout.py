@@ -34,7 +34,9 @@ def write_lcs_layout(root: Path, n: int, hosts: int, seed: int = 0) -> Path:
     for i in range(n):
         rel = f"{i // 10000:05d}/{i:09d}.jpg"
         target = images / rel
-        if i % 10000 == 0:  # a folder of 10 000, as LLaVA-Pretrain's; links per file < 65 000
+        if (
+            i % 10000 == 0
+        ):  # a folder of 10 000, as LLaVA-Pretrain's; links per file < 65 000
             target.parent.mkdir(exist_ok=True)
             first = target
             if not target.exists():

@@ -98,5 +98,7 @@ def test_cli_table_and_png_do_not_grow_with_the_hosts(lcs, tmp_path, capsys):
         app(args, standalone_mode=False)
         out = capsys.readouterr().out
         assert f"{CLIENTS} clients" in out and f"wrote {png}" in out
-        with Image.open(png) as im:  # 14 in × (3.6 in for the one view + 0.8) at 100 dpi
+        with Image.open(
+            png
+        ) as im:  # 14 in × (3.6 in for the one view + 0.8) at 100 dpi
             assert im.size == (1400, 360 + 80)

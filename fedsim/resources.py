@@ -148,6 +148,16 @@ def check_address(address: str | None, timeout: float = CONNECT_TIMEOUT) -> None
 
 
 def check_before_ray(cfg: Config) -> None:
-    """What can be checked before Ray starts or is joined (before a run folder exists)."""
-    check_local(cfg)
+    """What can be checked before Ray starts or is joined (before a run folder exists).
+
+    A Ray this process has already joined (``fedsim compare``, a test's session) is the one
+    the run will use: its nodes are checked now. An address that does not answer is an
+    error either way (the config names it).
+    """
+    import ray
+
     check_address(cfg.ray.address)
+    if ray.is_initialized():
+        check_feasible(cfg)
+    else:
+        check_local(cfg)

@@ -265,3 +265,21 @@ def test_a_run_on_a_corpus_in_the_lcs558k_format(
         in summary
     )
     assert f"images that did not decode in training: {bad} (rows skipped)" in summary
+
+
+def test_a_bad_image_a_worker_finds_is_its_one_line():
+    """The driver gets a worker's DataError wrapped in a RayTaskError (the worker's whole
+    traceback as text); the run shows the cause's one line. A bug keeps its traceback."""
+    from ray.exceptions import RayTaskError
+
+    from fedsim.driver import worker_input_error
+
+    cause = DataError("image /data/x.png: cannot be decoded (truncated)")
+    wrapped = RayTaskError("BackboneWorker.train", "Traceback ...\n  14 lines\n", cause)
+    as_cause = wrapped.as_instanceof_cause()  # what ray.get raises in the driver
+    assert isinstance(as_cause, DataError) and "\n" in str(as_cause)
+    assert worker_input_error(as_cause) is cause
+    bug = RayTaskError(
+        "f", "Traceback ...", ZeroDivisionError("x")
+    ).as_instanceof_cause()
+    assert worker_input_error(bug) is None

@@ -178,7 +178,15 @@ def run(
     judge_url: JudgeURL = None,
     judge_model: JudgeModel = None,
     judge_key_env: JudgeKeyEnv = "OPENAI_API_KEY",
-    matching: Matching = "a67ace50",
+    matching: Annotated[
+        Optional[str],
+        typer.Option(
+            "--matching",
+            help="MMBench/MMVP option matching: VLMEvalKit's rules as of commit a67ace50 "
+            "or aca64dbb (before c3371551); default a67ace50, aca64dbb on the toy suite "
+            "(its answers are captions); recorded in the scores.",
+        ),
+    ] = None,
     vllm_args: Annotated[
         Optional[str],
         typer.Option(
@@ -214,8 +222,11 @@ def run(
             _fail(f"--vllm-args {vllm_args!r}: not valid YAML{where}")
         if not isinstance(engine_args, dict):
             _fail(f"--vllm-args: {vllm_args!r} is not a mapping")
-    from fedsim.eval.mmbench import matching_label
+    from fedsim.eval.mmbench import DEFAULT_RULES, matching_label
+    from fedsim.eval.toy_suite import TOY_MATCHING
 
+    if matching is None:
+        matching = TOY_MATCHING if data_root == "toy" else DEFAULT_RULES
     try:
         matching_label(matching)
         judge = _judge(judge_url, judge_model, judge_key_env)

@@ -800,7 +800,7 @@ def toy_benchmarks(
 
     from fedsim.eval import suite
     from fedsim.eval.run import save_and_score
-    from fedsim.eval.toy_suite import ensure_toy_suite
+    from fedsim.eval.toy_suite import TOY_MATCHING, ensure_toy_suite
 
     if not cfg.eval.benchmarks or cfg.model.backbone != "toy":
         return {}
@@ -822,6 +822,7 @@ def toy_benchmarks(
             out_dir / "eval" / b,
             f"fedsim-{cfg.algorithm.name}-seed{cfg.seed}",
             {"backend": "hf", "data": str(root), "round": cfg.rounds},
+            matching=TOY_MATCHING,
         )
     return results
 

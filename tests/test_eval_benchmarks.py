@@ -288,3 +288,19 @@ def test_vllm_evaluator_in_a_run_agrees_with_hf(
         for key in ("attr_mean", "yesno_acc"):
             assert abs(a[key] - b[key]) <= 0.05, (key, a[key], b[key])
     assert set(vl.benchmarks) == set(hf.benchmarks)
+
+
+@pytest.mark.slow
+def test_the_toy_suite_in_a_run_records_its_matching_rules(toy_run):
+    """The toy LM answers multiple-choice items with captions, which VLMEvalKit's current
+    rules (a67ace50) never read: the in-run toy suite scores with aca64dbb and says so."""
+    from fedsim.eval.toy_suite import TOY_MATCHING
+
+    benches = json.loads((toy_run / "eval.json").read_text())["benchmarks"]
+    for bench in ("mmbench", "mmvp"):
+        assert (
+            benches[bench]["matching"]
+            == f"vlmevalkit@{TOY_MATCHING}"
+            == ("vlmevalkit@aca64dbb")
+        )
+    assert "matching" not in benches["pope"]  # the other scorers have no such rules

@@ -11,7 +11,6 @@ judged benchmarks.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ from fedsim.eval import suite
 from fedsim.eval.answers import write_answers
 from fedsim.eval.benchmark import BenchmarkError, Question
 from fedsim.eval.mme import COGNITION as MME_COGNITION
+from fedsim.runio import weights_digest
 
 Progress = Callable[[str, int, int], None]
 
@@ -206,7 +206,8 @@ def evaluate_run(
         )
     else:
         raise BenchmarkError(f"--backend: {backend!r} is not one of hf, vllm")
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    # The tensors' digest, not the file's: safetensors headers differ between equal weights.
+    digest = weights_digest(weights)
     results: dict[str, dict[str, Any]] = {}
     try:
         for b in names:
@@ -229,7 +230,7 @@ def evaluate_run(
                     "limit": limit,
                     "backend": backend,
                     "projector_file": str(source),
-                    "projector_sha256": digest,
+                    "projector_digest": digest,
                     "data": str(qpath),
                 },
                 judge,

@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,15 +33,32 @@ import torch
 
 from fedsim.configtools import ConfigError
 from fedsim.data.streams import Cursor
-from fedsim.runio import load_weights, save_weights, write_json
+from fedsim.runio import (
+    file_sha256,
+    load_weights,
+    save_weights,
+    weights_digest,
+    write_json,
+)
 
 Weights = dict[str, torch.Tensor]
 FORMAT = 1
 PREFIX = "round-"
 
 
+WEIGHT_FILES = (
+    "projector.safetensors",
+    "server_state.safetensors",
+    "clients.safetensors",
+)
+
+
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be used (missing, incomplete, or from another config)."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose files are not what was written (unreadable, cut short, altered)."""
 
 
 @dataclass
@@ -57,8 +76,26 @@ class RoundState:
 
 
 def config_digest(config_yaml: dict[str, Any]) -> str:
-    """A digest of the resolved config minus where it runs (``ray``): what fixes the result."""
-    data = {k: v for k, v in config_yaml.items() if k != "ray"}
+    """A digest of what fixes the result: the resolved config minus where it runs.
+
+    Left out: ``cache_dir`` (where inputs are cached) and ``ray.*`` (where the actors run), all
+    free to change on resume; but ``ray.threads_per_worker`` stays in, as torch's thread count
+    changes float reduction order and so the bits.
+    """
+    data = {k: v for k, v in config_yaml.items() if k not in ("ray", "cache_dir")}
+    ray = config_yaml.get("ray") or {}
+    if "threads_per_worker" in ray:
+        data["ray.threads_per_worker"] = ray["threads_per_worker"]
+    return _sha256_json(data)
+
+
+def accepted_digests(config_yaml: dict[str, Any]) -> set[str]:
+    """The digest, and the one checkpoints written before it took ``cache_dir`` out."""
+    legacy = {k: v for k, v in config_yaml.items() if k != "ray"}
+    return {config_digest(config_yaml), _sha256_json(legacy)}
+
+
+def _sha256_json(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -103,7 +140,8 @@ def save_checkpoint(run_dir: Path, state: RoundState, digest: str, keep: int) ->
                 for k, v in state.clients[cid].items()
             },
         )
-        # state.json last: a folder without it is never taken for a checkpoint.
+        # state.json last: a folder without it is never taken for a checkpoint. It records
+        # each file's SHA-256, so that a resume notices a file altered or cut short.
         write_json(
             tmp / "state.json",
             {
@@ -114,6 +152,8 @@ def save_checkpoint(run_dir: Path, state: RoundState, digest: str, keep: int) ->
                 "sim_clock": state.sim_clock,
                 "final_eval": state.final_eval,
                 "metrics_lines": state.metrics_lines,
+                "files": {f: file_sha256(tmp / f) for f in WEIGHT_FILES},
+                "weights_digest": weights_digest(state.weights),
             },
         )
         _fsync_dir(tmp)
@@ -129,39 +169,114 @@ def save_checkpoint(run_dir: Path, state: RoundState, digest: str, keep: int) ->
     return final
 
 
-def load_checkpoint(path: Path, digest: str | None = None) -> RoundState:
-    """The state saved in checkpoint folder ``path`` (checked against the config ``digest``)."""
+def load_checkpoint(
+    path: Path, digest: str | Collection[str] | None = None
+) -> RoundState:
+    """The state saved in checkpoint folder ``path``, verified before anything is used.
+
+    ``digest``: the config digest (or the digests) the checkpoint must carry. Files that are not
+    what was written raise :class:`DamagedCheckpoint`; another config, :class:`CheckpointError`.
+    """
     path = Path(path)
-    try:
-        meta = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r}: unreadable state.json ({e})"
-        ) from None
+    meta = _read_state(path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(
             f"checkpoint {str(path)!r}: format {meta.get('format')!r}, expected {FORMAT}"
         )
-    if digest is not None and meta.get("config_digest") != digest:
+    wanted = {digest} if isinstance(digest, str) else digest
+    if wanted is not None and meta.get("config_digest") not in wanted:
         raise CheckpointError(
             f"checkpoint {str(path)!r}: written by another config than the run's config.yaml"
         )
-    clients: dict[int, Weights] = {}
-    for key, value in load_weights(path / "clients.safetensors").items():
-        cid, name = key.split("/", 1)
-        clients.setdefault(int(cid), {})[name] = value
-    return RoundState(
-        round=int(meta["round"]),
-        weights=load_weights(path / "projector.safetensors"),
-        server_state=load_weights(path / "server_state.safetensors"),
-        clients=clients,
-        cursors=[Cursor(int(p), int(q)) for p, q in meta["cursors"]],
-        sim_clock=float(meta["sim_clock"]),
-        final_eval=dict(meta["final_eval"]),
-        metrics_lines=int(meta["metrics_lines"]),
-    )
+    _verify_files(path, meta.get("files"))
+    try:
+        tensors = {f: load_weights(path / f) for f in WEIGHT_FILES}
+        clients: dict[int, Weights] = {}
+        for key, value in tensors["clients.safetensors"].items():
+            cid, name = key.split("/", 1)
+            clients.setdefault(int(cid), {})[name] = value
+        state = RoundState(
+            round=int(meta["round"]),
+            weights=tensors["projector.safetensors"],
+            server_state=tensors["server_state.safetensors"],
+            clients=clients,
+            cursors=[Cursor(int(p), int(q)) for p, q in meta["cursors"]],
+            sim_clock=float(meta["sim_clock"]),
+            final_eval=dict(meta["final_eval"]),
+            metrics_lines=int(meta["metrics_lines"]),
+        )
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
+        raise DamagedCheckpoint(f"checkpoint {str(path)!r}: {e}") from None
+    if path.name != f"{PREFIX}{state.round:06d}":
+        raise DamagedCheckpoint(
+            f"checkpoint {str(path)!r}: state.json says round {state.round}"
+        )
+    return state
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DamagedCheckpoint(
+            f"checkpoint {str(path)!r}: unreadable state.json ({e})"
+        ) from None
+    if not isinstance(meta, dict):
+        raise DamagedCheckpoint(
+            f"checkpoint {str(path)!r}: state.json is not a mapping"
+        )
+    return meta
+
+
+def _verify_files(path: Path, recorded: Any) -> None:
+    """Each weight file against the SHA-256 that state.json recorded when it was written.
+
+    Checkpoints written before the checksums were recorded carry none; they are read as they are.
+    """
+    if recorded is None:
+        return
+    for name in WEIGHT_FILES:
+        f = path / name
+        if not f.is_file():
+            raise DamagedCheckpoint(f"checkpoint {str(path)!r}: {name} is missing")
+        if file_sha256(f) != recorded.get(name):
+            raise DamagedCheckpoint(
+                f"checkpoint {str(path)!r}: {name} does not match the SHA-256 recorded "
+                "when it was written (altered or cut short)"
+            )
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = checkpoint_dirs(run_dir)
     return found[-1] if found else None
+
+
+# mkstemp's name: "." + the file's name + "." + 8 random characters.
+_TEMP = re.compile(r"\.[^/]+\.[a-z0-9_]{8}")
+
+
+def temp_leftovers(run_dir: Path) -> list[Path]:
+    """What killed writes leave: ``checkpoints/.round-*.tmp-*`` and atomic-write temporaries.
+
+    :func:`fedsim.runio.atomic_write_bytes` and :func:`fedsim.runio.save_weights` write
+    ``.<name>.<8 random characters>`` beside ``<name>`` (e.g. ``final/.projector.safetensors.x1y2z3w4``).
+    """
+    run_dir = Path(run_dir)
+    found = list((run_dir / "checkpoints").glob(f".{PREFIX}*.tmp-*"))
+    for folder in (run_dir, run_dir / "final"):
+        if folder.is_dir():
+            found += [
+                p for p in folder.iterdir() if _TEMP.fullmatch(p.name) and p.is_file()
+            ]
+    return sorted(found)
+
+
+def remove_temp_leftovers(run_dir: Path) -> list[Path]:
+    """Remove :func:`temp_leftovers` (only while holding the run folder's lock)."""
+    found = temp_leftovers(run_dir)
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return found

@@ -88,7 +88,8 @@ def run(
         typer.Option(
             "--resume",
             help="Go on with the interrupted run in this folder from its newest checkpoint "
-            "(its own config.yaml; --set may change only ray.* and cache_dir).",
+            "(its own config.yaml; --set may change only cache_dir and ray.* but "
+            "ray.threads_per_worker). Without a checkpoint it starts again from round 1.",
         ),
     ] = None,
 ) -> None:
@@ -368,7 +369,7 @@ def export(
 @backbones_app.command("build")
 def backbones_build(
     kind: Annotated[
-        str, typer.Argument(help="Which backbone to build: 'toy'.")
+        str, typer.Argument(help="Which backbone to build: 'toy' (from its recipe).")
     ] = "toy",
     cache_dir: Annotated[
         Optional[Path],
@@ -377,31 +378,63 @@ def backbones_build(
     force: Annotated[
         bool, typer.Option("--force", help="Rebuild even when cached.")
     ] = False,
+    seed: Annotated[
+        Optional[int],
+        typer.Option(help="The recipe's seed (default: 2, the shipped reference's)."),
+    ] = None,
 ) -> None:
-    """Pre-train the toy vision encoder and LM on synthetic scenes; cache the LLaVA checkpoint."""
+    """Build the toy backbone from its recipe into the cache and check its skill gates.
+
+    Runs use the shipped reference (``model.backbone: toy``); a build from the recipe is used
+    with ``model.backbone: toy-recipe`` (the default seed) or by its folder's path.
+    """
     if kind != "toy":
         _fail(f"backbones build: unknown backbone {kind!r} (known: toy)")
     import json
 
     import torch
 
-    from fedsim.models.toy import build_toy_backbone
+    from fedsim.models.toy import ToyBuildConfig, ToyBuildError, build_toy_backbone
+    from fedsim.models.toy_reference import REFERENCE_DIR
     from fedsim.progress import build_reporter, make_progress
-    from fedsim.runio import cache_folder
+    from fedsim.runio import cache_folder, file_sha256
 
     try:
         cache_dir = cache_folder(cache_dir, "--cache-dir")
     except ConfigError as e:
         _fail(str(e))
     torch.set_num_threads(os.cpu_count() or 1)
-    with make_progress(console) as progress:
-        path = build_toy_backbone(
-            cache_dir=cache_dir, report=build_reporter(progress), force=force
-        )
+    try:
+        with make_progress(console) as progress:
+            cfg = ToyBuildConfig() if seed is None else ToyBuildConfig(seed=seed)
+            path = build_toy_backbone(
+                cfg,
+                cache_dir=cache_dir,
+                report=build_reporter(progress),
+                force=force,
+            )
+    except ToyBuildError as e:
+        _fail(str(e))
+        return
     manifest = json.loads((path / "fedsim.json").read_text())
-    console.print(f"toy backbone: {path}")
+    console.print(f"toy backbone (recipe, seed {cfg.seed}): {path}")
     for k, v in manifest.get("metrics", {}).items():
-        console.print(f"  {k}: {v:.3f}")
+        console.print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
+    for k, gate in manifest.get("gates", {}).items():
+        if isinstance(gate, dict) and "min" in gate:
+            console.print(f"  gate {k}: {gate['value']:.3f} >= {gate['min']} passed")
+    same = (
+        file_sha256(path / "model.safetensors")
+        == file_sha256(REFERENCE_DIR / "model.safetensors")
+        if (REFERENCE_DIR / "model.safetensors").is_file()
+        else False
+    )
+    console.print(
+        "  weights: the same bits as the shipped reference"
+        if same
+        else "  weights: differ from the shipped reference (another seed, or this CPU's "
+        "rounding); run on it with --set model.backbone=" + str(path)
+    )
 
 
 @algorithms_app.command("list")

@@ -284,12 +284,12 @@ def _data_root(run_dir: Path, data_root: str) -> Path:
         if not path.is_dir():
             _fail(f"--data-root: {path} is not a folder")
         return path
-    from fedsim.config import load_config
+    from fedsim.config import is_toy, load_config
     from fedsim.driver import cache_root
     from fedsim.eval.toy_suite import ensure_toy_suite
 
     cfg = load_config(str(run_dir / "config.yaml"))
-    if cfg.model.backbone != "toy":
+    if not is_toy(cfg.model.backbone):
         _fail("--data-root toy: the toy suite is for runs on the toy backbone")
     return ensure_toy_suite(
         cache_root(cfg), cfg.data.scene, images=cfg.eval.suite_images

@@ -36,7 +36,7 @@ from rich.table import Table
 
 from fedsim.config import Config, load_config
 from fedsim.configtools import ConfigError
-from fedsim.runio import MetricsLog, RunDirError, check_writable, write_text
+from fedsim.runio import MetricsLog, RunDirError, RunLock, check_writable, write_text
 
 METRICS = [
     ("attr_mean", "attr. acc."),
@@ -85,10 +85,9 @@ def _resumable(run_dir: Path, cfg: Config) -> bool:
     if not (run_dir / "config.yaml").exists():
         return False
     try:
-        find_checkpoint(cfg, run_dir)
+        return find_checkpoint(cfg, run_dir) is not None
     except (ConfigError, RunError):
         return False
-    return True
 
 
 def check_compare_dir(out_dir: Path) -> None:
@@ -149,67 +148,81 @@ def compare(
     check_before_ray(first)  # ray.* may not differ between the runs
     n_lanes = 1 if lanes is None else lanes
     out_dir.mkdir(parents=True, exist_ok=True)
-    finals: dict[str, dict[int, dict[str, float]]] = {a: {} for a in algorithms}
-    run_dirs: dict[str, dict[int, Path]] = {a: {} for a in algorithms}
-    todo: list[tuple[str, int]] = []
-    resumes: set[tuple[str, int]] = set()
-    for algo, seed in configs:
-        run_dir = out_dir / algo / f"seed-{seed}"
-        run_dirs[algo][seed] = run_dir
-        done = _finished(run_dir)
-        if done is not None:
-            console.print(f"{algo}, seed {seed}: reusing finished run in {run_dir}")
-            finals[algo][seed] = done
-            continue
-        if _resumable(run_dir, configs[(algo, seed)]):
-            console.print(
-                f"{algo}, seed {seed}: resuming the interrupted run in {run_dir}"
-            )
-            resumes.add((algo, seed))
-            todo.append((algo, seed))
-            continue
-        if run_dir.exists() and any(run_dir.iterdir()):
-            # An interrupted run without a usable checkpoint: keep it aside, never delete
-            # what was written.
-            aside = run_dir.with_name(f"{run_dir.name}.incomplete-{int(time.time())}")
-            shutil.move(str(run_dir), aside)
-            console.print(f"[yellow]{run_dir} was incomplete; moved to {aside}")
-        todo.append((algo, seed))
-    pooled = [
-        j
-        for j in todo
-        if getattr(
-            build_algorithm(configs[j].algorithm.name, configs[j].algorithm.params),
-            "pooled",
-            False,
-        )
-    ]
-    laned = [j for j in todo if j not in pooled]
-    n_lanes = min(n_lanes, max(len(laned), 1))
-    if n_lanes > 1:
-        # Each lane has one BackboneWorker (results do not depend on the worker count).
-        for algo, seed in laned:
-            configs[(algo, seed)] = load_config(
-                config,
-                [*overrides, f"algorithm.name={algo}", f"seed={seed}", "ray.workers=1"],
-            )
-    import ray
-
-    started = connect_ray(first)
+    # One writer per comparison folder (its runs are locked one by one as they run).
+    lock = RunLock(out_dir, "--out")
     try:
-        with _progress(console, show_progress, len(todo)) as bar:
-            if pooled:
-                _run_lanes(pooled, configs, run_dirs, finals, bar, 1, resumes)
-            if laned:
-                _run_lanes(laned, configs, run_dirs, finals, bar, n_lanes, resumes)
+        finals: dict[str, dict[int, dict[str, float]]] = {a: {} for a in algorithms}
+        run_dirs: dict[str, dict[int, Path]] = {a: {} for a in algorithms}
+        todo: list[tuple[str, int]] = []
+        resumes: set[tuple[str, int]] = set()
+        for algo, seed in configs:
+            run_dir = out_dir / algo / f"seed-{seed}"
+            run_dirs[algo][seed] = run_dir
+            done = _finished(run_dir)
+            if done is not None:
+                console.print(f"{algo}, seed {seed}: reusing finished run in {run_dir}")
+                finals[algo][seed] = done
+                continue
+            if _resumable(run_dir, configs[(algo, seed)]):
+                console.print(
+                    f"{algo}, seed {seed}: resuming the interrupted run in {run_dir}"
+                )
+                resumes.add((algo, seed))
+                todo.append((algo, seed))
+                continue
+            if run_dir.exists() and any(run_dir.iterdir()):
+                # An interrupted run without a usable checkpoint: keep it aside, never delete
+                # what was written.
+                aside = run_dir.with_name(
+                    f"{run_dir.name}.incomplete-{int(time.time())}"
+                )
+                shutil.move(str(run_dir), aside)
+                console.print(f"[yellow]{run_dir} was incomplete; moved to {aside}")
+            todo.append((algo, seed))
+        pooled = [
+            j
+            for j in todo
+            if getattr(
+                build_algorithm(configs[j].algorithm.name, configs[j].algorithm.params),
+                "pooled",
+                False,
+            )
+        ]
+        laned = [j for j in todo if j not in pooled]
+        n_lanes = min(n_lanes, max(len(laned), 1))
+        if n_lanes > 1:
+            # Each lane has one BackboneWorker (results do not depend on the worker count).
+            for algo, seed in laned:
+                configs[(algo, seed)] = load_config(
+                    config,
+                    [
+                        *overrides,
+                        f"algorithm.name={algo}",
+                        f"seed={seed}",
+                        "ray.workers=1",
+                    ],
+                )
+        import ray
+
+        started = connect_ray(first)
+        try:
+            with _progress(console, show_progress, len(todo)) as bar:
+                if pooled:
+                    _run_lanes(pooled, configs, run_dirs, finals, bar, 1, resumes)
+                if laned:
+                    _run_lanes(laned, configs, run_dirs, finals, bar, n_lanes, resumes)
+        finally:
+            if started:
+                ray.shutdown()
+        result = Comparison(out_dir, finals, run_dirs)
+        write_outputs(result, configs[(algorithms[0], seeds[0])])
+        console.print(result_table(result))
+        console.print(
+            f"wrote {out_dir / 'comparison.md'}, comparison.csv, comparison.png"
+        )
+        return result
     finally:
-        if started:
-            ray.shutdown()
-    result = Comparison(out_dir, finals, run_dirs)
-    write_outputs(result, configs[(algorithms[0], seeds[0])])
-    console.print(result_table(result))
-    console.print(f"wrote {out_dir / 'comparison.md'}, comparison.csv, comparison.png")
-    return result
+        lock.close()
 
 
 class _Bar:

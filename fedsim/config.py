@@ -23,6 +23,14 @@ from fedsim.configtools import (
 from fedsim.data.loaders import CorpusSpec
 from fedsim.data.synthetic import SceneSpec
 
+#: Names of the embedded toy backbones: the shipped reference and the one rebuilt from its recipe.
+TOY_BACKBONES = ("toy", "toy-recipe")
+
+
+def is_toy(backbone: str) -> bool:
+    """Whether ``model.backbone`` names an embedded toy backbone (not a path)."""
+    return backbone in TOY_BACKBONES
+
 
 def _positive(section: str, **values: float) -> None:
     for name, v in values.items():
@@ -37,8 +45,10 @@ class ModelConfig:
     Attributes
     ----------
     backbone:
-        ``toy`` (fedsim's own, built and cached on first use), a local HF LLaVA checkpoint folder,
-        or a vision encoder folder when ``lm`` is set.
+        ``toy`` (fedsim's reference toy backbone, shipped in the package and checked by SHA-256:
+        the same bits on every machine), ``toy-recipe`` (the same recipe built on this machine
+        and cached: ``fedsim backbones build toy``), a local HF LLaVA checkpoint folder, or a
+        vision encoder folder when ``lm`` is set.
     lm:
         A causal LM folder to pair with the vision encoder in ``backbone``.
     projector:
@@ -62,9 +72,9 @@ class ModelConfig:
             raise ConfigError(
                 f"model.projector: {self.projector!r} is not linear or mlp<N>x_gelu (N >= 1)"
             )
-        if self.lm is not None and self.backbone == "toy":
+        if self.lm is not None and is_toy(self.backbone):
             raise ConfigError(
-                "model.lm: pairs with a vision encoder folder in model.backbone, not with 'toy'"
+                f"model.lm: pairs with a vision encoder folder in model.backbone, not with {self.backbone!r}"
             )
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
@@ -29,27 +30,35 @@ from fedsim.actors import ModelSpec, peak_rss_mb
 from fedsim.algorithms import build_algorithm
 from fedsim.algorithms.base import PartialSum, add
 from fedsim.checkpoint import (
+    DamagedCheckpoint,
     RoundState,
+    accepted_digests,
+    checkpoint_dirs,
     config_digest,
     latest_checkpoint,
     load_checkpoint,
+    remove_temp_leftovers,
     save_checkpoint,
 )
-from fedsim.config import Config, config_to_yaml_data
+from fedsim.config import Config, config_to_yaml_data, is_toy
 from fedsim.configtools import ConfigError
 from fedsim.cost import TokenCost
 from fedsim.data.scenes_dataset import ensure_scenes
 from fedsim.data.streams import Cursor, take
 from fedsim.dispatch import WorkerSet, WorkersLost, dispatch
 from fedsim.eval.toy import ATTRIBUTES
+from fedsim.machine import machine_info, machine_line
 from fedsim.pool import ActorPool
 from fedsim.progress import build_reporter, make_progress
 from fedsim.resources import check_before_ray, check_feasible
 from fedsim.runio import (
     MetricsLog,
+    RunLock,
     check_run_dir,
+    check_writable,
     prepare_run_dir,
     save_weights,
+    weights_digest,
     write_json,
     write_text,
     write_yaml,
@@ -128,7 +137,7 @@ def missing_inputs(cfg: Config, model: bool = True) -> list[str]:
     out = []
     if (
         model
-        and cfg.model.backbone != "toy"
+        and not is_toy(cfg.model.backbone)
         and not Path(cfg.model.backbone).expanduser().exists()
     ):
         out.append(f"model.backbone {cfg.model.backbone!r}")
@@ -151,11 +160,16 @@ def check_inputs(cfg: Config, model: bool = True) -> None:
 def resolve_backbone(
     cfg: Config, report: Callable[[str, int, int, float], None] | None = None
 ) -> ModelSpec:
-    """Build (toy) or locate the backbone; paths are checked before any work starts."""
+    """The shipped toy (verified), the toy rebuilt from its recipe, or a checked local path."""
     if cfg.model.backbone == "toy":
-        from fedsim.models.toy import build_toy_backbone
+        path = toy_reference_path()
+    elif cfg.model.backbone == "toy-recipe":
+        from fedsim.models.toy import ToyBuildError, build_toy_backbone
 
-        path = build_toy_backbone(cache_dir=cache_root(cfg), report=report)
+        try:
+            path = build_toy_backbone(cache_dir=cache_root(cfg), report=report)
+        except ToyBuildError as e:
+            raise RunError(str(e)) from None
     else:
         path = Path(cfg.model.backbone).expanduser()
         if not path.exists():
@@ -166,6 +180,16 @@ def resolve_backbone(
     return ModelSpec(
         str(path), lm, cfg.model.projector, cfg.model.dtype, cfg.model.device
     )
+
+
+def toy_reference_path() -> Path:
+    """The reference toy backbone shipped with fedsim, every file checked by its SHA-256."""
+    from fedsim.models.toy_reference import ReferenceError, reference_toy_backbone
+
+    try:
+        return reference_toy_backbone()
+    except ReferenceError as e:
+        raise ConfigError(f"model.backbone: {e}") from None
 
 
 def read_manifest(model: ModelSpec) -> dict[str, Any]:
@@ -300,15 +324,49 @@ def connect_ray(cfg: Config) -> bool:
             # Ray cluster; Ray gives up after its own bounded retries (about 20 s).
             raise ConfigError(f"ray.address {cfg.ray.address!r}: {e}") from None
     else:
-        ray.init(
-            num_cpus=os.cpu_count(),
-            include_dashboard=cfg.ray.dashboard,
-            dashboard_host=cfg.ray.dashboard_host,
-            logging_level=logging.ERROR,
-            log_to_driver=True,
-            runtime_env=env,
-        )
+        # A private local cluster: "local", never RAY_ADDRESS or Ray's current-cluster file
+        # (joining a cluster is only ever explicit), and on loopback (see _loopback_only).
+        with _loopback_only():
+            ray.init(
+                address="local",
+                num_cpus=os.cpu_count(),
+                include_dashboard=cfg.ray.dashboard,
+                dashboard_host=cfg.ray.dashboard_host,
+                logging_level=logging.ERROR,
+                log_to_driver=True,
+                runtime_env=env,
+            )
     return True
+
+
+# Ray 2.60 switch for its single-machine mode (the macOS / Windows default).
+_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Let the local Ray bind its servers to 127.0.0.1 instead of the machine's address.
+
+    Ray binds GCS, the raylet, every worker's gRPC server and its agents to the node IP, which
+    on Linux is the outward address (or all interfaces). In its single-machine mode the node IP
+    is 127.0.0.1, and every one of them binds there (``ss -ltnp`` during a run; README, *Safe
+    defaults*). The driver reads the switch at import time (``ray_constants``), the processes
+    Ray starts read it from the environment: both are set for the length of ``ray.init`` only.
+    """
+    from ray._private import ray_constants
+
+    saved_env = os.environ.get(_SINGLE_MACHINE)
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_SINGLE_MACHINE] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        if saved_env is None:
+            os.environ.pop(_SINGLE_MACHINE, None)
+        else:
+            os.environ[_SINGLE_MACHINE] = saved_env
 
 
 IN_FLIGHT = (
@@ -411,6 +469,17 @@ def corpus_summary(train_path: Path) -> dict[str, Any]:
     return {k: info[k] for k in keys if k in info}
 
 
+def backbone_line(cfg: Config) -> str:
+    """``model.backbone`` as the summary names it (the reference toy with its digest)."""
+    if cfg.model.backbone == "toy":
+        from fedsim.models.toy_reference import reference_digest
+
+        return f"toy (the shipped reference, SHA-256 {reference_digest()[:16]}…)"
+    if cfg.model.backbone == "toy-recipe":
+        return "toy-recipe (the toy recipe, built on this machine)"
+    return cfg.model.backbone
+
+
 def data_lines(
     cfg: Config, corpus: dict[str, Any], history: list[dict[str, Any]]
 ) -> list[str]:
@@ -459,7 +528,8 @@ def _summary_md(
         f"- clients: {cfg.scenario.num_clients} logical, {cfg.scenario.cohort_size} per round, "
         f"{cfg.rounds} rounds × {cfg.train.local_steps} local steps × batch {cfg.train.batch_size}",
         f"- seed {cfg.seed}; workers {cfg.ray.workers}; wall time {wall:.1f} s",
-        f"- backbone: {cfg.model.backbone}; projector {cfg.model.projector}",
+        f"- backbone: {backbone_line(cfg)}; projector {cfg.model.projector}",
+        f"- machine: {machine_line(machine_info())}",
         *data_lines(cfg, corpus, result.history),
         "",
         "| metric | untrained (round 0) | final |",
@@ -509,44 +579,89 @@ def run(
     ``resume=True``: ``out_dir`` holds an interrupted run of ``cfg``; go on from its newest
     checkpoint (see :func:`resume_run`).
     """
-    import ray
-
     console = console or Console()
     algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
     # Cheap checks first, so that bad input leaves nothing behind.
     check_inputs(cfg)
     check_before_ray(cfg)
     out_dir = Path(out_dir)
-    restored = None
+    lock = None
     if resume:
-        restored = find_checkpoint(cfg, out_dir)
+        # One writer: lock first, then verify, then change (a live run is never resumed).
+        _check_resumable(out_dir)
+        lock = RunLock(out_dir, "--resume")
+    try:
+        restored = find_checkpoint(cfg, out_dir, console) if resume else None
+        if not resume:
+            check_run_dir(out_dir)
+            check_writable(out_dir)
+            if out_dir.is_dir():  # a run starting there now: refused before any work
+                RunLock(out_dir, "--out").close()
+        _check_backbone(cfg)
+        if cfg.data.corpora:
+            # Built (or found in the cache) before the run folder exists and before a
+            # toy-recipe build: a corpus file that cannot be read, or a bad image under
+            # bad_images: fail, is bad input.
+            training_data(cfg)
+        result, wall, lock, corpus = _run_locked(
+            cfg,
+            algorithm,
+            out_dir,
+            console,
+            show_progress,
+            pool,
+            resume,
+            restored,
+            lock,
+        )
+        # summary.md: still locked
+        _report(cfg, out_dir, console, result, wall, plot, corpus)
+    finally:
+        if lock is not None:
+            lock.close()
+    return result
+
+
+def _check_backbone(cfg: Config) -> None:
+    """The backbone's files (the shipped toy: its SHA-256s) and the scene against its recipe.
+
+    Before anything is written.
+    """
+    if cfg.model.backbone == "toy-recipe":
+        from fedsim.models.toy import ToyBuildConfig, toy_backbone_path
+
+        built = toy_backbone_path(ToyBuildConfig(), cache_root(cfg)) / "fedsim.json"
+        if built.exists():
+            check_scene_fits_backbone(cfg, json.loads(built.read_text()))
     else:
-        check_run_dir(out_dir)
-    if cfg.model.backbone != "toy":
         from fedsim.models.backbone import check_backbone_source
 
         spec = resolve_backbone(cfg)
         check_backbone_source(spec.backbone_path, spec.lm_path)
         check_scene_fits_backbone(cfg, read_manifest(spec))
-    else:
-        from fedsim.models.toy import ToyBuildConfig, toy_backbone_path
 
-        built = toy_backbone_path(ToyBuildConfig(), cache_root(cfg)) / "fedsim.json"
-        # The scene against the toy's recipe, before anything is written.
-        if built.exists():
-            check_scene_fits_backbone(cfg, json.loads(built.read_text()))
-    if cfg.data.corpora:
-        # Built (or found in the cache) before the run folder exists: a corpus file that
-        # cannot be read, or a bad image under bad_images: fail, is bad input.
-        training_data(cfg)
+
+def _run_locked(
+    cfg: Config,
+    algorithm: Any,
+    out_dir: Path,
+    console: Console,
+    show_progress: bool,
+    pool: ActorPool | None,
+    resume: bool,
+    restored: RoundState | None,
+    lock: RunLock | None,
+) -> tuple[RunResult, float, RunLock | None, dict[str, Any]]:
+    """Prepare inputs and Ray, then (a new run) create and lock the folder, then the rounds.
+
+    Everything that can fail on input (partition, corpus, cache, Ray) runs before a new run's
+    folder exists; what fails after leaves a folder holding only config.yaml, which a retry
+    with the same --out takes again.
+    """
+    import ray
+
     metrics = MetricsLog(out_dir / "metrics.jsonl")
-    if restored is None:
-        out_dir = prepare_run_dir(out_dir)
-        write_yaml(out_dir / "config.yaml", config_to_yaml_data(cfg))
-    else:
-        cut_metrics(out_dir, restored.round, restored.metrics_lines)
     t_start = time.perf_counter()
-
     progress = make_progress(console, disable=not show_progress)
     with progress:
         prep = prepare(cfg, build_reporter(progress))
@@ -554,7 +669,15 @@ def run(
         own_pool = pool is None
         pool = pool or ActorPool()
         try:
-            check_feasible(cfg)  # before any actor: Ray would wait forever for one
+            # Before any actor (Ray would wait forever for one) and before a new run's folder.
+            check_feasible(cfg)
+            if lock is None:
+                lock = prepare_run_dir(out_dir)
+                write_yaml(out_dir / "config.yaml", config_to_yaml_data(cfg))
+            elif restored is None:
+                # No checkpoint yet: the run starts over in its own folder (same bits).
+                cut_metrics(out_dir, 0, 0)
+                console.print("no checkpoint yet: the run starts again from round 1")
             if cfg.data.feature_cache:
                 from fedsim.data.feature_cache import ensure_feature_cache
 
@@ -583,13 +706,29 @@ def run(
                     f"the rounds done are in {out_dir / 'metrics.jsonl'}"
                     + (f"; go on with: fedsim run --resume {out_dir}" if found else "")
                 ) from None
+        except BaseException:
+            if lock is not None:
+                lock.close()
+            raise
         finally:
             if own_pool:
                 pool.close()
             if started_ray:
                 ray.shutdown()
     wall = time.perf_counter() - t_start
-    corpus = corpus_summary(prep.train_path)
+    return result, wall, lock, corpus_summary(prep.train_path)
+
+
+def _report(
+    cfg: Config,
+    out_dir: Path,
+    console: Console,
+    result: RunResult,
+    wall: float,
+    plot: bool,
+    corpus: dict[str, Any],
+) -> None:
+    """summary.md, curves.png and the tables on the console, once the run is done."""
     write_text(out_dir / "summary.md", _summary_md(cfg, result, wall, corpus))
     if plot:
         from fedsim.plots import plot_runs
@@ -613,7 +752,6 @@ def run(
         f"run folder: {out_dir}  (metrics.jsonl, final/projector.safetensors, eval.json, summary.md"
         + (", curves.png)" if plot else ")")
     )
-    return result
 
 
 def worker_input_error(e: Exception) -> Exception | None:
@@ -630,37 +768,101 @@ def worker_input_error(e: Exception) -> Exception | None:
     return cause if isinstance(cause, (ConfigError, BackboneError)) else None
 
 
-def find_checkpoint(cfg: Config, run_dir: Path) -> RoundState:
-    """The newest checkpoint of the interrupted run in ``run_dir``, checked against ``cfg``."""
-    if not (run_dir / "config.yaml").exists():
+def _check_resumable(run_dir: Path) -> None:
+    """A run folder whose run has not finished (read-only checks, before the lock)."""
+    if not (run_dir / "config.yaml").is_file():
         raise RunError(f"--resume {str(run_dir)!r}: not a run folder (no config.yaml)")
     if (run_dir / "summary.md").exists():
         raise RunError(
             f"--resume {str(run_dir)!r}: the run finished (summary.md is there); nothing to "
             "resume"
         )
-    found = latest_checkpoint(run_dir)
-    if found is None:
+
+
+def find_checkpoint(
+    cfg: Config, run_dir: Path, console: Console | None = None
+) -> RoundState | None:
+    """The newest sound checkpoint of the interrupted run in ``run_dir``, verified against ``cfg``.
+
+    Reads only. A damaged checkpoint (a file not matching its recorded SHA-256, cut short,
+    unreadable) is passed over for the one before it, and ``console`` is told; another
+    config's checkpoint, a round beyond ``rounds`` or a ``metrics.jsonl`` that does not match
+    are errors. ``None``: no checkpoint was written yet (the run starts again).
+    """
+    _check_resumable(run_dir)
+    found = checkpoint_dirs(run_dir)
+    if not found:
+        return None
+    digests = accepted_digests(config_to_yaml_data(cfg))
+    damaged: list[str] = []
+    for path in reversed(found):
+        try:
+            restored = load_checkpoint(path, digests)
+        except DamagedCheckpoint as e:
+            damaged.append(str(e))
+            continue
+        if damaged and console is not None:
+            console.print(
+                f"passed over {len(damaged)} damaged checkpoint(s) ({damaged[0]}); "
+                f"resuming from {path.name}"
+            )
+        _check_bounds(cfg, run_dir, restored)
+        return restored
+    raise RunError(
+        f"--resume {str(run_dir)!r}: every checkpoint is damaged (newest: {damaged[0]})"
+    )
+
+
+def _check_bounds(cfg: Config, run_dir: Path, restored: RoundState) -> None:
+    """The checkpoint's round within the run, and the metrics lines it counts readable."""
+    if not 1 <= restored.round <= cfg.rounds:
         raise RunError(
-            f"--resume {str(run_dir)!r}: no checkpoint in {str(run_dir / 'checkpoints')!r} "
-            f"(checkpoint_every={cfg.checkpoint_every}); start the run again"
+            f"--resume {str(run_dir)!r}: checkpoint of round {restored.round}, the run has "
+            f"rounds 1–{cfg.rounds}"
         )
-    restored = load_checkpoint(found, config_digest(config_to_yaml_data(cfg)))
-    lines = len(MetricsLog(run_dir / "metrics.jsonl").read_lines())
-    if lines < restored.metrics_lines:
+    lines = MetricsLog(run_dir / "metrics.jsonl").read_lines()
+    if len(lines) < restored.metrics_lines:
         raise RunError(
-            f"--resume {str(run_dir)!r}: metrics.jsonl has {lines} complete lines, the "
+            f"--resume {str(run_dir)!r}: metrics.jsonl has {len(lines)} complete lines, the "
             f"checkpoint of round {restored.round} expects {restored.metrics_lines}"
         )
-    return restored
+    for i, line in enumerate(lines[: restored.metrics_lines], start=1):
+        try:
+            ok = isinstance(json.loads(line), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise RunError(
+                f"--resume {str(run_dir)!r}: metrics.jsonl line {i} is not a JSON object"
+            )
+
+
+def check_restored(
+    restored: RoundState, weights: dict[str, torch.Tensor], clients: int
+) -> None:
+    """The checkpoint fits this run's projector and clients (before anything is changed)."""
+    want = {k: list(v.shape) for k, v in weights.items()}
+    got = {k: list(v.shape) for k, v in restored.weights.items()}
+    if got != want:
+        raise RunError(
+            f"checkpoint of round {restored.round}: projector tensors {got}, this run's "
+            f"projector has {want}"
+        )
+    if len(restored.cursors) != clients:
+        raise RunError(
+            f"checkpoint of round {restored.round}: {len(restored.cursors)} client "
+            f"cursors, the config partitions into {clients} clients"
+        )
 
 
 def cut_metrics(run_dir: Path, round_: int, keep: int) -> None:
-    """Cut ``metrics.jsonl`` back to the checkpoint's rounds (atomically); log the resume.
+    """Start a resume's changes: cut ``metrics.jsonl`` back to the checkpoint, log it, tidy up.
 
-    The rounds after the checkpoint are run again and logged anew; which ones were dropped, and
-    when, goes to ``resumes.jsonl``.
+    Called only after every check has passed. The rounds after the checkpoint are run again and
+    logged anew; which ones were dropped, and when, goes to ``resumes.jsonl``. Temporary files
+    of writes that a kill interrupted are removed (the folder is locked: no write is live).
     """
+    remove_temp_leftovers(run_dir)
     log = MetricsLog(run_dir / "metrics.jsonl")
     lines = log.read_lines()
     dropped = [json.loads(x).get("round") for x in lines[keep:] if _complete(x)]
@@ -691,17 +893,18 @@ def resume_run(
     """Go on with the interrupted run in ``run_dir`` from its newest checkpoint.
 
     The run's own ``config.yaml`` is the config; ``overrides`` may change only where it runs
-    (``ray.*``) and ``cache_dir``, which do not change its result.
+    (``ray.*`` but ``ray.threads_per_worker``) and ``cache_dir``, which do not change its result.
     """
     from fedsim.config import load_config
 
     run_dir = Path(run_dir)
     for o in overrides or []:
         key = o.split("=", 1)[0].strip()
-        if not (key.startswith("ray.") or key == "cache_dir"):
+        free = key.startswith("ray.") or key == "cache_dir"
+        if not free or key == "ray.threads_per_worker":
             raise ConfigError(
-                f"--resume: --set {key} would change the run; only ray.* and cache_dir may "
-                "change on resume"
+                f"--resume: --set {key} would change the run; only ray.* (but "
+                "ray.threads_per_worker) and cache_dir may change on resume"
             )
     if not (run_dir / "config.yaml").is_file():
         raise RunError(f"--resume {str(run_dir)!r}: not a run folder (no config.yaml)")
@@ -802,7 +1005,7 @@ def toy_benchmarks(
     from fedsim.eval.run import save_and_score
     from fedsim.eval.toy_suite import TOY_MATCHING, ensure_toy_suite
 
-    if not cfg.eval.benchmarks or cfg.model.backbone != "toy":
+    if not cfg.eval.benchmarks or not is_toy(cfg.model.backbone):
         return {}
     root = ensure_toy_suite(
         cache_root(cfg), cfg.data.scene, images=cfg.eval.suite_images
@@ -821,7 +1024,12 @@ def toy_benchmarks(
             [suite.render_prompt(prompts, b, q) for q in questions],
             out_dir / "eval" / b,
             f"fedsim-{cfg.algorithm.name}-seed{cfg.seed}",
-            {"backend": "hf", "data": str(root), "round": cfg.rounds},
+            {
+                "backend": "hf",
+                "data": str(root),
+                "round": cfg.rounds,
+                "projector_digest": weights_digest(weights),
+            },
             matching=TOY_MATCHING,
         )
     return results
@@ -858,7 +1066,7 @@ def _finish(
     )
     write_json(
         out_dir / "resources.json",
-        {"peak_rss_mb": resources, "nodes": nodes or {}},
+        {"peak_rss_mb": resources, "nodes": nodes or {}, "machine": machine_info()},
     )
 
 
@@ -891,6 +1099,8 @@ def _run_pooled(
     if restored is None:
         initial_eval = _initial_eval(cfg, pool, w0, metrics, history, console)
     else:
+        check_restored(restored, w0, 1)  # the pooled stream is one client
+        cut_metrics(out_dir, restored.round, restored.metrics_lines)
         history = metrics.read()
         initial_eval = next(
             (r["eval"] for r in history if r.get("round") == 0 and "eval" in r), None
@@ -1063,14 +1273,11 @@ def _run_rounds(
         initial_eval = _initial_eval(cfg, pool, weights, metrics, history, console)
     else:
         # Go on after the checkpoint's round: its weights, server state, client states, cursors
-        # and clock; metrics.jsonl already holds its rounds (and was cut back to them).
-        if len(restored.cursors) != len(shards):
-            raise RunError(
-                f"checkpoint of round {restored.round}: {len(restored.cursors)} client "
-                f"cursors, the config partitions into {len(shards)} clients"
-            )
-        weights = restored.weights
+        # and clock. Checked against this run first; only then is metrics.jsonl cut back.
+        check_restored(restored, weights, len(shards))
         ray.get(aggregator.load_state.remote(restored.server_state))
+        cut_metrics(out_dir, restored.round, restored.metrics_lines)
+        weights = restored.weights
         cursors = list(restored.cursors)
         store.restore(restored.clients)
         sim_clock = restored.sim_clock

@@ -22,7 +22,6 @@ a place in a LLaVA checkpoint; other projector kinds are refused with the reason
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -165,9 +164,14 @@ def write_checkpoint(backbone: Any, out: Path, provenance: dict[str, Any]) -> Pa
         manifest = dict(backbone.manifest)
         manifest["export"] = provenance
         (tmp / "fedsim.json").write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
+        try:
+            if out.exists():
+                out.rmdir()
+            tmp.rename(out)  # fails on a folder another export filled meanwhile
+        except OSError:
+            raise ExportError(
+                f"{out}: written by another process meanwhile; choose a new folder"
+            ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -185,7 +189,7 @@ def export_checkpoint(
     from fedsim.actors import _load
     from fedsim.driver import resolve_backbone
     from fedsim.models.backbone import BackboneError, set_projector_
-    from fedsim.runio import RunDirError, check_writable
+    from fedsim.runio import RunDirError, check_writable, weights_digest
 
     run_dir, out = Path(run_dir), Path(out)
     config = run_dir / "config.yaml"
@@ -214,7 +218,9 @@ def export_checkpoint(
         set_projector_(backbone, weights)
     except BackboneError as e:
         raise ExportError(f"{source}: {e}") from None
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    digest = weights_digest(
+        weights
+    )  # the tensors', not the file's (see weights_digest)
     return write_checkpoint(
         backbone,
         out,
@@ -224,7 +230,7 @@ def export_checkpoint(
             "seed": cfg.seed,
             "rounds": cfg.rounds,
             "projector_file": str(source.resolve()),
-            "projector_sha256": digest,
+            "projector_digest": digest,
             "client": client,
         },
     )

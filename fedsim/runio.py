@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -24,16 +26,6 @@ class RunDirError(ConfigError):
 
 def default_run_dir() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def check_run_dir(path: Path) -> None:
-    """Refuse an output folder that is a file or already holds something (nothing is overwritten)."""
-    if path.exists() and not path.is_dir():
-        raise RunDirError(f"--out {str(path)!r}: exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()):
-        raise RunDirError(
-            f"--out {str(path)!r}: folder is not empty (it may hold a run); choose a new one"
-        )
 
 
 def check_writable(path: Path, flag: str = "--out", folder: bool = True) -> None:
@@ -80,19 +72,107 @@ def cache_folder(configured: str | Path | None, flag: str = "cache_dir") -> Path
     return path
 
 
-def prepare_run_dir(path: Path) -> Path:
-    """Create ``path`` for a new run (see :func:`check_run_dir`) and check that it is writable."""
+# What a run that failed before its first round leaves: a retry with the same --out takes it.
+RESTARTABLE = {"config.yaml"}
+
+
+def check_run_dir(path: Path) -> None:
+    """Refuse an output folder that is a file or holds a run (nothing is overwritten).
+
+    A folder holding only the ``config.yaml`` of a run that stopped before its first round (a
+    Ray or cache failure) is taken again: there is nothing in it to lose.
+    """
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"--out {str(path)!r}: exists and is not a folder")
+    if path.is_dir() and not {p.name for p in path.iterdir()} <= RESTARTABLE:
+        raise RunDirError(
+            f"--out {str(path)!r}: folder is not empty (it may hold a run); choose a new one"
+        )
+
+
+class RunLock:
+    """The one-writer lock of a run folder: ``flock`` on the folder itself, held while open.
+
+    Locking the folder (not a file in it) adds nothing to it, so a refused command leaves the
+    folder byte for byte as it was. The kernel drops the lock when the process dies (SIGKILL
+    included), so a crashed run never leaves a stale lock behind.
+    """
+
+    def __init__(self, path: Path, flag: str) -> None:
+        self.path = Path(path)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(self.fd)
+            os.close(self.fd)
+            raise RunDirError(
+                f"{flag} {str(path)!r}: in use by another fedsim process"
+                + (f" (pid {holder})" if holder else "")
+                + "; one writer per run folder"
+            ) from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = -1
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid holding a flock on the file behind ``fd`` (Linux's /proc/locks), if known."""
+    inode = os.fstat(fd).st_ino
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        # "1: FLOCK  ADVISORY  WRITE 4242 00:2f:1234567 0 EOF"
+        parts = line.split()
+        if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].endswith(f":{inode}"):
+            return int(parts[4])
+    return None
+
+
+def prepare_run_dir(path: Path) -> RunLock:
+    """Create ``path`` for a new run and lock it; returns the held :class:`RunLock`.
+
+    ``mkdir`` is the exclusive create: of two runs started into one new folder, one makes it;
+    the other finds it and must then win the lock and find it still unused (checked again
+    under the lock, as the winner may already have written into it).
+    """
     check_run_dir(path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        try:
+            path.mkdir(parents=True)
+        except (
+            FileExistsError
+        ):  # made by another run a moment ago, or by a failed start
+            pass
+        lock = RunLock(path, "--out")
     except OSError as e:
         raise RunDirError(
             f"--out {str(path)!r}: cannot write there ({e.strerror})"
         ) from None
-    return path
+    try:
+        check_run_dir(path)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        lock.close()
+        raise RunDirError(
+            f"--out {str(path)!r}: cannot write there ({e.strerror})"
+        ) from None
+    except BaseException:
+        lock.close()
+        raise
+    return lock
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -171,6 +251,31 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
             f"weights file {str(p)!r} {kind} ({e}); fedsim reads weights only from "
             "safetensors and never unpickles them"
         ) from None
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (integrity of a file, not identity of its weights)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors themselves: names in sorted order, dtype, shape and raw bytes.
+
+    Two files holding the same tensors get the same digest whatever their safetensors header
+    (its metadata order varies from write to write), so this, not the file's SHA-256, says
+    which weights a score file or checkpoint refers to.
+    """
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        t = weights[name].detach().cpu().contiguous()
+        head = f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0"
+        h.update(head.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class MetricsLog:

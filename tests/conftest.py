@@ -1,4 +1,4 @@
-"""Shared fixtures: the toy backbone (built once, cached), small datasets, one Ray session."""
+"""Shared fixtures: the shipped toy backbone, the user's cache, small datasets, one Ray session."""
 
 from __future__ import annotations
 
@@ -23,18 +23,11 @@ def cache_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def toy_path(cache_dir: Path) -> Path:
-    """The default toy backbone (about two minutes to build the first time)."""
-    import torch
+def toy_path() -> Path:
+    """The default toy backbone: the reference shipped in the package, checked by SHA-256."""
+    from fedsim.models.toy_reference import reference_toy_backbone
 
-    from fedsim.models.toy import build_toy_backbone
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        return build_toy_backbone(cache_dir=cache_dir)
-    finally:
-        torch.set_num_threads(threads)
+    return reference_toy_backbone()
 
 
 @pytest.fixture(scope="session")

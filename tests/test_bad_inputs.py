@@ -101,7 +101,9 @@ def old_run(s: Sandbox) -> None:
 def _run_folder(s: Sandbox, name: str, weights: dict) -> None:
     from safetensors.torch import save_file
 
-    cache = s.toy().parents[1]  # <cache>/backbones/toy-<hash>
+    from fedsim.models.toy import default_cache_dir
+
+    cache = default_cache_dir()  # the cache_dir fixture's folder (data caches of the run)
     _write(s.tmp / name / "config.yaml", f"cache_dir: {cache}\nrounds: 1\n")
     (s.tmp / name / "final").mkdir(parents=True)
     save_file(weights, str(s.tmp / name / "final" / "projector.safetensors"))
@@ -242,6 +244,66 @@ def broken_image_parquet(s: Sandbox) -> None:
     pq.write_table(table, s.tmp / "broken-image.parquet")
 
 
+def alias_bomb(s: Sandbox) -> None:
+    """The 403-byte "billion laughs" of the report (test_safe_defaults.BOMB, padded)."""
+    from test_safe_defaults import BOMB
+
+    pad = "unknown_key: " + "x" * (403 - len(BOMB) - len("unknown_key: ") - 1) + "\n"
+    _write(s.tmp / "bomb.yaml", BOMB + pad)
+
+
+#: Child processes holding a run folder's lock; each exits when its stdin closes.
+_HOLDERS: list = []
+
+
+def live_run(s: Sandbox) -> None:
+    """A run that has just started: its config.yaml, its lock held by another process."""
+    _write(s.tmp / "live-run" / "config.yaml", "rounds: 2\n")
+    from lock_holder import hold
+
+    _HOLDERS.append(hold(s.tmp / "live-run"))
+
+
+def _checkpointed(s: Sandbox, name: str, config: str, state_round: int) -> Path:
+    """A run folder with a sound checkpoint (its own config's digest), round 1 in metrics."""
+    import torch
+
+    from fedsim.checkpoint import RoundState, config_digest, save_checkpoint
+    from fedsim.config import config_to_yaml_data, load_config
+
+    _write(s.tmp / name / "config.yaml", config)
+    cfg = load_config(str(s.tmp / name / "config.yaml"))
+    state = RoundState(
+        round=state_round,
+        weights={"linear_1.weight": torch.zeros(2, 2)},
+        server_state={},
+        clients={},
+        cursors=[],
+        sim_clock=0.0,
+        final_eval={},
+        metrics_lines=2,
+    )
+    save_checkpoint(s.tmp / name, state, config_digest(config_to_yaml_data(cfg)), 2)
+    return s.tmp / name
+
+
+def long_run(s: Sandbox) -> None:
+    """A checkpoint of round 5 in a 2-round run (state.json altered, checksums intact)."""
+    run = _checkpointed(s, "long-run", "rounds: 2\n", 5)
+    _write(run / "metrics.jsonl", '{"round": 0}\n{"round": 1}\n')
+
+
+def messy_run(s: Sandbox) -> None:
+    """An interrupted run whose metrics.jsonl holds a garbage line among the checkpoint's."""
+    run = _checkpointed(s, "messy-run", "rounds: 4\n", 1)
+    _write(run / "metrics.jsonl", '{"round": 0}\nGARBAGE\n{"round": 2}\n')
+
+
+def toy_built(s: Sandbox) -> None:
+    """The toy backbone in the cache: the run gets as far as partitioning the data."""
+    s.toy()
+
+
 def both(*setups: Callable[[Sandbox], None]) -> Callable[[Sandbox], None]:
     def setup(s: Sandbox) -> None:
         for f in setups:
@@ -299,7 +361,6 @@ SETUPS: dict[str, Callable[[Sandbox], None]] = {
     "unknown-projector": nothing,
     "resume-not-a-run": nothing,
     "resume-finished": done_run,
-    "resume-no-checkpoint": cut_run,
     "resume-changes-the-run": cut_run,
     "resume-other-config": other_run,
     "backbone-truncated-weights": truncated_backbone,
@@ -325,6 +386,16 @@ SETUPS: dict[str, Callable[[Sandbox], None]] = {
     "worker-cpus-infeasible": nothing,
     "worker-resource-infeasible": nothing,
     "address-unreachable": nothing,
+    "config-alias-bomb": alias_bomb,
+    "set-alias": nothing,
+    "resume-live-run": live_run,
+    "out-live-run": live_run,
+    "resume-round-beyond": long_run,
+    "resume-garbage-metrics": messy_run,
+    "resume-threads": cut_run,
+    "dirichlet-alpha-zero": toy_built,
+    "label-not-a-column": toy_built,
+    "clients-over-rows": toy_built,
 }
 
 

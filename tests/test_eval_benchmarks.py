@@ -62,10 +62,10 @@ def _w0_file(run_dir):
 
 def _in_run_backbone(run_dir):
     from fedsim.models.backbone import load_backbone, set_projector_
-    from fedsim.models.toy import build_toy_backbone
+    from fedsim.models.toy_reference import reference_toy_backbone
     from fedsim.runio import load_weights
 
-    bb = load_backbone(build_toy_backbone())
+    bb = load_backbone(reference_toy_backbone())
     set_projector_(bb, load_weights(run_dir / "final" / "projector.safetensors"))
     return bb
 
@@ -118,6 +118,11 @@ def test_export_reloads_with_transformers_and_answers_as_in_the_run(
     assert scores == pytest.approx(final, abs=0, rel=0)
     provenance = json.loads((out / "fedsim.json").read_text())["export"]
     assert provenance["algorithm"] == "fedavg" and provenance["rounds"] == 3
+    # The weights are named by their tensors' digest, not by the file's bytes.
+    from fedsim.runio import load_weights, weights_digest
+
+    final_weights = load_weights(toy_run / "final" / "projector.safetensors")
+    assert provenance["projector_digest"] == weights_digest(final_weights)
 
 
 @pytest.mark.slow
@@ -125,8 +130,10 @@ def test_hf_backend_on_the_toy_suite_end_to_end(toy_run, suite_root):
     from fedsim.eval.answers import read_answers
     from fedsim.eval.run import evaluate_run
     from fedsim.eval.suite import get, locate
+    from fedsim.runio import load_weights, weights_digest
 
     results = evaluate_run(toy_run, BENCHES, suite_root, backend="hf", batch_size=64)
+    digest = weights_digest(load_weights(toy_run / "final" / "projector.safetensors"))
     assert set(results) == set(BENCHES)
     for bench in BENCHES:
         questions = get(bench).load(*locate(bench, suite_root))
@@ -134,6 +141,7 @@ def test_hf_backend_on_the_toy_suite_end_to_end(toy_run, suite_root):
         assert set(answers) == {q.question_id for q in questions}
         saved = json.loads((toy_run / "eval" / bench / "scores.json").read_text())
         assert saved["scores"] == results[bench]
+        assert saved["projector_digest"] == digest
         assert saved["questions"] == len(questions)
     # The toy LM answers exactly "yes" or "no": POPE's accuracy is then the share of answers
     # equal to the label, counted here without the scorer.

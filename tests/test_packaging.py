@@ -8,6 +8,7 @@ from pathlib import Path
 import fedsim.algorithms
 import fedsim.eval.toy
 import fedsim.scenarios
+from fedsim.models.toy_reference import REFERENCE_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,9 @@ def test_wheel_layout(tmp_path):
         "fedsim/algorithms/base.py",
         "fedsim/scenarios/toy-iid.yaml",
         "fedsim/eval/toy.py",
+        *(f"fedsim/models/toy-reference/{rel}" for rel in REFERENCE_FILES),
     ):
         assert required in names
+    assert REFERENCE_FILES  # the shipped toy backbone goes into the wheel, every file
     top_level = {n.split("/")[0] for n in names}
     assert not top_level & {"algorithms", "scenarios", "eval", "tests"}

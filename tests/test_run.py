@@ -60,6 +60,16 @@ def test_run_outputs_and_bit_identical_across_workers(
         None, [*SMALL, f"cache_dir={cache_dir}", "ray.workers=1"]
     )
     assert two.final_eval.keys() == one.final_eval.keys()
+    # What the run was computed on, and on which frozen bits (the shipped toy, by digest).
+    from fedsim.machine import machine_info
+    from fedsim.models.toy_reference import reference_digest
+
+    machine = json.loads((out / "resources.json").read_text())["machine"]
+    assert machine == json.loads(json.dumps(machine_info()))
+    assert {"cpu", "cores", "torch", "torch_cpu_capability", "blas"} <= set(machine)
+    summary = (out / "summary.md").read_text()
+    assert f"- machine: {machine['cpu']} ({machine['cores']} cores)" in summary
+    assert reference_digest()[:16] in summary
 
 
 @pytest.mark.slow

@@ -326,6 +326,102 @@ def test_ray_dashboard_is_off_and_local_by_default(
     assert calls[0]["dashboard_host"] == "0.0.0.0"
 
 
+def test_default_ray_is_private_and_local_whatever_the_environment_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``ray.address: null`` is ``address="local"``: RAY_ADDRESS is never followed."""
+    import ray
+    from ray._private import ray_constants
+
+    from fedsim.config import load_config
+    from fedsim.driver import connect_ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.255.255.1:6379")
+    seen: list[tuple[Any, bool, str | None]] = []
+
+    def init(*a: Any, **kw: Any) -> None:
+        # What Ray reads while it starts: the switch that puts its node IP on loopback.
+        seen.append(
+            (
+                kw.get("address"),
+                ray_constants.ENABLE_RAY_CLUSTER,
+                os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"),
+            )
+        )
+
+    _captured_init(monkeypatch)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    connect_ray(load_config(None))
+    assert seen == [("local", False, "0")]
+    # Set for ray.init only: a later ray.init(address=...) in this process is untouched.
+    assert ray_constants.ENABLE_RAY_CLUSTER is before
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+
+    seen.clear()
+    connect_ray(load_config(None, ["ray.address=auto"]))  # joining is explicit
+    assert seen == [("auto", before, None)]
+
+
+# "Billion laughs": 9 ** 9 strings once the aliases are expanded.
+BOMB = """\
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+"""
+
+
+def test_yaml_alias_bomb_is_a_one_line_error_at_once(tmp_path: Path) -> None:
+    """A 403-byte "billion laughs" took 65 s and 1.4 GB in merge before it was refused."""
+    import time
+
+    from fedsim.config import load_config
+    from fedsim.configtools import ConfigError
+
+    bomb = tmp_path / "bomb.yaml"
+    pad = "unknown_key: " + "x" * (403 - len(BOMB) - len("unknown_key: ") - 1) + "\n"
+    bomb.write_text(
+        BOMB + pad
+    )  # the 403 bytes of the report, an unknown key at the end
+    assert len(bomb.read_bytes()) == 403
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as e:
+        load_config(str(bomb))
+    assert time.perf_counter() - t0 < 1.0  # expanded, it takes a minute
+    message = str(e.value)
+    assert "\n" not in message
+    assert "bomb.yaml" in message and "anchors and aliases" in message
+    assert "line 1" in message  # the first anchor, before any alias
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a: &x 1\nb: 2\n", "a: 1\nb: *x\n", "base: &b {lr: 0.1}\ntrain:\n  <<: *b\n"],
+)
+def test_any_anchor_or_alias_is_refused(tmp_path: Path, text: str) -> None:
+    from fedsim.config import load_config
+    from fedsim.configtools import ConfigError
+
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="anchors and aliases"):
+        load_config(str(tmp_path / "c.yaml"))
+
+
+def test_set_value_with_an_alias_is_refused() -> None:
+    from fedsim.config import load_config
+    from fedsim.configtools import ConfigError
+
+    with pytest.raises(ConfigError, match="--set .*anchors and aliases"):
+        load_config(None, ["algorithm.params=[&a [1, 2], *a]"])
+
+
 # -- the judge API key ---------------------------------------------------------------
 
 KEY_ENV = "FEDSIM_TEST_SAFE_DEFAULTS_KEY"

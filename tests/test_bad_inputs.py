@@ -103,7 +103,8 @@ def _run_folder(s: Sandbox, name: str, weights: dict) -> None:
 
     from fedsim.models.toy import default_cache_dir
 
-    cache = default_cache_dir()  # the cache_dir fixture's folder (data caches of the run)
+    # The cache_dir fixture's folder (data caches of the run).
+    cache = default_cache_dir()
     _write(s.tmp / name / "config.yaml", f"cache_dir: {cache}\nrounds: 1\n")
     (s.tmp / name / "final").mkdir(parents=True)
     save_file(weights, str(s.tmp / name / "final" / "projector.safetensors"))

@@ -14,14 +14,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedsim.eval.benchmark import BenchmarkError
+from fedsim.eval.benchmark import BenchmarkError, open_text, question_id
 
 
 def iter_jsonl(path: Path, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for each non-blank line of a JSON-lines file."""
     if not path.is_file():
         raise BenchmarkError(f"{path}: {what} file not found")
-    with path.open(encoding="utf-8") as f:
+    with open_text(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -45,7 +45,7 @@ def read_answers(path: Path) -> dict[int | str, str]:
             raise BenchmarkError(
                 f"{path}:{n}: an answer needs 'question_id' and 'text'"
             )
-        qid = rec["question_id"]
+        qid = question_id(rec["question_id"], f"{path}:{n}")
         if qid in out:
             raise BenchmarkError(f"{path}:{n}: question_id {qid!r} answered twice")
         out[qid] = str(rec["text"])

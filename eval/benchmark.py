@@ -10,6 +10,7 @@ made by any other tool scores the same way.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,22 @@ OPTION_LETTER = "Answer with the option's letter from the given choices directly
 
 class BenchmarkError(ValueError):
     """A benchmark file that cannot be read; the message names the file and the field."""
+
+
+def open_text(path: Path, newline: str | None = None) -> io.StringIO:
+    """A question or answer file as a text stream (``newline`` as for :func:`open`).
+
+    Decoded whole by :func:`fedsim.configtools.read_user_text`: a file that is not UTF-8 is a
+    BenchmarkError naming it, not a UnicodeDecodeError in the middle of a loop.
+    """
+    from fedsim.configtools import read_user_text
+
+    return io.StringIO(read_user_text(path, error=BenchmarkError), newline=newline)
+
+
+def read_text(path: Path) -> str:
+    """A question or answer file's text (see :func:`open_text`)."""
+    return open_text(path).read()
 
 
 @dataclass(frozen=True)
@@ -72,12 +89,27 @@ class Benchmark(Protocol):
         ...
 
 
+def question_id(value: Any, where: str) -> int | str:
+    """A ``question_id`` read from a user's JSON: an integer or a string, as LLaVA writes it.
+
+    A list, object, float or boolean is an error opening with ``where`` (file and line),
+    before it can reach a dict lookup as an unhashable or ambiguous key.
+    """
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        return value
+    raise BenchmarkError(
+        f"{where}: question_id {value!r} is not an integer or a string"
+    )
+
+
 def check_answered(
     name: str, questions: Sequence[Question], predictions: Mapping[int | str, str]
 ) -> None:
     """Raise when there is nothing to score or a question has no prediction."""
     if not questions:
         raise BenchmarkError(f"{name}: no questions to score")
+    for q in questions:  # any loader, any format: ids must be usable as keys
+        question_id(q.question_id, f"{name} (a question)")
     missing = [q.question_id for q in questions if q.question_id not in predictions]
     if missing:
         raise BenchmarkError(

@@ -23,7 +23,19 @@ letter (punctuation ``.()[],:;!*#{}`` turned to spaces, the answer split on whit
 exactly one option letter among the words), else as option text (exactly one option's
 text, lower-cased, inside the lower-cased answer). The GPT fallback that VLMEvalKit uses
 for answers the rule cannot read is not run: such an answer is wrong, and ``unextracted``
-counts them. Accuracy is over circular groups, overall, per ``category`` and per
+counts them.
+
+VLMEvalKit changed these rules twice; :data:`MATCHING_RULES` names each version by the
+VLMEvalKit commit whose ``matching_util.py`` it reproduces, and every score records the one
+used (``matching``):
+
+- ``a67ace50`` (the default; VLMEvalKit's rules since 2026-06-17, unchanged through e8e78f05):
+  commit c3371551 (2025-08-04) accepts the one option letter only among the last four words
+  (its first occurrence) and skips the option-text search in an answer longer than twice the
+  options' text together; commit a67ace50 then reads ``(correct) answer is X`` (X in A–D,
+  ``**`` allowed around it, any case) when the words name no single letter.
+- ``aca64dbb`` (VLMEvalKit's rules from 2024 until c3371551; fedsim's before issue 17): a
+  letter anywhere among the words, option text in an answer of any length, no pattern. Accuracy is over circular groups, overall, per ``category`` and per
 ``l2-category`` (and per ``split`` when several are present).
 
 lmms-eval's Parquet release loads too (``lmms-lab/MMBench``, config ``en``:
@@ -44,6 +56,7 @@ import base64
 import binascii
 import csv
 import math
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -57,6 +70,7 @@ from fedsim.eval.benchmark import (
     BenchmarkError,
     Question,
     check_answered,
+    open_text,
     string_cell,
 )
 
@@ -96,41 +110,78 @@ def is_none(value: object) -> bool:
     return text in _PANDAS_NA or text.lower() in ("nan", "none")
 
 
-def can_infer_option(answer: str, choices: Mapping[str, str]) -> str | bool:
+#: VLMEvalKit's option-matching rules, by the commit whose matching_util.py they reproduce
+#: (see the module docstring); the first is the default.
+MATCHING_RULES = ("a67ace50", "aca64dbb")
+DEFAULT_RULES = MATCHING_RULES[0]
+# a67ace50's _VERBOSE_ANSWER_RE, verbatim: "The correct answer is **B**", "The answer is C."
+_ANSWER_IS = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+
+
+def matching_label(rules: str) -> str:
+    """What a score file records: ``vlmevalkit@<commit>``; unknown rules are an error."""
+    if rules not in MATCHING_RULES:
+        raise BenchmarkError(
+            f"--matching: {rules!r} is not one of {', '.join(MATCHING_RULES)} "
+            "(VLMEvalKit commits)"
+        )
+    return f"vlmevalkit@{rules}"
+
+
+def can_infer_option(
+    answer: str, choices: Mapping[str, str], rules: str = DEFAULT_RULES
+) -> str | bool:
     """The option letter named in ``answer``, ``"Z"`` for a refusal, else False.
 
     VLMEvalKit's ``can_infer_option``: punctuation becomes spaces, and the answer names an
-    option when exactly one of the option letters is one of its words.
+    option when exactly one of the option letters is one of its words (``a67ace50``: and
+    its first occurrence is among the last four words, else an "answer is X" phrase).
     """
     if "Failed to obtain answer via API" in answer:
         return False
     if any(refusal in answer for refusal in _REFUSALS):
         return "Z"
+    text = answer
     for c in ".()[],:;!*#{}":
-        answer = answer.replace(c, " ")
-    words = answer.split()
+        text = text.replace(c, " ")
+    words = text.split()
     named = [ch for ch in choices if ch in words]
+    # (VLMEvalKit's VERBOSE-only "A might be a quantifier" check is off by default.)
     if len(named) == 1:
-        # (VLMEvalKit's VERBOSE-only "A might be a quantifier" check is off by default.)
-        return named[0]
-    if not named and "Z" in words:
+        if rules == "aca64dbb" or words.index(named[0]) > len(words) - 5:
+            return named[0]
+    elif not named and "Z" in words:
         return "Z"
-    return False
+    if rules == "aca64dbb":
+        return False
+    m = _ANSWER_IS.search(answer)
+    return m.group(1).upper() if m and m.group(1).upper() in choices else False
 
 
-def can_infer_text(answer: str, choices: Mapping[str, str]) -> str | bool:
-    """The option whose text (lower-cased) is in ``answer``, when exactly one is."""
+def can_infer_text(
+    answer: str, choices: Mapping[str, str], rules: str = DEFAULT_RULES
+) -> str | bool:
+    """The option whose text (lower-cased) is in ``answer``, when exactly one is
+    (``a67ace50``: not looked for in an answer longer than twice all options' text)."""
     answer = answer.lower()
+    if rules != "aca64dbb" and len(answer) > 2 * sum(
+        len(str(v)) for v in choices.values()
+    ):
+        return False
     found = [k for k, v in choices.items() if str(v).lower() in answer]
     return found[0] if len(found) == 1 else False
 
 
-def can_infer(answer: object, choices: Mapping[str, str]) -> str | bool:
+def can_infer(
+    answer: object, choices: Mapping[str, str], rules: str = DEFAULT_RULES
+) -> str | bool:
     """VLMEvalKit's rule-based option extraction: by letter, else by option text."""
     answer = str(answer)
     # VLMEvalKit's can_infer_text lower-cases the choices dict in place; use a copy.
     choices = dict(choices)
-    return can_infer_option(answer, choices) or can_infer_text(answer, choices)
+    return can_infer_option(answer, choices, rules) or can_infer_text(
+        answer, choices, rules
+    )
 
 
 class MMBench:
@@ -155,7 +206,7 @@ class MMBench:
                 f"{path}: MMBench TSV (or .parquet file or folder of shards) not found"
             )
         csv.field_size_limit(sys.maxsize)
-        with path.open(encoding="utf-8", newline="") as f:
+        with open_text(path, newline="") as f:
             reader = csv.DictReader(f, delimiter="\t")
             header = reader.fieldnames or []
             for col in ("index", "question", "image", "A", "B"):
@@ -200,8 +251,11 @@ class MMBench:
         """Circular accuracy: overall, per category, per l2-category (per split).
 
         A group counts when its main row (``index < 10^6``) is among ``questions``; all its
-        given rows must be answered with the right option.
+        given rows must be answered with the right option. ``matching``: one of
+        :data:`MATCHING_RULES` (recorded in the result).
         """
+        rules = options.get("matching") or DEFAULT_RULES
+        label = matching_label(rules)
         check_answered(self.name, questions, predictions)
         for q in questions:
             if q.meta["answer"] is None:
@@ -216,7 +270,7 @@ class MMBench:
         for g, members in groups.items():
             ok = True
             for q in members:
-                opt = can_infer(predictions[q.question_id], q.meta["options"])
+                opt = can_infer(predictions[q.question_id], q.meta["options"], rules)
                 unextracted += opt is False
                 ok &= opt == q.meta["answer"]
             hit[g] = ok
@@ -231,6 +285,7 @@ class MMBench:
             "categories": _by(mains, hit, "category"),
             "l2_categories": _by(mains, hit, "l2_category"),
             "unextracted": unextracted,
+            "matching": label,
         }
         if len({q.meta["split"] for q in mains}) > 1:
             out["splits"] = _by(mains, hit, "split")

@@ -51,7 +51,13 @@ from typing import Any
 
 from fedsim.eval import parquet
 from fedsim.eval.answers import read_answers
-from fedsim.eval.benchmark import SHORT_ANSWER, BenchmarkError, Question, check_answered
+from fedsim.eval.benchmark import (
+    SHORT_ANSWER,
+    BenchmarkError,
+    Question,
+    check_answered,
+    open_text,
+)
 
 PERCEPTION = (
     "existence",
@@ -410,7 +416,7 @@ def _sheet_lines(path: Path):
     """(line number, tab-separated fields) of the non-empty lines of a sheet."""
     # Universal newlines, as calculation.py's open().readlines() reads the sheet.
     try:
-        with path.open(encoding="utf-8") as f:
+        with open_text(path) as f:
             lines = f.read().split("\n")
     except UnicodeDecodeError as e:
         raise BenchmarkError(f"{path}: not UTF-8 text ({e.reason})") from None

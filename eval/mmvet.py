@@ -48,7 +48,13 @@ from typing import Any
 
 from fedsim.eval import parquet
 from fedsim.eval.answers import read_answers
-from fedsim.eval.benchmark import BenchmarkError, Question, check_answered
+from fedsim.eval.benchmark import (
+    BenchmarkError,
+    Question,
+    check_answered,
+    open_text,
+    read_text,
+)
 from fedsim.eval.judge import Judge, JudgeConfig, require_judge
 
 # yuweihao/MM-Vet, mm-vet_evaluator.py: `prompt`, verbatim (it ends with a newline).
@@ -258,7 +264,7 @@ class MMVet:
         if not path.is_file():
             raise BenchmarkError(f"{path}: MM-Vet question file not found")
         root = Path(data_root) if data_root is not None else path.parent
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -421,12 +427,12 @@ def _results_file(path: Path) -> dict[int | str, str] | None:
     """An MM-Vet results object ``{"v1_0": "text", ...}``, or None for other files."""
     if not path.is_file():
         return None
-    with path.open(encoding="utf-8") as f:
+    with open_text(path) as f:
         head = f.read(1 << 16).lstrip()
     if not head.startswith("{"):
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError:
         return None  # JSON lines: one object a line
     if not isinstance(data, dict) or "question_id" in data:

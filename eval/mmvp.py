@@ -17,8 +17,10 @@ LLaVA-1.5 multiple-choice format. MMVP's own ``scripts/evaluate_mllm.py`` asks
 Scoring: the official grader is an LLM judge; here the answer is read by rule instead,
 VLMEvalKit's ``can_infer`` (:func:`fedsim.eval.mmbench.can_infer`: an option letter among
 the words, else exactly one option's text in the answer), which VLMEvalKit also applies to
-MMVP in exact-matching mode. An answer the rule cannot read is wrong (``unextracted``
-counts them). Metrics as MMVP's grader and VLMEvalKit's ``report_acc_MMVP``:
+MMVP in exact-matching mode, in the version chosen by ``matching`` (VLMEvalKit commit
+a67ace50 by default, aca64dbb the older one: see :mod:`fedsim.eval.mmbench`), which the
+scores record. An answer the rule cannot read is wrong (``unextracted`` counts them).
+Metrics as MMVP's grader and VLMEvalKit's ``report_acc_MMVP``:
 ``pair_accuracy``, the share of complete pairs with both questions right (MMVP's headline
 number), and ``accuracy`` over questions. The labels are the release's as they are
 (lmms-eval swaps the answers of indices 99/100 and 279/280, reported wrong in
@@ -50,9 +52,10 @@ from fedsim.eval.benchmark import (
     BenchmarkError,
     Question,
     check_answered,
+    open_text,
     string_cell,
 )
-from fedsim.eval.mmbench import can_infer
+from fedsim.eval.mmbench import DEFAULT_RULES, can_infer, matching_label
 
 _COLUMNS = ("Index", "Question", "Options", "Correct Answer")
 _CSV_COLUMNS = {c: c for c in _COLUMNS}
@@ -114,7 +117,7 @@ class Mmvp:
         images = _image_folder(Path(data_root) if data_root else path.parent)
         if data_root is None and images == path.parent:
             images = path.parent / _IMAGE_FOLDERS[0]
-        with path.open(encoding="utf-8-sig", newline="") as f:
+        with open_text(path, newline="") as f:
             reader = csv.DictReader(f)
             header = [h.strip() for h in reader.fieldnames or []]
             for col in _COLUMNS:
@@ -178,12 +181,18 @@ class Mmvp:
         predictions: Mapping[int | str, str],
         **options: Any,
     ) -> dict[str, Any]:
-        """Pair accuracy (complete pairs only), per-question accuracy, unread answers."""
+        """Pair accuracy (complete pairs only), per-question accuracy, unread answers.
+
+        ``matching``: VLMEvalKit's rule version (:data:`fedsim.eval.mmbench.MATCHING_RULES`),
+        recorded in the result.
+        """
+        rules = options.get("matching") or DEFAULT_RULES
+        label = matching_label(rules)
         check_answered(self.name, questions, predictions)
         pairs: dict[int, list[bool]] = {}
         unextracted = 0
         for q in questions:
-            opt = can_infer(predictions[q.question_id], q.meta["options"])
+            opt = can_infer(predictions[q.question_id], q.meta["options"], rules)
             unextracted += opt is False
             pairs.setdefault(q.meta["pair"], []).append(opt == q.meta["answer"])
         hits = [h for v in pairs.values() for h in v]
@@ -196,6 +205,7 @@ class Mmvp:
             ),
             "accuracy": sum(hits) / len(hits),
             "unextracted": unextracted,
+            "matching": label,
         }
 
     def read_predictions(

@@ -39,7 +39,14 @@ from typing import Any
 
 from fedsim.eval import parquet
 from fedsim.eval.answers import read_answers
-from fedsim.eval.benchmark import SHORT_ANSWER, BenchmarkError, Question, check_answered
+from fedsim.eval.benchmark import (
+    SHORT_ANSWER,
+    BenchmarkError,
+    Question,
+    check_answered,
+    open_text,
+    question_id,
+)
 
 SPLITS = ("random", "popular", "adversarial")
 _FILE_PREFIX = "coco_pope_"
@@ -147,7 +154,7 @@ class Pope:
         stem = path.stem
         split = stem[len(_FILE_PREFIX) :] if stem.startswith(_FILE_PREFIX) else stem
         out = []
-        with path.open(encoding="utf-8") as f:
+        with open_text(path) as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -166,7 +173,7 @@ class Pope:
                         f"{path}:{n}: field 'label' is {label!r}, not 'yes' or 'no'"
                     )
                 image = str(rec["image"])
-                qid = rec["question_id"]
+                qid = question_id(rec["question_id"], f"{path}:{n}")
                 out.append(
                     _question(
                         f"{split}/{qid}" if prefix else qid,

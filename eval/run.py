@@ -73,6 +73,7 @@ def save_and_score(
     model_id: str,
     meta: dict[str, Any],
     judge: Any = None,
+    matching: str | None = None,
 ) -> dict[str, Any]:
     """Write ``answers`` (LLaVA answer file; MME also sheets), score them, write scores.json."""
     benchmark = suite.get(bench)
@@ -85,6 +86,8 @@ def save_and_score(
     if hasattr(benchmark, "write_sheets"):
         benchmark.write_sheets(questions, predictions, out / "sheets")
     options = {"judge": judge} if benchmark.judged else {}
+    if matching:  # MMBench/MMVP's rule version; the others take no such option
+        options["matching"] = matching
     scores = benchmark.score(questions, predictions, **options)
     record = {
         "benchmark": suite.canonical(bench),
@@ -166,6 +169,7 @@ def evaluate_run(
     judge: Any = None,
     progress: Progress | None = None,
     vllm_args: dict[str, Any] | None = None,
+    matching: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Answer and score ``benchmarks`` with the run's projector; returns bench → scores."""
     from fedsim.actors import _load
@@ -230,6 +234,7 @@ def evaluate_run(
                     "data": str(qpath),
                 },
                 judge,
+                matching,
             )
     finally:
         if tmp is not None:

@@ -44,6 +44,7 @@ from fedsim.eval.benchmark import (
     BenchmarkError,
     Question,
     check_answered,
+    read_text,
 )
 
 _FIELDS = ("question_id", "question", "answer", "data_id", "question_type_id")
@@ -163,7 +164,7 @@ class SeedBench:
                 "found"
             )
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise BenchmarkError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
         if not isinstance(data, dict) or not isinstance(data.get("questions"), list):

@@ -46,6 +46,12 @@ from fedsim.data.synthetic import COLOURS, SceneSpec, render, sample_scene
 TOY_BENCH_STREAM = 11  # held out: training uses 1, evaluation 2, the toy build 101-104
 SUITE_VERSION = 1
 MMVP_PAIRS_OF = ("colour", "shape")
+#: MMBench/MMVP matching rules for the toy suite (fedsim.eval.mmbench.MATCHING_RULES): the toy
+#: LM answers a multiple-choice item with a caption, longer than twice the options' text, and
+#: VLMEvalKit's rules since c3371551 (a67ace50) never search option text in so long an answer,
+#: so every toy MMVP answer would be unread (pair accuracy 0 for any projector). The rules
+#: before (aca64dbb) read the caption; the scores record which rules they used.
+TOY_MATCHING = "aca64dbb"
 
 
 def _png(img: np.ndarray) -> bytes:

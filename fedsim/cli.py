@@ -397,8 +397,12 @@ def backbones_build(
     from fedsim.models.toy import ToyBuildConfig, ToyBuildError, build_toy_backbone
     from fedsim.models.toy_reference import REFERENCE_DIR
     from fedsim.progress import build_reporter, make_progress
-    from fedsim.runio import file_sha256
+    from fedsim.runio import cache_folder, file_sha256
 
+    try:
+        cache_dir = cache_folder(cache_dir, "--cache-dir")
+    except ConfigError as e:
+        _fail(str(e))
     torch.set_num_threads(os.cpu_count() or 1)
     try:
         with make_progress(console) as progress:

@@ -27,6 +27,14 @@ JudgeURL = Annotated[
 JudgeModel = Annotated[
     Optional[str], typer.Option("--judge-model", help="Judge model name.")
 ]
+Matching = Annotated[
+    str,
+    typer.Option(
+        "--matching",
+        help="MMBench/MMVP option matching: VLMEvalKit's rules as of commit a67ace50 "
+        "(default) or aca64dbb (before c3371551); recorded in the scores.",
+    ),
+]
 JudgeKeyEnv = Annotated[
     str,
     typer.Option(
@@ -101,18 +109,21 @@ def score(
     judge_url: JudgeURL = None,
     judge_model: JudgeModel = None,
     judge_key_env: JudgeKeyEnv = "OPENAI_API_KEY",
+    matching: Matching = "a67ace50",
 ) -> None:
     """Score an existing predictions file with the benchmark's official rules (no generation)."""
     from fedsim.eval import suite
     from fedsim.eval.benchmark import BenchmarkError, check_answered
     from fedsim.eval.judge import JudgeError
+    from fedsim.eval.mmbench import matching_label
 
     try:
+        matching_label(matching)  # before any file is read
         benchmark = suite.get(bench)
         qs = benchmark.load(questions, None)
         preds = benchmark.read_predictions(predictions, qs)
         check_answered(str(predictions), qs, preds)
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = {"matching": matching}
         if benchmark.judged:
             options["judge"] = _judge(judge_url, judge_model, judge_key_env)
             if options["judge"] is None:
@@ -167,6 +178,15 @@ def run(
     judge_url: JudgeURL = None,
     judge_model: JudgeModel = None,
     judge_key_env: JudgeKeyEnv = "OPENAI_API_KEY",
+    matching: Annotated[
+        Optional[str],
+        typer.Option(
+            "--matching",
+            help="MMBench/MMVP option matching: VLMEvalKit's rules as of commit a67ace50 "
+            "or aca64dbb (before c3371551); default a67ace50, aca64dbb on the toy suite "
+            "(its answers are captions); recorded in the scores.",
+        ),
+    ] = None,
     vllm_args: Annotated[
         Optional[str],
         typer.Option(
@@ -202,7 +222,13 @@ def run(
             _fail(f"--vllm-args {vllm_args!r}: not valid YAML{where}")
         if not isinstance(engine_args, dict):
             _fail(f"--vllm-args: {vllm_args!r} is not a mapping")
+    from fedsim.eval.mmbench import DEFAULT_RULES, matching_label
+    from fedsim.eval.toy_suite import TOY_MATCHING
+
+    if matching is None:
+        matching = TOY_MATCHING if data_root == "toy" else DEFAULT_RULES
     try:
+        matching_label(matching)
         judge = _judge(judge_url, judge_model, judge_key_env)
         # Names, backend, limit, judge and the projector (its shapes against the backbone's
         # config) before the data root is read or built and before the backbone loads.
@@ -236,6 +262,7 @@ def run(
                 judge=judge,
                 progress=report,
                 vllm_args=engine_args,
+                matching=matching,
             )
     except typer.Exit:  # a RuntimeError too: already reported by _fail
         raise

@@ -128,6 +128,7 @@ def compare(
     """
     from fedsim.algorithms import build_algorithm
     from fedsim.driver import check_inputs, connect_ray
+    from fedsim.resources import check_before_ray
 
     console = console or Console()
     out_dir = Path(out_dir)
@@ -144,6 +145,7 @@ def compare(
     check_compare_dir(out_dir)
     for cfg in configs.values():
         check_inputs(cfg)  # missing data or backbone: before Ray starts
+    check_before_ray(first)  # ray.* may not differ between the runs
     n_lanes = 1 if lanes is None else lanes
     out_dir.mkdir(parents=True, exist_ok=True)
     # One writer per comparison folder (its runs are locked one by one as they run).

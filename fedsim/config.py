@@ -555,7 +555,10 @@ def _normalise_algorithm(data: dict[str, Any]) -> dict[str, Any]:
     """``algorithm: {name: x, k: v}`` → ``{name: x, params: {k: v}}`` (params validated later)."""
     algo = data.get("algorithm")
     if isinstance(algo, dict):
-        params = dict(algo.get("params") or {})
+        params = algo.get("params") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"algorithm.params: {params!r} is not a mapping")
+        params = dict(params)
         params.update({k: v for k, v in algo.items() if k not in ("name", "params")})
         data["algorithm"] = {"name": algo.get("name", "fedavg"), "params": params}
     return data

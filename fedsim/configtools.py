@@ -8,6 +8,7 @@ message naming the dotted key and the bad value. YAML is read with ``safe_load``
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -22,6 +23,10 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the key and the value."""
+
+
+class _NotFinite(ConfigError):
+    """A NaN or ±inf float: reported as such even inside ``float | None``."""
 
 
 def _type_name(tp: Any) -> str:
@@ -52,6 +57,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value in get_args(tp) and type(value) is type(get_args(tp)[0]):
             return value
+        if isinstance(value, bool):
+            # YAML 1.1 reads unquoted on/off/yes/no as booleans: take the word back.
+            words = ("on", "yes", "true") if value else ("off", "no", "false")
+            for word in words:
+                if word in get_args(tp):
+                    return word
         raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
     if origin in (Union, types.UnionType):
         args = get_args(tp)
@@ -63,6 +74,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
             try:
                 return _coerce(value, arg, key)
+            except _NotFinite:
+                raise
             except ConfigError as e:
                 errors.append(e)
         raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
@@ -74,7 +87,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: {value!r} is not a mapping")
-        return dict(value)
+        # dict[str, float] and the like: every value is checked as its own field.
+        item = get_args(tp)[1] if len(get_args(tp)) == 2 else Any
+        return {k: _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -90,17 +105,31 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: {value!r} is not an integer")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 reads "1e-9" (no dot) as a string; take it as the number it spells.
-        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
-            return float(value)
-        raise ConfigError(f"{key}: {value!r} is not a number")
+        return _finite(_number(value, key), key)
     if tp is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key}: {value!r} is not a string")
     raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _number(value: Any, key: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    # YAML 1.1 reads "1e-9" (no dot) as a string; take it as the number it spells.
+    if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+        return float(value)
+    raise ConfigError(f"{key}: {value!r} is not a number")
+
+
+def _finite(value: float, key: str) -> float:
+    """The one check every float field gets: YAML's ``.nan``/``.inf`` parse as floats, and
+    ``inf`` overflows from literals such as ``1e999``; no fedsim field gives them a meaning
+    (null is how a field says "no bound"), and they would run silently into NaN losses,
+    NumPy warnings or empty partitions."""
+    if not math.isfinite(value):
+        raise _NotFinite(f"{key}: must be a finite number, got {value!r}")
+    return value
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") -> T:
@@ -134,6 +163,27 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, Mapping):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def read_user_text(
+    path: str | Path, what: str = "", error: type[Exception] = ConfigError
+) -> str:
+    """The text of a file the user handed fedsim, decoded as UTF-8 (a BOM is dropped).
+
+    Every text file fedsim reads from the user goes through here, so that one that is not
+    UTF-8 (Latin-1, UTF-16, a binary file under a text name) is one ``error`` naming the file
+    and the line of the first bad byte, instead of a UnicodeDecodeError traceback. OSError
+    (missing, unreadable) is left to the caller, who knows how to name the input.
+    """
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        label = f"{what} {str(path)!r}" if what else str(path)
+        raise error(
+            f"{label}: not UTF-8 text (byte {data[e.start]:#04x} on line {line})"
+        ) from None
 
 
 class YamlAliasError(yaml.YAMLError):
@@ -174,7 +224,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from ``path`` (safe_load); a one-line ConfigError names the file otherwise."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = read_user_text(p, "config file")
     except OSError as e:
         raise ConfigError(
             f"config file {str(p)!r}: cannot read ({e.strerror})"

@@ -50,6 +50,7 @@ from fedsim.eval.toy import ATTRIBUTES
 from fedsim.machine import machine_info, machine_line
 from fedsim.pool import ActorPool
 from fedsim.progress import build_reporter, make_progress
+from fedsim.resources import check_before_ray, check_feasible
 from fedsim.runio import (
     MetricsLog,
     RunLock,
@@ -122,29 +123,33 @@ class RunError(RuntimeError):
 
 
 def cache_root(cfg: Config) -> Path:
-    from fedsim.models.toy import default_cache_dir
+    """``cfg.cache_dir`` or the default cache, checked (see :func:`fedsim.runio.cache_folder`)."""
+    from fedsim.runio import cache_folder
 
-    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    return cache_folder(cfg.cache_dir)
 
 
-def missing_inputs(cfg: Config) -> list[str]:
-    """Every input path the config names that does not exist (backbone, LM, corpus files)."""
+def missing_inputs(cfg: Config, model: bool = True) -> list[str]:
+    """Every input path the config names that does not exist (backbone, LM, corpus files);
+    ``model=False``: the data's only (``scenarios show`` loads no model)."""
     from fedsim.data.loaders import missing_files
 
     out = []
     if (
-        not is_toy(cfg.model.backbone)
+        model
+        and not is_toy(cfg.model.backbone)
         and not Path(cfg.model.backbone).expanduser().exists()
     ):
         out.append(f"model.backbone {cfg.model.backbone!r}")
-    if cfg.model.lm and not Path(cfg.model.lm).expanduser().exists():
+    if model and cfg.model.lm and not Path(cfg.model.lm).expanduser().exists():
         out.append(f"model.lm {cfg.model.lm!r}")
     return out + missing_files(getattr(cfg.data, "corpora", ()))
 
 
-def check_inputs(cfg: Config) -> None:
+def check_inputs(cfg: Config, model: bool = True) -> None:
     """One error listing every missing input, before anything is written."""
-    missing = missing_inputs(cfg)
+    cache_root(cfg)  # a file where the cache folder should be
+    missing = missing_inputs(cfg, model)
     if missing:
         raise ConfigError(
             f"missing input{'s' if len(missing) > 1 else ''} for scenario "
@@ -307,12 +312,17 @@ def connect_ray(cfg: Config) -> bool:
     # Every worker process of the run first quiets Ray Train's per-report chatter.
     env = {"worker_process_setup_hook": "fedsim.raylog.quiet_ray_train"}
     if cfg.ray.address:
-        ray.init(
-            address=cfg.ray.address,
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-            runtime_env=env,
-        )
+        try:
+            ray.init(
+                address=cfg.ray.address,
+                logging_level=logging.WARNING,
+                log_to_driver=True,
+                runtime_env=env,
+            )
+        except ConnectionError as e:
+            # Something accepted the connection (resources.check_address) but is not a
+            # Ray cluster; Ray gives up after its own bounded retries (about 20 s).
+            raise ConfigError(f"ray.address {cfg.ray.address!r}: {e}") from None
     else:
         # A private local cluster: "local", never RAY_ADDRESS or Ray's current-cluster file
         # (joining a cluster is only ever explicit), and on loopback (see _loopback_only).
@@ -470,15 +480,57 @@ def backbone_line(cfg: Config) -> str:
     return cfg.model.backbone
 
 
-def _summary_md(cfg: Config, result: RunResult, wall: float) -> str:
+def data_lines(
+    cfg: Config, corpus: dict[str, Any], history: list[dict[str, Any]]
+) -> list[str]:
+    """What the run trained on, for summary.md: the corpora (rows, images missing at build,
+    images that failed to decode in training) or the generated scenes."""
+    split = f"{cfg.scenario.partition} split"
+    if cfg.scenario.partition != "iid":
+        split += f" by {cfg.scenario.label}"
+    if not cfg.data.corpora:
+        return [f"- data: {cfg.data.num_scenes} generated scenes, {split}"]
+    names = [c.name or c.format for c in cfg.data.corpora]
     lines = [
-        f"# fedsim run: {cfg.algorithm.name} on {cfg.scenario.name}",
+        f"- data: {', '.join(f'{n} ({c.path})' for n, c in zip(names, cfg.data.corpora))}; "
+        f"{corpus.get('rows', '?')} rows, {split}"
+    ]
+    per = corpus.get("per_dataset") or {}
+    if len(per) > 1:
+        lines.append(
+            "- rows per corpus: " + ", ".join(f"{k} {v}" for k, v in per.items())
+        )
+    missing = corpus.get("missing_images", 0)
+    examples = ", ".join(corpus.get("missing_examples", [])[:3])
+    lines.append(
+        f"- images missing when the corpus was built: {missing} (rows skipped"
+        + (f"; e.g. {examples})" if missing else ")")
+    )
+    bad = sum(int(r.get("bad_images", 0)) for r in history)
+    lines.append(f"- images that did not decode in training: {bad} (rows skipped)")
+    return lines
+
+
+def run_title(cfg: Config) -> str:
+    """``algorithm on scenario``, naming the corpora when the data is not the scenario's own."""
+    if not cfg.data.corpora:
+        return f"{cfg.algorithm.name} on {cfg.scenario.name}"
+    names = ", ".join(c.name or c.format for c in cfg.data.corpora)
+    return f"{cfg.algorithm.name} on {names} ({cfg.scenario.name} scenario settings)"
+
+
+def _summary_md(
+    cfg: Config, result: RunResult, wall: float, corpus: dict[str, Any]
+) -> str:
+    lines = [
+        f"# fedsim run: {run_title(cfg)}",
         "",
         f"- clients: {cfg.scenario.num_clients} logical, {cfg.scenario.cohort_size} per round, "
         f"{cfg.rounds} rounds × {cfg.train.local_steps} local steps × batch {cfg.train.batch_size}",
         f"- seed {cfg.seed}; workers {cfg.ray.workers}; wall time {wall:.1f} s",
         f"- backbone: {backbone_line(cfg)}; projector {cfg.model.projector}",
         f"- machine: {machine_line(machine_info())}",
+        *data_lines(cfg, corpus, result.history),
         "",
         "| metric | untrained (round 0) | final |",
         "|---|---:|---:|",
@@ -531,6 +583,7 @@ def run(
     algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
     # Cheap checks first, so that bad input leaves nothing behind.
     check_inputs(cfg)
+    check_before_ray(cfg)
     out_dir = Path(out_dir)
     lock = None
     if resume:
@@ -545,7 +598,12 @@ def run(
             if out_dir.is_dir():  # a run starting there now: refused before any work
                 RunLock(out_dir, "--out").close()
         _check_backbone(cfg)
-        result, wall, lock = _run_locked(
+        if cfg.data.corpora:
+            # Built (or found in the cache) before the run folder exists and before a
+            # toy-recipe build: a corpus file that cannot be read, or a bad image under
+            # bad_images: fail, is bad input.
+            training_data(cfg)
+        result, wall, lock, corpus = _run_locked(
             cfg,
             algorithm,
             out_dir,
@@ -556,7 +614,8 @@ def run(
             restored,
             lock,
         )
-        _report(cfg, out_dir, console, result, wall, plot)  # summary.md: still locked
+        # summary.md: still locked
+        _report(cfg, out_dir, console, result, wall, plot, corpus)
     finally:
         if lock is not None:
             lock.close()
@@ -592,7 +651,7 @@ def _run_locked(
     resume: bool,
     restored: RoundState | None,
     lock: RunLock | None,
-) -> tuple[RunResult, float, RunLock | None]:
+) -> tuple[RunResult, float, RunLock | None, dict[str, Any]]:
     """Prepare inputs and Ray, then (a new run) create and lock the folder, then the rounds.
 
     Everything that can fail on input (partition, corpus, cache, Ray) runs before a new run's
@@ -610,6 +669,8 @@ def _run_locked(
         own_pool = pool is None
         pool = pool or ActorPool()
         try:
+            # Before any actor (Ray would wait forever for one) and before a new run's folder.
+            check_feasible(cfg)
             if lock is None:
                 lock = prepare_run_dir(out_dir)
                 write_yaml(out_dir / "config.yaml", config_to_yaml_data(cfg))
@@ -631,6 +692,11 @@ def _run_locked(
             loop = _run_pooled if getattr(algorithm, "pooled", False) else _run_rounds
             try:
                 result = loop(*args, restored)
+            except ray.exceptions.RayTaskError as e:
+                bad_input = worker_input_error(e)
+                if bad_input is None:
+                    raise  # a bug: keep the worker's traceback
+                raise bad_input from None
             except ray.exceptions.RayActorError as e:
                 # The Evaluator or the Aggregator died (lost workers are replaced in-round).
                 lines = [x.strip() for x in str(e).splitlines() if x.strip()]
@@ -649,7 +715,8 @@ def _run_locked(
                 pool.close()
             if started_ray:
                 ray.shutdown()
-    return result, time.perf_counter() - t_start, lock
+    wall = time.perf_counter() - t_start
+    return result, wall, lock, corpus_summary(prep.train_path)
 
 
 def _report(
@@ -659,9 +726,10 @@ def _report(
     result: RunResult,
     wall: float,
     plot: bool,
+    corpus: dict[str, Any],
 ) -> None:
     """summary.md, curves.png and the tables on the console, once the run is done."""
-    write_text(out_dir / "summary.md", _summary_md(cfg, result, wall))
+    write_text(out_dir / "summary.md", _summary_md(cfg, result, wall, corpus))
     if plot:
         from fedsim.plots import plot_runs
 
@@ -669,13 +737,13 @@ def _report(
             [out_dir],
             out_dir / "curves.png",
             [cfg.algorithm.name],
-            f"{cfg.algorithm.name} on {cfg.scenario.name}",
+            run_title(cfg),
         )
     console.print(
         results_table(
             result.initial_eval,
             result.final_eval,
-            f"{cfg.algorithm.name} on {cfg.scenario.name}: held-out toy evaluation",
+            f"{run_title(cfg)}: held-out toy evaluation",
         )
     )
     if result.benchmarks:
@@ -684,6 +752,20 @@ def _report(
         f"run folder: {out_dir}  (metrics.jsonl, final/projector.safetensors, eval.json, summary.md"
         + (", curves.png)" if plot else ")")
     )
+
+
+def worker_input_error(e: Exception) -> Exception | None:
+    """What to raise for an exception a Ray task re-raised in the driver.
+
+    Bad input a worker finds (an image that no longer decodes under ``bad_images: fail``, a
+    checkpoint that does not fit) is a ConfigError or BackboneError there: the driver gets it
+    wrapped in a RayTaskError whose text is the worker's whole traceback. Its cause alone is
+    the one line to show; None for anything else (a bug, which keeps its traceback).
+    """
+    from fedsim.models.backbone import BackboneError
+
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, (ConfigError, BackboneError)) else None
 
 
 def _check_resumable(run_dir: Path) -> None:
@@ -921,7 +1003,7 @@ def toy_benchmarks(
 
     from fedsim.eval import suite
     from fedsim.eval.run import save_and_score
-    from fedsim.eval.toy_suite import ensure_toy_suite
+    from fedsim.eval.toy_suite import TOY_MATCHING, ensure_toy_suite
 
     if not cfg.eval.benchmarks or not is_toy(cfg.model.backbone):
         return {}
@@ -948,6 +1030,7 @@ def toy_benchmarks(
                 "round": cfg.rounds,
                 "projector_digest": weights_digest(weights),
             },
+            matching=TOY_MATCHING,
         )
     return results
 

@@ -54,6 +54,24 @@ def check_writable(path: Path, flag: str = "--out", folder: bool = True) -> None
         )
 
 
+def cache_folder(configured: str | Path | None, flag: str = "cache_dir") -> Path:
+    """The cache fedsim builds into: ``configured``, else $FEDSIM_CACHE, else ~/.cache/fedsim.
+
+    Checked like an output folder (:func:`check_writable`), naming where the path came from:
+    a file named as the cache, or a file on the way to it, is a one-line RunDirError before
+    anything is built, instead of a NotADirectoryError deep inside a build.
+    """
+    from fedsim.models.toy import default_cache_dir
+
+    if configured:
+        path = Path(configured).expanduser()
+    else:
+        path = default_cache_dir()
+        flag = "FEDSIM_CACHE" if os.environ.get("FEDSIM_CACHE") else "the default cache"
+    check_writable(path, flag)
+    return path
+
+
 # What a run that failed before its first round leaves: a retry with the same --out takes it.
 RESTARTABLE = {"config.yaml"}
 

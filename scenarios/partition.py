@@ -138,8 +138,14 @@ def dirichlet(
         )
     rng = np.random.default_rng([seed, PARTITION_STREAM, 1])
     parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-    for value in sorted(set(labels.tolist())):
-        rows = rng.permutation(np.flatnonzero(labels == value))
+    # Rows grouped by label in sorted label order, ascending within a label: the same groups
+    # as np.flatnonzero(labels == value) per value, in one sort instead of a pass per label
+    # (2 000 web hosts × 558 128 rows took 10 s that way).
+    _, inverse = np.unique(labels, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.cumsum(np.bincount(inverse.ravel()))[:-1]
+    for group in np.split(order, bounds):
+        rows = rng.permutation(group)
         share = rng.dirichlet(np.full(num_clients, alpha))
         cuts = (np.cumsum(share)[:-1] * len(rows)).astype(np.int64)
         for k, chunk in enumerate(np.split(rows, cuts)):

@@ -90,16 +90,19 @@ def test_local_with_one_client_is_fedavg_and_unsampled_clients_keep_w0(
 def test_centralized_runs_on_ray_train_and_data_parallel_matches_one_worker(
     tmp_path, toy_path, cache_dir, ray_session
 ):
-    one = _run(
-        tmp_path, "c1", ["algorithm.name=centralized", "ray.workers=1"], cache_dir
-    )
-    two = _run(
-        tmp_path, "c2", ["algorithm.name=centralized", "ray.workers=2"], cache_dir
-    )
+    sgd = ["algorithm.name=centralized", "train.optimizer=sgd"]
+    one = _run(tmp_path, "c1", [*sgd, "ray.workers=1"], cache_dir)
+    two = _run(tmp_path, "c2", [*sgd, "ray.workers=2"], cache_dir)
     # Two workers split every batch and average gradients: the same steps up to rounding.
+    # The bound (argued as in tests/test_cohort.py): plain SGD moves the weights by η·g per
+    # step, ‖g‖₂ ≤ grad_clip = 1, and splitting the batch changes g by float32 summation order
+    # only, at most γ_n < 3e-3 of it (plus one float32 rounding of the mean of two halves).
+    # Over rounds × cohort_size × local_steps steps at η ≤ 3e-3 the L2 distance stays below
+    # steps · 3e-3 · 3e-3. AdamW is not used: its g/(√v + ε) has no rounding bound.
+    steps = sum(rec["samples"] for rec in one.history) // 4  # batch_size 4
     for k, v in one.weights.items():
-        rel = float((two.weights[k] - v).norm() / v.norm())
-        assert rel < 1e-5, (k, rel)
+        err = float((two.weights[k] - v).norm())
+        assert err <= steps * 3e-3 * 3e-3, (k, err)
     assert two.history[-1]["train_workers"] == 2
     # One pooled stream: each round trains cohort_size × local_steps steps of batch_size rows.
     assert all(rec["samples"] == 3 * 2 * 4 for rec in two.history)

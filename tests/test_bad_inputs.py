@@ -103,7 +103,8 @@ def _run_folder(s: Sandbox, name: str, weights: dict) -> None:
 
     from fedsim.models.toy import default_cache_dir
 
-    cache = default_cache_dir()  # the cache_dir fixture's folder (data caches of the run)
+    # The cache_dir fixture's folder (data caches of the run).
+    cache = default_cache_dir()
     _write(s.tmp / name / "config.yaml", f"cache_dir: {cache}\nrounds: 1\n")
     (s.tmp / name / "final").mkdir(parents=True)
     save_file(weights, str(s.tmp / name / "final" / "projector.safetensors"))
@@ -196,6 +197,52 @@ def truncated_backbone(s: Sandbox) -> None:
     (dst / "model.safetensors").write_bytes(
         (toy / "model.safetensors").read_bytes()[:1000]
     )
+
+
+def latin1_config(s: Sandbox) -> None:
+    """A config saved as Latin-1 (an accented name in a comment): not UTF-8."""
+    (s.tmp / "latin1.yaml").write_bytes(
+        "# run by Andr\xe9\nrounds: 2\n".encode("latin-1")
+    )
+
+
+def latin1_answers(s: Sandbox) -> None:
+    pope_questions(s)
+    text = '{"question_id": 1, "text": "oui, un chat \xe0 gauche"}\n'
+    (s.tmp / "latin1-answers.jsonl").write_bytes(text.encode("latin-1"))
+
+
+def latin1_questions(s: Sandbox) -> None:
+    text = '{"question_id": 1, "image": "a.png", "text": "Caf\xe9?", "label": "yes"}\n'
+    (s.tmp / "latin1-pope.jsonl").write_bytes(text.encode("latin-1"))
+    _write(s.tmp / "answers.jsonl", '{"question_id": 1, "text": "yes"}\n')
+
+
+def list_id_answers(s: Sandbox) -> None:
+    pope_questions(s)
+    _write(s.tmp / "list-answers.jsonl", '{"question_id": [1], "text": "yes"}\n')
+
+
+def object_id_questions(s: Sandbox) -> None:
+    _write(
+        s.tmp / "object-pope.jsonl",
+        '{"question_id": {"a": 1}, "image": "a.png", "text": "Cat?", "label": "yes"}\n',
+    )
+    _write(s.tmp / "answers.jsonl", '{"question_id": 1, "text": "yes"}\n')
+
+
+def fake_parquet(s: Sandbox) -> None:
+    _write(s.tmp / "fake.parquet", "image,caption\ncat.jpg,a cat\n")  # a CSV file
+
+
+def broken_image_parquet(s: Sandbox) -> None:
+    """A Parquet corpus whose one image is stored as bytes that are not an image."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = {"bytes": b"not an image", "path": "cat.jpg"}
+    table = pa.table({"image": [image], "caption": ["a cat"]})
+    pq.write_table(table, s.tmp / "broken-image.parquet")
 
 
 def alias_bomb(s: Sandbox) -> None:
@@ -318,6 +365,28 @@ SETUPS: dict[str, Callable[[Sandbox], None]] = {
     "resume-changes-the-run": cut_run,
     "resume-other-config": other_run,
     "backbone-truncated-weights": truncated_backbone,
+    "time-budget-nan": nothing,
+    "lr-inf": nothing,
+    "dirichlet-alpha-nan": nothing,
+    "quantity-skew-nan": nothing,
+    "tier-speed-nan": nothing,
+    "algorithm-param-inf": nothing,
+    "config-not-utf8": latin1_config,
+    "score-predictions-not-utf8": latin1_answers,
+    "score-questions-not-utf8": latin1_questions,
+    "score-question-id-a-list": list_id_answers,
+    "score-question-id-an-object": object_id_questions,
+    "algorithm-params-not-a-mapping": nothing,
+    "list-for-a-section": nothing,
+    "cache-dir-a-file": a_file,
+    "fedsim-cache-a-file": a_file,
+    "backbones-build-cache-a-file": a_file,
+    "backbones-build-fedsim-cache-a-file": a_file,
+    "corpus-not-parquet": fake_parquet,
+    "corpus-bad-image-fail": broken_image_parquet,
+    "worker-cpus-infeasible": nothing,
+    "worker-resource-infeasible": nothing,
+    "address-unreachable": nothing,
     "config-alias-bomb": alias_bomb,
     "set-alias": nothing,
     "resume-live-run": live_run,
@@ -376,7 +445,7 @@ def test_table_has_rows_and_every_row_a_setup():
         f"setups without a row: {sorted(set(SETUPS) - set(ids))}"
     )
     for r in ROWS:
-        assert r.command.startswith("fedsim "), r
+        assert re.match(r"([A-Z_]+=\S* )*fedsim ", r.command), r
         assert r.message.startswith("error: ") or r.message, r
 
 
@@ -390,6 +459,9 @@ def test_bad_input(row: Row, tmp_path, monkeypatch, request, tripwires, capsys):
     before = _snapshot(work)
     monkeypatch.chdir(work)
     argv = shlex.split(row.command)
+    while re.fullmatch(r"[A-Z_]+=.*", argv[0]):  # VAR=value before the command: its env
+        name, value = argv.pop(0).split("=", 1)
+        monkeypatch.setenv(name, value)
     assert argv[0] == "fedsim"
     # The installed entry point itself (fedsim.cli:main), so that typer's own usage errors
     # (unknown option, a value of the wrong type) go through the same one-line path.

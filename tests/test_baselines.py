@@ -1,4 +1,10 @@
-"""Baselines against their papers' equations on tiny tensors, two rounds each (server state)."""
+"""Baselines against their papers' equations on tiny tensors, two rounds each (server state).
+
+Tolerances: the expected values are exact small numbers computed in float64; the algorithms run in
+float32 on one- or two-entry tensors, chaining fewer than ten roundings of ≤ 2⁻²⁴ each (FedOpt's
+square root included), so pytest.approx's default rel 1e-6 (≈ 17 float32 ulps) holds on any
+IEEE machine; a wrong formula moves them by ≥ 1e-2.
+"""
 
 import math
 

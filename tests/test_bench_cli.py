@@ -58,6 +58,8 @@ def test_training_and_aggregation_sections(tmp_path, toy_path, cache_dir):
         "--set",
         "data.num_scenes=2000",
         "--set",
+        "train.optimizer=sgd",
+        "--set",
         f"cache_dir={cache_dir}",
         "--out",
         str(tmp_path / "b"),
@@ -71,8 +73,9 @@ def test_training_and_aggregation_sections(tmp_path, toy_path, cache_dir):
     for w in ways.values():
         assert w["speedup_vs_one_at_a_time"] == pytest.approx(base / w["seconds"])
         assert w["client_updates_per_s"] == pytest.approx(3 / w["seconds"])
-    # fp32 on CPU: cohort batching within the relative 1e-5 of one at a time.
-    assert t["cohort_max_relative_difference"] <= 1e-5
+    # fp32 on CPU with plain SGD: cohort batching changes the deltas by float32 summation order
+    # only, at most γ_n < 3e-3 of the largest entry (the argument in tests/test_cohort.py).
+    assert t["cohort_max_relative_difference"] <= 3e-3
     assert t["repeat_max_relative_difference"] == 0.0
     assert t["swap_share_of_step"] == pytest.approx(
         t["swap_seconds"] / t["local_step_seconds"]

@@ -1,4 +1,10 @@
-"""MMBench: VLMEvalKit's rule-based option extraction and circular evaluation."""
+"""MMBench: VLMEvalKit's rule-based option extraction and circular evaluation.
+
+Tolerances: expected scores are ratios of small counts (2/3, 125.0, ...) and the scorer computes
+the same ratios in float64; both differ by a few float64 ulps (~1e-16 relative), so
+pytest.approx's default rel 1e-6 cannot fail on rounding, and a miscounted answer moves a score by
+at least 1/(number of questions) ≥ 1e-2.
+"""
 
 import base64
 import csv
@@ -8,7 +14,7 @@ import pytest
 
 from fedsim.eval.benchmark import OPTION_LETTER, BenchmarkError
 from fedsim.eval.mmbench import BENCHMARK as MMB
-from fedsim.eval.mmbench import can_infer
+from fedsim.eval.mmbench import MATCHING_RULES, can_infer
 
 CHOICES = {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}
 
@@ -33,7 +39,51 @@ CHOICES = {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}
     ],
 )
 def test_can_infer(answer, expected):
-    assert can_infer(answer, CHOICES) == expected
+    for rules in MATCHING_RULES:  # cases on which both rule versions agree
+        assert can_infer(answer, CHOICES, rules) == expected, rules
+
+
+# Where VLMEvalKit's two rule versions part. Expected values: the official
+# vlmeval/utils/matching_util.py can_infer at commit aca64dbb (before c3371551) and at
+# a67ace50, run on these answers (they also agreed with fedsim's can_infer on 20 000
+# random answers built from letters, option texts and "answer is" phrases).
+@pytest.mark.parametrize(
+    "answer, old, new",
+    [
+        # c3371551: the one letter must be among the last four words ...
+        ("B is right because the dog in the picture is big", "B", False),
+        ("B. dog, since the animal barks and has four legs and a tail", "B", False),
+        ("I think it is B", "B", "B"),
+        # ... and option text is not searched in an answer over twice the options' text.
+        (
+            "I can see a dog sitting on the grass next to the fence in the garden",
+            "B",
+            False,
+        ),
+        ("A dog", "A", "A"),
+        # a67ace50: "(correct) answer is X" when the words name no single letter.
+        ("The answer is B, not A", False, "B"),
+        ("The correct answer is **C**.", "C", "C"),
+    ],
+)
+def test_the_two_rule_versions(answer, old, new):
+    assert can_infer(answer, CHOICES, "aca64dbb") == old
+    assert can_infer(answer, CHOICES, "a67ace50") == new
+    assert can_infer(answer, CHOICES) == new  # the default: VLMEvalKit's current rules
+
+
+def test_scores_record_the_rules_and_unknown_rules_are_refused(tmp_path):
+    qs = MMB.load(_write(tmp_path / "mmb.tsv", _rows()))
+    preds = {q.question_id: "The answer is B, not A" for q in qs}
+    assert MMB.score(qs, preds)["matching"] == "vlmevalkit@a67ace50"
+    assert (
+        MMB.score(qs, preds, matching="aca64dbb")["matching"] == "vlmevalkit@aca64dbb"
+    )
+    # Every answer reads as B under a67ace50, none under aca64dbb.
+    assert MMB.score(qs, preds, matching="aca64dbb")["unextracted"] == len(qs)
+    assert MMB.score(qs, preds)["unextracted"] == 0
+    with pytest.raises(BenchmarkError, match="--matching: 'latest' is not one of"):
+        MMB.score(qs, preds, matching="latest")
 
 
 def _png() -> bytes:

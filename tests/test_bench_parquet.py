@@ -309,7 +309,12 @@ def test_mmvp(tmp_path):
         "pair": 1,
     }
     s = MMVP.score(qs, {1: "A", 2: "(B)", 3: "B", 4: "Right"})
-    assert s == {"pair_accuracy": 0.5, "accuracy": 0.75, "unextracted": 0}
+    assert s == {
+        "pair_accuracy": 0.5,
+        "accuracy": 0.75,
+        "unextracted": 0,
+        "matching": "vlmevalkit@a67ace50",
+    }
 
     # The spellings lmms-eval also reads: lower-case names, options as a list.
     alt = write(

@@ -1,4 +1,10 @@
-"""SEED-Bench (LLaVA's exact-letter rule) and MMVP (pair accuracy) on hand-made files."""
+"""SEED-Bench (LLaVA's exact-letter rule) and MMVP (pair accuracy) on hand-made files.
+
+Tolerances: expected scores are ratios of small counts (2/3, 125.0, ...) and the scorer computes
+the same ratios in float64; both differ by a few float64 ulps (~1e-16 relative), so
+pytest.approx's default rel 1e-6 cannot fail on rounding, and a miscounted answer moves a score by
+at least 1/(number of questions) ≥ 1e-2.
+"""
 
 import json
 
@@ -148,6 +154,30 @@ def test_mmvp_pair_accuracy(tmp_path):
     s = MMVP.score(qs[:3], preds)
     assert s["pair_accuracy"] == 1.0
     assert s["accuracy"] == 1.0
+
+
+def test_mmvp_matching_rules_are_chosen_and_recorded(tmp_path):
+    """VLMEvalKit's two rule versions (fedsim.eval.mmbench) on MMVP's pairs: a letter early in
+    a long answer counts only under aca64dbb; "the answer is X" only under a67ace50."""
+    qs = MMVP.load(_mmvp(tmp_path))
+    preds = {
+        1: "A is what I see, the wings spread wide open in the sun",  # right under old only
+        2: "The answer is B, not A",  # right under new only
+        3: "A",
+        4: "B",
+        5: "A",
+        6: "B",
+    }
+    old = MMVP.score(qs, preds, matching="aca64dbb")
+    new = MMVP.score(qs, preds)
+    assert (
+        old["matching"] == "vlmevalkit@aca64dbb"
+        and new["matching"] == "vlmevalkit@a67ace50"
+    )
+    # Pair 1 is right under neither (one of its two answers is unread each time).
+    assert old["pair_accuracy"] == new["pair_accuracy"] == pytest.approx(2 / 3)
+    assert old["accuracy"] == new["accuracy"] == pytest.approx(5 / 6)
+    assert old["unextracted"] == new["unextracted"] == 1
 
 
 def test_mmvp_options_and_errors(tmp_path):

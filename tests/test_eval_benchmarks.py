@@ -114,6 +114,7 @@ def test_export_reloads_with_transformers_and_answers_as_in_the_run(
     bb = load_backbone(out)
     scores = evaluate_toy(HFBackend(bb, 100), rows, bb.caption_prompt, bb.qa_prompt)
     final = json.loads((toy_run / "eval.json").read_text())["final"]
+    # Exact: the same weights, rows and kernels in one process on one machine (invariant 2).
     assert scores == pytest.approx(final, abs=0, rel=0)
     provenance = json.loads((out / "fedsim.json").read_text())["export"]
     assert provenance["algorithm"] == "fedavg" and provenance["rounds"] == 3
@@ -295,3 +296,19 @@ def test_vllm_evaluator_in_a_run_agrees_with_hf(
         for key in ("attr_mean", "yesno_acc"):
             assert abs(a[key] - b[key]) <= 0.05, (key, a[key], b[key])
     assert set(vl.benchmarks) == set(hf.benchmarks)
+
+
+@pytest.mark.slow
+def test_the_toy_suite_in_a_run_records_its_matching_rules(toy_run):
+    """The toy LM answers multiple-choice items with captions, which VLMEvalKit's current
+    rules (a67ace50) never read: the in-run toy suite scores with aca64dbb and says so."""
+    from fedsim.eval.toy_suite import TOY_MATCHING
+
+    benches = json.loads((toy_run / "eval.json").read_text())["benchmarks"]
+    for bench in ("mmbench", "mmvp"):
+        assert (
+            benches[bench]["matching"]
+            == f"vlmevalkit@{TOY_MATCHING}"
+            == ("vlmevalkit@aca64dbb")
+        )
+    assert "matching" not in benches["pope"]  # the other scorers have no such rules

@@ -1,4 +1,10 @@
-"""Toy evaluation: caption parsing and POPE's answer rule, against hand-worked cases."""
+"""Toy evaluation: caption parsing and POPE's answer rule, against hand-worked cases.
+
+Tolerances: expected scores are ratios of small counts (2/3, 125.0, ...) and the scorer computes
+the same ratios in float64; both differ by a few float64 ulps (~1e-16 relative), so
+pytest.approx's default rel 1e-6 cannot fail on rounding, and a miscounted answer moves a score by
+at least 1/(number of questions) ≥ 1e-2.
+"""
 
 import pytest
 

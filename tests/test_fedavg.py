@@ -80,6 +80,9 @@ def test_identical_updates_give_that_update(delta, sizes):
     w = {"w": torch.ones(4)}
     ups = [upd(i, n, w=delta) for i, n in enumerate(sizes)]
     out = algo.aggregate(w, ups, {}, 1).weights["w"]
+    # Σ p_k Δ with Σ p_k = 1 in float32: the weighted mean of equal values is Δ up to one
+    # rounding per term (≤ 5 terms, ≤ 5·2⁻²⁴|Δ| < 1e-6|Δ|), then 1 + Δ rounds once more (2⁻²⁴
+    # of |1 + Δ|); atol 1e-5 covers that second rounding for the |Δ| ≤ 10 hypothesis draws.
     torch.testing.assert_close(
         out, torch.ones(4) + torch.tensor(delta), rtol=1e-6, atol=1e-5
     )

@@ -222,6 +222,8 @@ def test_a_run_on_a_corpus_in_the_lcs558k_format(
     files = export_scenes(big, tmp_path / "lcs", "lcs558k")
     broken = Path(files["image_root"]) / "00000" / "000000005.png"
     broken.write_bytes(b"corrupt")
+    gone = Path(files["image_root"]) / "00000" / "000000007.png"
+    gone.unlink()  # missing at build: skipped and counted there
     corpus = {"format": "lcs558k", "domain_key": "source", **files}
     cfg = load_config(
         None,
@@ -246,6 +248,38 @@ def test_a_run_on_a_corpus_in_the_lcs558k_format(
     # is skipped and counted instead of being trained on.
     bad = sum(rec["bad_images"] for rec in r.history)
     assert sum(rec["samples"] for rec in r.history) == 96 - bad
-    # The corpus (400 rows, none missing) is summarised in the first round's record.
-    assert r.history[0]["corpus"]["rows"] == 400
-    assert r.history[0]["corpus"]["missing_images"] == 0
+    # The corpus (400 records, one image missing) is summarised in the first round's record.
+    assert r.history[0]["corpus"]["rows"] == 399
+    assert r.history[0]["corpus"]["missing_images"] == 1
+    # ... and in summary.md, which names the corpus, not the scenario's own data.
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert summary.startswith(
+        "# fedsim run: fedavg on lcs558k (toy-iid scenario settings)"
+    )
+    assert (
+        f"- data: lcs558k ({files['path']}); 399 rows, domain split by source"
+        in summary
+    )
+    assert (
+        f"images missing when the corpus was built: 1 (rows skipped; e.g. {gone})"
+        in summary
+    )
+    assert f"images that did not decode in training: {bad} (rows skipped)" in summary
+
+
+def test_a_bad_image_a_worker_finds_is_its_one_line():
+    """The driver gets a worker's DataError wrapped in a RayTaskError (the worker's whole
+    traceback as text); the run shows the cause's one line. A bug keeps its traceback."""
+    from ray.exceptions import RayTaskError
+
+    from fedsim.driver import worker_input_error
+
+    cause = DataError("image /data/x.png: cannot be decoded (truncated)")
+    wrapped = RayTaskError("BackboneWorker.train", "Traceback ...\n  14 lines\n", cause)
+    as_cause = wrapped.as_instanceof_cause()  # what ray.get raises in the driver
+    assert isinstance(as_cause, DataError) and "\n" in str(as_cause)
+    assert worker_input_error(as_cause) is cause
+    bug = RayTaskError(
+        "f", "Traceback ...", ZeroDivisionError("x")
+    ).as_instanceof_cause()
+    assert worker_input_error(bug) is None

@@ -1,4 +1,10 @@
-"""Participation models: pure functions of (seed, round); rates and clocks from their definitions."""
+"""Participation models: pure functions of (seed, round); rates and clocks from their definitions.
+
+Tolerances: simulated clocks are sums and maxima of a few float64 quotients of round numbers
+(exact up to ~1e-16, far inside pytest.approx's rel 1e-6); sampling frequencies are checked
+against 4 binomial standard deviations (the chance of a false alarm per client is < 1e-4, and the
+draws are seeded, so the outcome is the same on every machine).
+"""
 
 import numpy as np
 import pytest
@@ -38,6 +44,10 @@ def test_size_weighted_first_pick_is_proportional_to_size():
 
 def test_diurnal_clients_are_online_their_share_of_the_day():
     online = np.array([diurnal_available(50, 1, r, 24, 0.25) for r in range(2400)])
+    # r/24 mod 1 walks the 24 points j/24 of a day, and a window of length 6/24 holds exactly 6
+    # of them whatever the phase: 0.25 exactly over 100 whole days (float64 could move a
+    # boundary point only for a phase within ~1e-16 of j/24). atol 0.02 < 1/24 still catches a
+    # client online one round a day too many or too few.
     assert np.allclose(online.mean(0), 0.25, atol=0.02)
     # Phases differ: the online population rotates through the day.
     assert len({tuple(np.flatnonzero(o)) for o in online[:24]}) > 12

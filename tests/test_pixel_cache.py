@@ -74,10 +74,70 @@ def test_interrupted_build_leaves_nothing(toy, scenes, tmp_path, monkeypatch):
 
 def test_training_with_and_without_the_cache_is_bit_identical(toy, scenes, tmp_path):
     path = pixel_cache.ensure_pixel_cache(tmp_path, scenes, toy.image_processor)
-    w0 = init_projector(toy, 3)
     task = ClientTask(4, 1, 0, np.arange(40, 72), tuple([1e-3] * 4), 8, {})
+    _same_training_with_and_without(toy, scenes, path, task)
+
+
+def _same_training_with_and_without(toy, dataset, pixel_path, task) -> None:
+    """One client's delta reading pixels per step and from the cache: the same bits."""
+    w0 = init_projector(toy, 3)
     deltas = []
-    for reader in (RowReader.open(str(scenes)), RowReader.open(str(scenes), str(path))):
+    for pixels in (None, str(pixel_path)):
+        reader = RowReader.open(str(dataset), pixels)
         res = train_client(toy, reader, task, w0, {}, LocalTraining(), TrainSettings())
         deltas.append(res.update.delta)
     assert all(torch.equal(deltas[0][k], deltas[1][k]) for k in deltas[0])
+
+
+def _corpus(tmp_path, scenes, n: int, broken: int | None = None):
+    """A stored corpus (images as {bytes, path} structs) of the first ``n`` scenes' PNGs."""
+    import io
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fedsim.data.loaders import CorpusSpec, build_corpus
+
+    ds = datasets.load_from_disk(str(scenes)).select(range(n))
+    images = []
+    for i, im in enumerate(ds["image"]):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        data = b"not a png" if i == broken else buf.getvalue()
+        images.append({"bytes": data, "path": f"scene-{i}.png"})
+    table = pa.table({"image": images, "caption": ds["caption"]})
+    pq.write_table(table, tmp_path / "c.parquet")
+    spec = CorpusSpec(format="parquet", path=str(tmp_path / "c.parquet"))
+    build_corpus([spec], tmp_path / "corpus")
+    return tmp_path / "corpus"
+
+
+def test_pixel_cache_on_a_corpus_equals_decoding_per_step(toy, scenes, tmp_path):
+    corpus = _corpus(tmp_path, scenes, 24)
+    path = pixel_cache.ensure_pixel_cache(tmp_path, corpus, toy.image_processor, "on")
+    assert path is not None
+    task = ClientTask(4, 1, 0, np.arange(0, 16), tuple([1e-3] * 2), 8, {})
+    _same_training_with_and_without(toy, corpus, path, task)
+
+
+def test_a_corpus_image_that_does_not_decode_keeps_the_per_step_path(
+    toy, scenes, tmp_path
+):
+    corpus = _corpus(tmp_path, scenes, 12, broken=7)
+    assert (
+        pixel_cache.ensure_pixel_cache(tmp_path, corpus, toy.image_processor, "on")
+        is None
+    )
+    assert not list((tmp_path / "pixels").glob("*"))  # no partial file left
+
+
+@pytest.mark.parametrize("word, mode", [("on", "on"), ("off", "off"), ("auto", "auto")])
+def test_unquoted_on_and_off_in_yaml(tmp_path, word, mode):
+    """YAML 1.1 reads unquoted on/off as booleans; the config takes the word back."""
+    from fedsim.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  pixel_cache: {word}\n")
+    assert load_config(str(path)).data.pixel_cache == mode
+    assert load_config(None, [f"data.pixel_cache={word}"]).data.pixel_cache == mode

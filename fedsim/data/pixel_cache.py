@@ -49,7 +49,15 @@ def cache_path(cache_dir: Path, dataset_path: Path, image_processor: Any) -> Pat
 
 
 def process(image_processor: Any, images: Sequence[Any]) -> np.ndarray:
-    """The processor's ``pixel_values`` for ``images`` as float32 ``[B, C, H, W]``."""
+    """The processor's ``pixel_values`` for ``images`` as float32 ``[B, C, H, W]``.
+
+    ``images``: PIL images (generated scenes, an Image feature) or the ``{bytes, path}``
+    structs stored corpora keep, decoded here exactly as training decodes them
+    (:func:`fedsim.data.rows.decode_image`), so both paths give the same pixels.
+    """
+    from fedsim.data.rows import decode_image
+
+    images = [decode_image(x) if isinstance(x, dict) else x for x in images]
     out = image_processor(list(images), return_tensors="pt")["pixel_values"]
     return out.to(torch.float32).numpy()
 
@@ -73,7 +81,10 @@ def ensure_pixel_cache(
     n = len(ds)
     if n == 0:
         return None
-    first = process(image_processor, [ds[0]["image"]])
+    try:
+        first = process(image_processor, [ds[0]["image"]])
+    except Exception:  # PIL raises several types for a broken file
+        return None  # training decodes per step, where data.bad_images applies
     nbytes = n * first[0].nbytes
     if mode == "auto" and nbytes > AUTO_MAX_BYTES:
         return None
@@ -85,7 +96,10 @@ def ensure_pixel_cache(
         )
         for lo in range(0, n, _BATCH):
             hi = min(lo + _BATCH, n)
-            arr[lo:hi] = process(image_processor, ds[lo:hi]["image"])
+            try:
+                arr[lo:hi] = process(image_processor, ds[lo:hi]["image"])
+            except Exception:  # an image that does not decode: see above
+                return None  # (the finally below removes the partial file)
             if report is not None:
                 report("pixel cache", hi, n, 0.0)
         arr.flush()

@@ -90,6 +90,17 @@ def test_same_seed_same_bits_other_seed_other_bits(
     )
     assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
     assert not all(torch.equal(a.weights[k], c.weights[k]) for k in a.weights)
+    # Two bit-identical runs name their weights by the same digest in every score file (a
+    # digest of the tensors, not of the safetensors file, whose header order may vary).
+    from fedsim.runio import weights_digest
+
+    def digests(run: str) -> set[str]:
+        files = sorted((tmp_path / run / "eval").glob("*/scores.json"))
+        assert files, f"{run}: no score files"
+        return {json.loads(f.read_text())["projector_digest"] for f in files}
+
+    assert digests("a") == digests("b") == {weights_digest(a.weights)}
+    assert digests("c") == {weights_digest(c.weights)} != digests("a")
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

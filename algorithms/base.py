@@ -231,9 +231,14 @@ def add(
 
 
 def global_norm(tensors: Mapping[str, torch.Tensor]) -> float:
-    """√(Σ ‖T‖²) over all keys, in float64."""
+    """√(Σ ‖T‖²) over all keys, in float64, summed in sorted key order.
+
+    The order is fixed because a dict's order is not: weights restored from a checkpoint come
+    back in safetensors' sorted order, a live model's in its state-dict order, and a float sum
+    in another order may differ in its last bit (a resumed run's update_norm did).
+    """
     return math.sqrt(
-        sum(float(t.to(torch.float64).pow(2).sum()) for t in tensors.values())
+        sum(float(tensors[k].to(torch.float64).pow(2).sum()) for k in sorted(tensors))
     )
 
 

@@ -228,8 +228,11 @@ def test_default_run_one_writer_loopback_only_and_deaf_to_ray_address(
     table = listening_table()
     keys = {k for k, _, _ in sockets}
     assert not [k for k in keys if k.startswith("unknown")], sockets
-    # Every process kind the table lists for a default run was seen listening.
-    assert keys == set(table), (sorted(keys), sorted(table))
+    # Every listener is a kind the table lists; the core servers were seen. (Ray's agents and
+    # metrics exporters start asynchronously: on a loaded machine one may not listen yet when
+    # round 1's checkpoint appears, so their presence is not required, only their interface.)
+    assert keys <= set(table), (sorted(keys), sorted(table))
+    assert {"gcs_server", "raylet", "driver", "ray::<worker>"} <= keys, sorted(keys)
     for key, ip, port in sockets:
         assert table[key] == "127.0.0.1", (key, table[key])
         assert _loopback(ip), f"{key} listens on {ip}:{port}"

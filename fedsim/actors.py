@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from fedsim.algorithms import build_algorithm
+from fedsim.algorithms.diagnostics import round_diagnostics, step_diagnostics, step_of
 from fedsim.algorithms.base import (
     ClientUpdate,
     PartialSum,
@@ -206,6 +207,10 @@ def presum(
     return CohortUpload(stripped, partial_sum(accepted) if accepted else None, rejected)
 
 
+# Server-state keys that hold the previous global step (diagnostics), not the algorithm's state.
+_PREVIOUS = "diagnostics/previous_step/"
+
+
 class Aggregator:
     """Runs the algorithm's server half over each round's updates; keeps its server state."""
 
@@ -226,12 +231,17 @@ class Aggregator:
         num_clients: int | None = None,
         max_norm: float | None = None,
         on_reject: str = "continue",
+        diagnostics: bool = False,
     ) -> None:
         """Start over for a new run: a fresh algorithm instance and its initial server state."""
         self.algorithm = build_algorithm(algorithm, params)
         self.state = self.algorithm.init_state(weights, num_clients)
         self.max_norm = max_norm
         self.on_reject = on_reject
+        self.diagnostics = diagnostics
+        # ΔW_{t−1} for the oscillation diagnostic; saved with the server state so that a resumed
+        # run reports the same values.
+        self.previous_step: Weights | None = None
 
     def _policy(
         self, weights: Weights, rejected: Sequence[dict[str, Any]], any_accepted: bool
@@ -254,12 +264,46 @@ class Aggregator:
         return self.algorithm.server_payload(self.state)
 
     def server_state(self) -> Weights:
-        """The algorithm's server state (momentum, bases, ...), saved with the run."""
-        return {k: v.contiguous() for k, v in self.state.items()}
+        """The algorithm's server state (momentum, bases, ...), saved with the run.
+
+        With diagnostics on, the previous global step rides along under ``diagnostics/``.
+        """
+        out = {k: v.contiguous() for k, v in self.state.items()}
+        if self.previous_step is not None:
+            out.update(
+                {_PREVIOUS + k: v.contiguous() for k, v in self.previous_step.items()}
+            )
+        return out
 
     def load_state(self, state: Weights) -> None:
         """Continue from a checkpoint's server state (after :meth:`reset`)."""
-        self.state = {k: v.clone() for k, v in state.items()}
+        self.state = {
+            k: v.clone() for k, v in state.items() if not k.startswith(_PREVIOUS)
+        }
+        previous = {
+            k[len(_PREVIOUS) :]: v.clone()
+            for k, v in state.items()
+            if k.startswith(_PREVIOUS)
+        }
+        self.previous_step = previous or None
+
+    def _diagnose(
+        self,
+        weights: Weights,
+        new: Weights,
+        updates: Sequence[ClientUpdate] | None,
+        metrics: dict[str, Any],
+    ) -> None:
+        """Add ``metrics["diagnostics"]`` (when on) and remember this round's global step."""
+        if not self.diagnostics:
+            return
+        step = step_of(new, weights)
+        if updates:
+            metrics["diagnostics"] = round_diagnostics(updates, step, self.previous_step)
+        elif self.previous_step is not None:
+            # Pre-summed rounds: only the global step is seen, not the clients'.
+            metrics["diagnostics"] = step_diagnostics(step, self.previous_step)
+        self.previous_step = step
 
     def aggregate(
         self, weights: Weights, updates: Sequence[ClientUpdate], server_round: int
@@ -283,6 +327,7 @@ class Aggregator:
             "update_norm",
             global_norm({k: result.weights[k] - weights[k] for k in weights}),
         )
+        self._diagnose(weights, result.weights, accepted, metrics)
         return result.weights, metrics
 
     def aggregate_partials(
@@ -310,6 +355,7 @@ class Aggregator:
             "update_norm",
             global_norm({k: result.weights[k] - weights[k] for k in weights}),
         )
+        self._diagnose(weights, result.weights, None, metrics)
         return result.weights, metrics
 
     def peak_rss_mb(self) -> float:

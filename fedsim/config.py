@@ -281,6 +281,12 @@ class TrainConfig:
         which flips the last float32 bit of about 1 % of the mean's entries (and so changes a
         run's bits). Off by default: on one machine nothing crosses a network; turn it on for
         multi-node runs with large projectors.
+    diagnostics:
+        Measure each round's client updates on the server (:mod:`fedsim.algorithms.diagnostics`:
+        oscillation of successive global steps, pairwise conflict and sign disagreement of the
+        client deltas, client drift, effective rank and the energy a rank-¼ basis keeps) into the
+        round record's ``diagnostics``. Costs one K × K Gram of the deltas and one Gram of each
+        matrix's smaller side a round; with ``presum`` only the oscillation is seen.
     """
 
     local_steps: int = 8
@@ -294,6 +300,7 @@ class TrainConfig:
     loss: Literal["per_example", "token_mean"] = "per_example"
     cohort_batch: int = 5
     presum: bool = False
+    diagnostics: bool = False
 
     def __post_init__(self) -> None:
         _positive(

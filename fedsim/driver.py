@@ -1225,6 +1225,7 @@ def _run_rounds(
         cfg.scenario.num_clients,
         cfg.validation.max_update_norm,
         cfg.validation.on_reject,
+        cfg.train.diagnostics,
     )
 
     w0 = weights
@@ -1425,9 +1426,10 @@ def _run_rounds(
             "algorithm": {
                 k: v
                 for k, v in agg.items()
-                if k not in ("update_norm", "rejected", "action")
+                if k not in ("update_norm", "rejected", "action", "diagnostics")
             },
             **({"action": agg["action"]} if "action" in agg else {}),
+            **({"diagnostics": agg["diagnostics"]} if "diagnostics" in agg else {}),
             "client_seconds_max": max((r.seconds for r in results), default=0.0),
             "cohorts": groups,
             "retries": sent.retries,

@@ -207,6 +207,7 @@ class ActorPool:
         num_clients: int,
         max_norm: float | None = None,
         on_reject: str = "continue",
+        diagnostics: bool = False,
     ) -> Any:
         """The Aggregator actor, reset to a fresh server state for a new run."""
         import ray
@@ -226,7 +227,7 @@ class ActorPool:
             ).remote(algorithm, params, weights, num_clients)
         ray.get(
             self._aggregator.reset.remote(
-                algorithm, params, weights, num_clients, max_norm, on_reject
+                algorithm, params, weights, num_clients, max_norm, on_reject, diagnostics
             )
         )
         return self._aggregator

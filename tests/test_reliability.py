@@ -301,7 +301,8 @@ def test_server_state_and_personal_projectors_survive_a_resume(
     tmp_path, toy_path, cache_dir, ray_session, algorithm
 ):
     """Fed-CMP (bases and momentum in the server state, evaluation between rounds) and local
-    (every client's own projector in the client-state store): resumed = uninterrupted."""
+    (every client's own projector in the client-state store): resumed = uninterrupted, the
+    per-round diagnostics included."""
     from rich.console import Console
 
     from fedsim.driver import resume_run
@@ -313,6 +314,9 @@ def test_server_state_and_personal_projectors_survive_a_resume(
         f"algorithm.name={algorithm}",
         "checkpoint_every=1",
         "checkpoint_keep=3",
+        # The oscillation diagnostic needs the previous step: it must come back from the
+        # checkpoint's server state for the rounds to match.
+        "train.diagnostics=true",
     ]
     full = small_run(tmp_path / "full", cache_dir, *extra)
     _cut_back(full.out_dir, tmp_path / "cut", 1, 3)

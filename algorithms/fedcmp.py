@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,6 +37,7 @@ import torch
 from fedsim.algorithms.base import (
     AggregateResult,
     ClientUpdate,
+    LocalTraining,
     ServerDefaults,
     Weights,
     check_updates,
@@ -63,6 +64,8 @@ class Basis:
     vectors: Tensor  # [dim, r], orthonormal columns
     eigenvalues: Tensor  # [r], descending (σ² of the stacked deltas)
     total: float  # trace of the operator: Σ p_k ‖Δ_k‖²_F
+    #: Every eigenvalue, descending, when computed exactly; None from the range finder.
+    spectrum: Tensor | None = None
 
 
 def _gram_apply(
@@ -86,12 +89,14 @@ def top_eigenvectors(
     generator: torch.Generator | None = None,
     oversample: int = 10,
     power_iters: int = 2,
+    exact: bool = False,
 ) -> Basis:
     """Top-``r`` eigenpairs of G = Σ p_k Δ_k Δ_kᵀ (left) or Σ p_k Δ_kᵀ Δ_k (right).
 
     Exact (``eigh`` of the ``dim × dim`` Gram matrix) when that is cheap; otherwise a randomized
     range finder with ``power_iters`` power iterations on the operator (Halko, Martinsson & Tropp
-    2011), which keeps extra memory at O(dim · (r + oversample)).
+    2011), which keeps extra memory at O(dim · (r + oversample)). ``exact`` forces ``eigh`` (a rank
+    rule that reads the whole spectrum needs it).
     """
     m, n = deltas[0].shape
     dim, other = (m, n) if side == "left" else (n, m)
@@ -99,11 +104,13 @@ def top_eigenvectors(
     r = max(1, min(r, dim))
     ell = min(dim, r + oversample)
     # Exact when small: the dim × dim Gram is then no bigger than the O(dim · ell) sketches.
-    if len(deltas) * dim * dim * other <= _EXACT_LIMIT or dim <= 2 * ell:
+    spectrum = None
+    if exact or len(deltas) * dim * dim * other <= _EXACT_LIMIT or dim <= 2 * ell:
         g = torch.zeros(dim, dim, dtype=torch.float32)
         for d, pk in zip(deltas, p):
             g.add_(d @ d.T if side == "left" else d.T @ d, alpha=pk)
         vals, vecs = torch.linalg.eigh(g)  # ascending
+        spectrum = vals.flip(0).clamp_min(0.0)
         vals, vecs = vals.flip(0)[:r], vecs.flip(1)[:, :r]
     else:
         omega = torch.randn(dim, ell, generator=generator, dtype=torch.float32)
@@ -116,24 +123,57 @@ def top_eigenvectors(
         vals, small = torch.linalg.eigh((b + b.T) / 2)
         vals, small = vals.flip(0)[:r], small.flip(1)[:, :r]
         vecs = q @ small
-    return Basis(vecs.contiguous(), vals.clamp_min(0.0), total)
+    return Basis(vecs.contiguous(), vals.clamp_min(0.0), total, spectrum)
 
 
-def choose_rank(left: Basis, right: Basis, rank: int, energy: float) -> int:
-    """``rank`` capped by the dimensions; with ``energy`` < 1, the smallest rank holding that share
-    of the spectrum on both sides (never more than ``rank``)."""
-    r = min(rank, left.vectors.shape[1], right.vectors.shape[1])
-    if energy >= 1.0:
-        return r
+def numerical_rank(b: Basis, dim: int) -> int:
+    """Eigenvalues above λ_max · dim · u (u = 2⁻²³, float32's epsilon): the rest is rounding.
 
-    def needed(b: Basis) -> int:
-        if b.total <= 0:
-            return 1
+    The Gram matrix is formed in float32, so each eigenvalue carries an error of about
+    dim · u · λ_max (Weyl's inequality with the rounding of the products as the perturbation);
+    directions below that are arbitrary vectors of the null space, and a basis that kept them
+    would depend on the solver (two correct implementations differed by 23–83 % of the step).
+    """
+    lam = b.eigenvalues
+    if lam.numel() == 0 or float(lam[0]) <= 0:
+        return 1
+    tol = float(lam[0]) * dim * float(torch.finfo(torch.float32).eps)
+    return max(1, int((lam > tol).sum()))
+
+
+def gavish_donoho_rank(b: Basis, dim: int, cols: int) -> int:
+    """Singular values of the stacked ``dim × cols`` matrix above ω(β) · σ_med.
+
+    Gavish & Donoho, "The Optimal Hard Threshold for Singular Values is 4/√3", IEEE Trans. Inf.
+    Theory 2014 (arXiv 1305.5870), unknown noise level: β = min/max of the aspect ratio,
+    ω(β) ≈ 0.56β³ − 0.95β² + 1.82β + 1.43, σ_med the median of the min(dim, cols) singular values.
+    Needs the whole spectrum (``Basis.spectrum``).
+    """
+    if b.spectrum is None:
+        raise ValueError("gavish-donoho needs the exact spectrum")
+    count = min(dim, cols)
+    sigma = b.spectrum[:count].clamp_min(0.0).sqrt()
+    beta = min(dim, cols) / max(dim, cols)
+    omega = 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
+    tau = omega * float(sigma.median())
+    return max(1, int((sigma > tau).sum()))
+
+
+def choose_rank(
+    b: Basis, rank: int, energy: float, rule: str = "fixed", cols: int = 0
+) -> int:
+    """The rank of one side: ``rank`` capped by the side's numerical rank, by the Gavish–Donoho
+    threshold (``rule`` ``gavish-donoho``; ``cols`` = K · the other dimension) and, with
+    ``energy`` < 1, by the smallest rank holding that share of the spectrum."""
+    dim = b.vectors.shape[0]
+    r = min(rank, b.vectors.shape[1], numerical_rank(b, dim))
+    if rule == "gavish-donoho":
+        r = min(r, gavish_donoho_rank(b, dim, cols))
+    if energy < 1.0 and b.total > 0:
         cum = torch.cumsum(b.eigenvalues, 0) / b.total
         hit = torch.nonzero(cum >= energy - 1e-7)
-        return int(hit[0]) + 1 if len(hit) else b.vectors.shape[1]
-
-    return max(1, min(r, max(needed(left), needed(right))))
+        r = min(r, int(hit[0]) + 1 if len(hit) else r)
+    return max(1, r)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,17 +230,71 @@ def client_reliability(
     return agree.to(torch.float32), w.to(torch.float32)
 
 
-def coordinate_reliability(c: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """μ = Σ w_k C_k and ρ = μ² / (μ² + s²/K_eff + ε), element-wise (inverse-variance shrinkage)."""
+def coordinate_reliability(
+    c: Tensor, w: Tensor, shrinkage: str = "wiener"
+) -> tuple[Tensor, Tensor]:
+    """μ = Σ w_k C_k and the element-wise reliability ρ of μ (inverse-variance shrinkage).
+
+    With s² = Σ w_k (C_k − μ)² and K_eff = 1 / Σ w_k²:
+
+    - ``wiener`` (the original formalisation): ρ = μ² / (μ² + s²/K_eff + ε). μ² already holds the
+      noise, so pure noise keeps ρ ≈ 0.4, never 0 (ten pure-noise rounds: mean 0.38).
+    - ``unbiased``: ρ = max(0, 1 − ŝ² / μ²), ŝ² = s² Σw² / (1 − Σw²) the unbiased estimate of
+      the noise variance of the weighted mean (E s² = σ² (1 − Σw²) for independent client noise
+      of variance σ², and the mean's is σ² Σw²): the positive-part James–Stein factor, ≈ 0 on
+      noise and 1 on agreement. A lone client (Σw² = 1) has nothing to estimate it from: ρ = 1.
+    """
     w64 = w.to(torch.float64)
     c64 = c.to(torch.float64)
     mu = torch.einsum("k,kij->ij", w64, c64)
     var = torch.einsum("k,kij->ij", w64, (c64 - mu) ** 2)
-    k_eff = 1.0 / float((w64**2).sum())
+    sum_w2 = float((w64**2).sum())
     mu2 = mu**2
+    if shrinkage == "unbiased":
+        if sum_w2 >= 1.0 - 1e-12:
+            return mu.to(torch.float32), torch.ones_like(mu, dtype=torch.float32)
+        noise = var * sum_w2 / (1.0 - sum_w2)
+        rho = torch.where(
+            mu2 > 0, (1.0 - noise / mu2.clamp_min(1e-300)).clamp_min(0.0), 0.0
+        )
+        return mu.to(torch.float32), rho.to(torch.float32)
     eps = _EPS * float(mu2.mean()) + 1e-30
-    rho = mu2 / (mu2 + var / k_eff + eps)
+    rho = mu2 / (mu2 + var * sum_w2 + eps)
     return mu.to(torch.float32), rho.to(torch.float32)
+
+
+def sign_fusion(c: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
+    """TIES-style disjoint mean: per coordinate, the elected sign s = sign(Σ p_k C_k) and the
+    p-weighted mean of the clients whose C_k has that sign (Yadav et al., "TIES-Merging",
+    NeurIPS 2023, arXiv 2306.01708; KnOTS, Stoica et al. 2024, arXiv 2410.19735, applies it in
+    an SVD basis shared by the models). Returns (fused, share of p that agreed)."""
+    c64 = c.to(torch.float64)
+    p64 = p.to(torch.float64)[:, None, None]
+    elected = torch.sign((p64 * c64).sum(0))
+    agree = (torch.sign(c64) == elected[None]) & (elected[None] != 0)
+    mass = (p64 * agree).sum(0)
+    fused = torch.where(
+        mass > 0, (p64 * c64 * agree).sum(0) / mass.clamp_min(1e-300), 0.0
+    )
+    return fused.to(torch.float32), mass.to(torch.float32)
+
+
+def residual_reliability(
+    residual_sq: float, client_sq: Sequence[float], w: Sequence[float]
+) -> float:
+    """The unbiased shrinkage of the weighted residual Ē = Σ w_k E_k, one factor for all of it.
+
+    ``residual_sq`` = ‖Ē‖², ``client_sq`` = ‖E_k‖². The spread is Σ w_k ‖E_k‖² − ‖Ē‖²; as in
+    :func:`coordinate_reliability` (``unbiased``), ρ_res = max(0, 1 − spread · Σw² / ((1 − Σw²)
+    ‖Ē‖²)); 1 for a lone client, 0 for a zero residual.
+    """
+    sum_w2 = sum(x * x for x in w)
+    if sum_w2 >= 1.0 - 1e-12:
+        return 1.0
+    if residual_sq <= 0:
+        return 0.0
+    spread = max(0.0, sum(wk * e for wk, e in zip(w, client_sq)) - residual_sq)
+    return max(0.0, 1.0 - spread * sum_w2 / ((1.0 - sum_w2) * residual_sq))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,17 +356,42 @@ class FedCMP(ServerDefaults):
     Attributes
     ----------
     rank:
-        r, the canonical rank per matrix, capped by min(m, n).
+        r, the canonical rank per matrix side, capped by the dimension and by the stacked
+        deltas' numerical rank (directions below rounding are never kept).
+    rank_rule:
+        ``fixed`` (``rank``) or ``gavish-donoho``: the singular values of the stacked deltas
+        above the optimal hard threshold for an unknown noise level (≤ ``rank``; exact spectrum).
     energy:
         With a value below 1, the smallest rank holding this share of the spectrum (≤ rank).
     temperature:
         τ of the client weights w_k ∝ p_k exp(a_k / τ); large τ → plain p-weighting.
     reliability:
-        ``both``, ``client`` (w_k only), ``coordinate`` (ρ only, w = p) or ``none``.
+        ``both``, ``client`` (w_k only), ``coordinate`` (ρ only, w = p), ``sign`` (TIES-style
+        disjoint mean of the clients agreeing with the elected sign of each coefficient) or
+        ``none`` (no shrinkage anywhere: p-weighted, residual kept whole).
+    shrinkage:
+        The coordinate (and residual) reliability: ``unbiased`` (positive-part James–Stein,
+        ≈ 0 on pure noise) or ``wiener`` (the original μ²/(μ² + s²/K_eff), ≈ 0.4 on noise).
+    coefficient_basis:
+        Where coefficients are fused: ``round`` (the round's own eigenbasis, so the step does
+        not depend on the carried state) or ``gauge`` (the gauge-fixed basis, as originally
+        formalised: ρ then changed 13–24 % between carried and fresh state).
+    residual:
+        The off-basis residual Σ w_k E_k: ``reliability`` (shrunk by its own unbiased factor
+        whenever the coefficients are: ``both``, ``coordinate``, ``sign``), ``keep`` (added back
+        whole: truncation then removes nothing) or ``drop``.
     residual_weight:
-        λ_res, the share of the off-basis residual Σ w_k E_k kept (0 drops it).
+        λ_res, a further factor on the residual.
+    compensate:
+        Rescale the fused coefficients to the norm of the p-weighted mean Σ p_k C_k, so that
+        reliability changes the direction of the step, not its length.
     momentum:
         β of the canonical momentum (0: no momentum, CRA only).
+    momentum_scale:
+        ``none`` or ``lr``: the momentum averages updates per unit of local learning rate
+        (C̄_t / ā_t with ā_t = Σ p_k a_k, a_k the client's learning-rate mass, uploaded) and the
+        step is ā_t · m̂_t, so it follows the local schedule instead of replaying early, large
+        steps late in a decaying schedule.
     server_lr:
         η, the server step.
     stiefel_momentum:
@@ -284,11 +403,17 @@ class FedCMP(ServerDefaults):
     """
 
     rank: int = 256
+    rank_rule: Literal["fixed", "gavish-donoho"] = "fixed"
     energy: float = 1.0
     temperature: float = 1.0
-    reliability: Literal["both", "client", "coordinate", "none"] = "both"
+    reliability: Literal["both", "client", "coordinate", "sign", "none"] = "both"
+    shrinkage: Literal["unbiased", "wiener"] = "unbiased"
+    coefficient_basis: Literal["round", "gauge"] = "round"
+    residual: Literal["reliability", "keep", "drop"] = "reliability"
     residual_weight: float = 1.0
+    compensate: bool = False
     momentum: float = 0.9
+    momentum_scale: Literal["none", "lr"] = "none"
     server_lr: float = 1.0
     stiefel_momentum: bool = False
     stiefel_beta: float = 0.5
@@ -319,6 +444,14 @@ class FedCMP(ServerDefaults):
     def init_state(self, weights: Weights, num_clients: int | None = None) -> Weights:
         return {"round": torch.zeros((), dtype=torch.int64)}
 
+    def local_training(self) -> LocalTraining:
+        """Unchanged local training; with ``momentum_scale: lr`` clients upload their lr mass."""
+        if self.momentum_scale == "lr":
+            from fedsim.algorithms.fednova import LRMassUpload
+
+            return LRMassUpload()
+        return LocalTraining()
+
     def aggregate(
         self,
         weights: Weights,
@@ -329,6 +462,12 @@ class FedCMP(ServerDefaults):
         ordered = sorted_updates(updates)
         check_updates(weights, ordered)
         p = sample_weights(ordered)
+        lr_mass = None
+        if self.momentum_scale == "lr":
+            from fedsim.algorithms.fednova import uploaded_lr_masses
+
+            masses = uploaded_lr_masses(ordered, "fedcmp")
+            lr_mass = math.fsum(pk * a for pk, a in zip(p, masses))
         new_state: Weights = {"round": torch.tensor(int(state.get("round", 0)) + 1)}
         new: Weights = {}
         metrics: dict[str, float] = {}
@@ -336,7 +475,9 @@ class FedCMP(ServerDefaults):
         matrices = [k for k in weights if weights[k].dim() == 2]
         for key in matrices:
             deltas = [u.delta[key].to(torch.float32) for u in ordered]
-            step, w, st, diag = self.matrix_step(deltas, p, state, key, server_round)
+            step, w, st, diag = self.matrix_step(
+                deltas, p, state, key, server_round, lr_mass
+            )
             new[key] = weights[key].to(torch.float32) + step
             new_state.update(st)
             client_w[key] = w
@@ -359,6 +500,92 @@ class FedCMP(ServerDefaults):
 
     # -- one weight matrix --------------------------------------------------------------------
 
+    def _bases(
+        self, deltas: Sequence[Tensor], p: Sequence[float], key: str, server_round: int
+    ) -> tuple[Tensor, Tensor, Basis]:
+        """Û [m, r_u], V̂ [n, r_v]: the round's own eigenbases at their chosen ranks."""
+        m, n = deltas[0].shape
+        gen = torch.Generator().manual_seed(_matrix_seed(key, server_round))
+        exact = self.rank_rule == "gavish-donoho"
+        k = len(deltas)
+        chosen = []
+        left = None
+        for side, dim, other in (("left", m, n), ("right", n, m)):
+            basis = top_eigenvectors(
+                deltas,
+                p,
+                min(self.rank, dim),
+                side,  # type: ignore[arg-type]
+                gen,
+                self.oversample,
+                self.power_iters,
+                exact,
+            )
+            r = choose_rank(basis, self.rank, self.energy, self.rank_rule, k * other)
+            # Contiguous copies: the state must hold the same bits whether it stays in memory
+            # or goes through a checkpoint (BLAS results differ between strided and dense).
+            chosen.append(basis.vectors[:, :r].contiguous())
+            left = basis if left is None else left
+        assert left is not None
+        return chosen[0], chosen[1], left
+
+    def _fuse(
+        self, c: Tensor, p: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, float]]:
+        """(fused C̄, client weights w, μ = Σ w_k C_k, agreement a_k, diagnostics)."""
+        if self.reliability in ("both", "client"):
+            agree, w = client_reliability(c, p, self.temperature)
+        else:
+            agree, w = client_reliability(c, p, math.inf)[0], p
+        mu, rho = coordinate_reliability(c, w, self.shrinkage)
+        diag: dict[str, float] = {}
+        if self.reliability in ("both", "coordinate"):
+            fused = rho * mu
+            diag["rho_mean"] = float(rho.mean())
+        elif self.reliability == "sign":
+            fused, mass = sign_fusion(c, p)
+            diag["sign_agreement"] = float(mass.mean())
+        else:
+            fused = mu
+        if self.compensate:
+            plain = torch.einsum("k,kij->ij", p, c)
+            norm = float(fused.norm())
+            if norm > 0:
+                fused = fused * (float(plain.norm()) / norm)
+        return fused, w, mu, agree, diag
+
+    def _residual(
+        self,
+        deltas: Sequence[Tensor],
+        w: Tensor,
+        c: Tensor,
+        mu: Tensor,
+        u: Tensor,
+        v: Tensor,
+    ) -> tuple[Tensor, float]:
+        """λ_res · ρ_res · Σ w_k E_k and ρ_res (E_k = Δ_k − U C_k Vᵀ in the basis of ``c``)."""
+        m, n = deltas[0].shape
+        if self.residual == "drop" or self.residual_weight == 0:
+            return torch.zeros(m, n), 0.0
+        # Σ w_k E_k = Σ w_k Δ_k − U μ Vᵀ: only the weighted sum of deltas is formed.
+        weighted = torch.zeros(m, n, dtype=torch.float64)
+        for d, wk in zip(deltas, w.tolist()):
+            weighted.add_(d.to(torch.float64), alpha=wk)
+        residual = weighted.to(torch.float32) - u @ mu @ v.T
+        factor = 1.0
+        if self.residual == "reliability" and self.reliability not in ("none", "client"):
+            # ‖E_k‖² = ‖Δ_k‖² − ‖C_k‖²: the projection U Uᵀ Δ V Vᵀ is orthogonal to E_k.
+            client_sq = [
+                max(
+                    0.0,
+                    float(d.to(torch.float64).pow(2).sum()) - float(ck.pow(2).sum()),
+                )
+                for d, ck in zip(deltas, c.to(torch.float64))
+            ]
+            sq = float(residual.to(torch.float64).pow(2).sum())
+            factor = residual_reliability(sq, client_sq, w.tolist())
+        return self.residual_weight * factor * residual, factor
+
     def matrix_step(
         self,
         deltas: Sequence[Tensor],
@@ -366,20 +593,13 @@ class FedCMP(ServerDefaults):
         state: Weights,
         key: str,
         server_round: int,
+        lr_mass: float | None = None,
     ) -> tuple[Tensor, Tensor, Weights, dict[str, float]]:
-        """The update of one ``[m, n]`` matrix: (step, client weights, new state, diagnostics)."""
-        m, n = deltas[0].shape
-        gen = torch.Generator().manual_seed(_matrix_seed(key, server_round))
-        cap = min(self.rank, m, n)
-        find: Callable[[str], Basis] = lambda side: top_eigenvectors(  # noqa: E731
-            deltas, p, cap, side, gen, self.oversample, self.power_iters
-        )
-        left, right = find("left"), find("right")
-        r = choose_rank(left, right, self.rank, self.energy)
-        # Contiguous copies: the state must hold the same bits whether it stays in memory or
-        # goes through a checkpoint (BLAS results differ between strided and dense inputs).
-        u_hat = left.vectors[:, :r].contiguous()
-        v_hat = right.vectors[:, :r].contiguous()
+        """The update of one ``[m, n]`` matrix: (step, client weights, new state, diagnostics).
+
+        ``lr_mass`` is ā_t = Σ p_k a_k (``momentum_scale: lr`` only).
+        """
+        u_hat, v_hat, left = self._bases(deltas, p, key, server_round)
         u_prev, v_prev = state.get(f"U/{key}"), state.get(f"V/{key}")
         u = gauge_fix(u_hat, u_prev)
         v = gauge_fix(v_hat, v_prev)
@@ -395,35 +615,35 @@ class FedCMP(ServerDefaults):
             )
             new_state[f"MV/{key}"] = vel_v
 
-        c = coefficients(deltas, u, v)  # [K, r, r]
+        # Fuse in the round's own basis (the eigenbasis: a function of this round's deltas
+        # only, up to signs, which no fusion rule here depends on) or in the gauge-fixed one.
+        cu, cv = (u_hat, v_hat) if self.coefficient_basis == "round" else (u, v)
+        c = coefficients(deltas, cu, cv)  # [K, r_u, r_v]
         pt = torch.tensor(p, dtype=torch.float32)
-        if self.reliability in ("both", "client"):
-            agree, w = client_reliability(c, pt, self.temperature)
-        else:
-            agree, w = client_reliability(c, pt, math.inf)[0], pt
-        mu, rho = coordinate_reliability(c, w)
-        if self.reliability in ("both", "coordinate"):
-            fused = rho * mu
-        else:
-            fused = mu
+        fused, w, mu, agree, fuse_diag = self._fuse(c, pt)
+        res, res_factor = self._residual(deltas, w, c, mu, cu, cv)
+        if self.coefficient_basis == "round":
+            # To the gauge-fixed coordinates the momentum lives in (a rotation unless Stiefel
+            # momentum moved the span; then the projection onto the new span).
+            fused = (u.T @ u_hat) @ fused @ (v_hat.T @ v)
 
-        # Σ w_k E_k = Σ w_k Δ_k − U μ Vᵀ: only the weighted sum of deltas is formed.
-        weighted = torch.zeros(m, n, dtype=torch.float64)
-        for d, wk in zip(deltas, w.tolist()):
-            weighted.add_(d.to(torch.float64), alpha=wk)
-        residual = weighted.to(torch.float32) - u @ mu @ v.T
-
+        scale = 1.0
+        if self.momentum_scale == "lr":
+            if lr_mass is None or not lr_mass > 0:
+                raise ValueError(
+                    f"fedcmp: momentum_scale lr needs the clients' learning-rate mass, got {lr_mass}"
+                )
+            scale = lr_mass
         t = int(state.get(f"t/{key}", torch.tensor(0))) + 1
         m_prev = state.get(f"m/{key}")
         if self.momentum > 0 and m_prev is not None and u_prev is not None:
             carried = transport(m_prev, u, u_prev, v, v_prev)  # type: ignore[arg-type]
-            mom = self.momentum * carried + (1 - self.momentum) * fused
+            mom = self.momentum * carried + (1 - self.momentum) * fused / scale
         else:
             t = 1
-            mom = (1 - self.momentum) * fused
+            mom = (1 - self.momentum) * fused / scale
         m_hat = mom / (1 - self.momentum**t)
-        shared = u @ m_hat @ v.T
-        res = self.residual_weight * residual
+        shared = u @ (scale * m_hat) @ v.T
         step = self.server_lr * (shared + res)
         new_state.update(
             {f"U/{key}": u, f"V/{key}": v, f"m/{key}": mom, f"t/{key}": torch.tensor(t)}
@@ -432,18 +652,21 @@ class FedCMP(ServerDefaults):
         # (QR returns column-major factors, and BLAS results differ with the memory layout).
         new_state = {k: x.contiguous() for k, x in new_state.items()}
 
+        r_u, r_v = u.shape[1], v.shape[1]
         energy = (
-            float(left.eigenvalues[:r].sum()) / left.total if left.total > 0 else 1.0
+            float(left.eigenvalues[:r_u].sum()) / left.total if left.total > 0 else 1.0
         )
         step_norm = float(step.norm())
         diag = {
-            "rank": float(r),
+            "rank": float(r_u),
+            "rank_v": float(r_v),
             "energy": energy,
             "w_min": float(w.min()),
             "w_mean": float(w.mean()),
             "w_max": float(w.max()),
             "agreement_mean": float(agree.mean()),
-            "rho_mean": float(rho.mean()),
+            **fuse_diag,
+            "residual_factor": res_factor,
             "residual_share": float(res.norm() * self.server_lr) / step_norm
             if step_norm > 0
             else 0.0,
@@ -477,3 +700,19 @@ class FedCMPOPM(FedCMP):
     """Fed-CMP's orthogonality-preserved momentum over plain p-weighted canonical fusion."""
 
     reliability: Literal["both", "client", "coordinate", "none"] = "none"
+
+
+@register(
+    "fedcmp-v1",
+    paper="Xiong et al. 2026, arXiv 2603.26786: fedsim's first formalisation",
+    ablation_of="fedcmp",
+)
+@dataclass(frozen=True, kw_only=True)
+class FedCMPV1(FedCMP):
+    """The first formalisation (shared/FEDCMP.md): coefficients fused in the gauge-fixed basis,
+    Wiener shrinkage, the residual added back whole. Kept to measure what the revisions change;
+    only its ill-posed case (a rank above the deltas' numerical rank) is capped, as everywhere."""
+
+    coefficient_basis: Literal["round", "gauge"] = "gauge"
+    shrinkage: Literal["unbiased", "wiener"] = "wiener"
+    residual: Literal["reliability", "keep", "drop"] = "keep"

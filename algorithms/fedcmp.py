@@ -573,7 +573,10 @@ class FedCMP(ServerDefaults):
             weighted.add_(d.to(torch.float64), alpha=wk)
         residual = weighted.to(torch.float32) - u @ mu @ v.T
         factor = 1.0
-        if self.residual == "reliability" and self.reliability not in ("none", "client"):
+        if self.residual == "reliability" and self.reliability not in (
+            "none",
+            "client",
+        ):
             # ‖E_k‖² = ‖Δ_k‖² − ‖C_k‖²: the projection U Uᵀ Δ V Vᵀ is orthogonal to E_k.
             client_sq = [
                 max(

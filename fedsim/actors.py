@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from fedsim.algorithms import build_algorithm
-from fedsim.algorithms.diagnostics import round_diagnostics, step_diagnostics, step_of
 from fedsim.algorithms.base import (
     ClientUpdate,
     PartialSum,
@@ -27,6 +26,7 @@ from fedsim.algorithms.base import (
     global_norm,
     partial_sum,
 )
+from fedsim.algorithms.diagnostics import round_diagnostics, step_diagnostics, step_of
 from fedsim.training import ClientResult, ClientTask, TrainSettings, train_cohort
 
 
@@ -299,7 +299,9 @@ class Aggregator:
             return
         step = step_of(new, weights)
         if updates:
-            metrics["diagnostics"] = round_diagnostics(updates, step, self.previous_step)
+            metrics["diagnostics"] = round_diagnostics(
+                updates, step, self.previous_step
+            )
         elif self.previous_step is not None:
             # Pre-summed rounds: only the global step is seen, not the clients'.
             metrics["diagnostics"] = step_diagnostics(step, self.previous_step)

@@ -227,7 +227,13 @@ class ActorPool:
             ).remote(algorithm, params, weights, num_clients)
         ray.get(
             self._aggregator.reset.remote(
-                algorithm, params, weights, num_clients, max_norm, on_reject, diagnostics
+                algorithm,
+                params,
+                weights,
+                num_clients,
+                max_norm,
+                on_reject,
+                diagnostics,
             )
         )
         return self._aggregator

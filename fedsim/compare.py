@@ -106,6 +106,41 @@ def check_compare_dir(out_dir: Path) -> None:
             )
 
 
+def schedule_runs(
+    configs: dict[tuple[str, int], Config],
+    run_dirs: dict[str, dict[int, Path]],
+    finals: dict[str, dict[int, dict[str, float]]],
+    console: Console,
+) -> tuple[list[tuple[str, int]], set[tuple[str, int]]]:
+    """What is left to run: finished runs fill ``finals`` and are reused, interrupted runs of
+    the same config are resumed from their newest checkpoint, and an incomplete folder without
+    a usable checkpoint is moved aside (never deleted). Returns (to run, of which resumed)."""
+    todo: list[tuple[str, int]] = []
+    resumes: set[tuple[str, int]] = set()
+    for algo, seed in configs:
+        run_dir = run_dirs[algo][seed]
+        done = _finished(run_dir)
+        if done is not None:
+            console.print(f"{algo}, seed {seed}: reusing finished run in {run_dir}")
+            finals[algo][seed] = done
+            continue
+        if _resumable(run_dir, configs[(algo, seed)]):
+            console.print(
+                f"{algo}, seed {seed}: resuming the interrupted run in {run_dir}"
+            )
+            resumes.add((algo, seed))
+            todo.append((algo, seed))
+            continue
+        if run_dir.exists() and any(run_dir.iterdir()):
+            # An interrupted run without a usable checkpoint: keep it aside, never delete
+            # what was written.
+            aside = run_dir.with_name(f"{run_dir.name}.incomplete-{int(time.time())}")
+            shutil.move(str(run_dir), aside)
+            console.print(f"[yellow]{run_dir} was incomplete; moved to {aside}")
+        todo.append((algo, seed))
+    return todo, resumes
+
+
 def compare(
     algorithms: Sequence[str],
     seeds: Sequence[int],
@@ -153,32 +188,9 @@ def compare(
     try:
         finals: dict[str, dict[int, dict[str, float]]] = {a: {} for a in algorithms}
         run_dirs: dict[str, dict[int, Path]] = {a: {} for a in algorithms}
-        todo: list[tuple[str, int]] = []
-        resumes: set[tuple[str, int]] = set()
         for algo, seed in configs:
-            run_dir = out_dir / algo / f"seed-{seed}"
-            run_dirs[algo][seed] = run_dir
-            done = _finished(run_dir)
-            if done is not None:
-                console.print(f"{algo}, seed {seed}: reusing finished run in {run_dir}")
-                finals[algo][seed] = done
-                continue
-            if _resumable(run_dir, configs[(algo, seed)]):
-                console.print(
-                    f"{algo}, seed {seed}: resuming the interrupted run in {run_dir}"
-                )
-                resumes.add((algo, seed))
-                todo.append((algo, seed))
-                continue
-            if run_dir.exists() and any(run_dir.iterdir()):
-                # An interrupted run without a usable checkpoint: keep it aside, never delete
-                # what was written.
-                aside = run_dir.with_name(
-                    f"{run_dir.name}.incomplete-{int(time.time())}"
-                )
-                shutil.move(str(run_dir), aside)
-                console.print(f"[yellow]{run_dir} was incomplete; moved to {aside}")
-            todo.append((algo, seed))
+            run_dirs[algo][seed] = out_dir / algo / f"seed-{seed}"
+        todo, resumes = schedule_runs(configs, run_dirs, finals, console)
         pooled = [
             j
             for j in todo

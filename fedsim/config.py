@@ -88,6 +88,11 @@ class DataConfig:
         Training scenes shared out among the clients (one pass over the run, see train).
     eval_scenes:
         Held-out scenes for evaluation (a separate generator stream).
+    eval_split:
+        Which held-out scenes the run is evaluated on: ``test`` (the reported split) or
+        ``validation`` (scenes of another generator stream, independent of the test scenes:
+        what ``fedsim sweep`` selects hyper-parameters on, so the test split is never read
+        during selection).
     qa_fraction:
         Share of training examples that are yes/no questions instead of captions.
     scene:
@@ -113,6 +118,7 @@ class DataConfig:
 
     num_scenes: int = 40000
     eval_scenes: int = 500
+    eval_split: Literal["test", "validation"] = "test"
     qa_fraction: float = 0.3
     scene: SceneSpec = field(
         default_factory=lambda: SceneSpec(styles=("filled", "outline"))

@@ -80,7 +80,13 @@ from fedsim.training import ClientResult, ClientTask, TrainSettings
 # data); its streams differ from those the toy build pre-trains on.
 DATA_SEED = 0
 TRAIN_STREAM = 1
-EVAL_STREAM = 2
+EVAL_STREAM = 2  # the test split: what runs report
+VALIDATION_STREAM = 3  # the validation split: what `fedsim sweep` selects on
+
+
+def eval_stream(cfg: Config) -> int:
+    """The generator stream of the run's held-out scenes (``data.eval_split``)."""
+    return VALIDATION_STREAM if cfg.data.eval_split == "validation" else EVAL_STREAM
 
 # Metrics shown in the final table, with their labels.
 HEADLINE = [
@@ -235,7 +241,7 @@ def prepare(
     cache = cache_root(cfg)
     train_path = training_data(cfg)
     eval_path = ensure_scenes(
-        cache, cfg.data.scene, DATA_SEED, EVAL_STREAM, cfg.data.eval_scenes
+        cache, cfg.data.scene, DATA_SEED, eval_stream(cfg), cfg.data.eval_scenes
     )
     try:
         shards = partition(cfg, train_path)
@@ -530,6 +536,8 @@ def _summary_md(
         f"- seed {cfg.seed}; workers {cfg.ray.workers}; wall time {wall:.1f} s",
         f"- backbone: {backbone_line(cfg)}; projector {cfg.model.projector}",
         f"- machine: {machine_line(machine_info())}",
+        f"- held-out evaluation: {cfg.data.eval_split} split ({cfg.data.eval_scenes} scenes, "
+        f"stream {eval_stream(cfg)})",
         *data_lines(cfg, corpus, result.history),
         "",
         "| metric | untrained (round 0) | final |",

@@ -19,6 +19,7 @@ _BUILTINS = (
     "fedsim.algorithms.fedprox",
     "fedsim.algorithms.fedopt",
     "fedsim.algorithms.scaffold",
+    "fedsim.algorithms.fednova",
     "fedsim.algorithms.local",
 )
 _loaded = False

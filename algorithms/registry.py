@@ -20,6 +20,7 @@ _BUILTINS = (
     "fedsim.algorithms.fedopt",
     "fedsim.algorithms.scaffold",
     "fedsim.algorithms.fednova",
+    "fedsim.algorithms.fedexp",
     "fedsim.algorithms.local",
 )
 _loaded = False

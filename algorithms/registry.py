@@ -19,6 +19,8 @@ _BUILTINS = (
     "fedsim.algorithms.fedprox",
     "fedsim.algorithms.fedopt",
     "fedsim.algorithms.scaffold",
+    "fedsim.algorithms.fednova",
+    "fedsim.algorithms.fedexp",
     "fedsim.algorithms.local",
 )
 _loaded = False

@@ -276,7 +276,11 @@ def bench_aggregation(
 def _extras(
     name: str, weights: dict[str, torch.Tensor], g: torch.Generator
 ) -> dict[str, torch.Tensor]:
-    """What an algorithm's client half uploads besides Δ (SCAFFOLD: Δc_i)."""
+    """What an algorithm's client half uploads besides Δ (SCAFFOLD: Δc_i; FedNova: a_k)."""
+    if name == "fednova":
+        from fedsim.algorithms.fednova import lr_mass_upload
+
+        return lr_mass_upload([1e-3] * 8)  # the 8 steps of the updates above
     if name == "scaffold":
         return {
             f"dc/{k}": 1e-3 * torch.randn(v.shape, generator=g)

@@ -249,6 +249,8 @@ def test_client_order_does_not_matter(name, seed, perm):
             if name == "scaffold"
             else {}
         )
+        if name == "fednova":  # unequal lr masses a_k, so the order could matter
+            extras = {"lr_mass": torch.tensor(0.1 * (i + 1), dtype=torch.float64)}
         ups.append(ClientUpdate(i, delta, 5 + i, 0.0, 1, extras))
     algo = build_algorithm(name, {"rank": 3} if name.startswith("fedcmp") else {})
     a = algo.aggregate(weights, ups, algo.init_state(weights, 10), 1)

@@ -88,6 +88,7 @@ def eval_stream(cfg: Config) -> int:
     """The generator stream of the run's held-out scenes (``data.eval_split``)."""
     return VALIDATION_STREAM if cfg.data.eval_split == "validation" else EVAL_STREAM
 
+
 # Metrics shown in the final table, with their labels.
 HEADLINE = [
     ("attr_mean", "caption attribute accuracy (mean of 5)"),

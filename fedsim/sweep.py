@@ -515,7 +515,7 @@ def plot_sweep(
     )
     keys = [("attr_mean", "attr. acc."), ("yesno_acc", "yes/no acc.")]
     fig, axes = plt.subplots(
-        1, len(keys), figsize=(5.5 * len(keys), 0.6 + 0.45 * max(1, len(diffs)))
+        1, len(keys), figsize=(5.5 * len(keys), 1.8 + 0.45 * max(1, len(diffs)))
     )
     for ax, (key, label) in zip(np.atleast_1d(axes), keys):
         names = list(diffs)

@@ -244,9 +244,10 @@ def test_lr_scaled_momentum_by_hand():
         expected += a * m / (1 - beta**t)
         assert float(res.weights["w"][0, 0]) == pytest.approx(expected, rel=1e-6)
         weights, state = res.weights, res.state
-    # Round 2: m = ½·2 + ½·4 = 3, m̂ = 3 / ¾ = 4, step ¼ · 4 = 1 (not the 3 unscaled momentum
-    # would replay at a quarter of the learning rate).
-    assert expected == pytest.approx(2.0 + 1.0)
+    # Round 1: m = ½·2 = 1, m̂ = 2, step 1·2 = 2. Round 2 at a quarter of the learning rate:
+    # m = ½·1 + ½·(1/¼) = 2.5, m̂ = 2.5/¾ = 10/3, step ¼·10/3 = 5/6; unscaled momentum would
+    # step (½·1 + ½·1)/¾ = 4/3 there, replaying round 1's larger step.
+    assert expected == pytest.approx(2.0 + 5 / 6)
     with pytest.raises(ValueError, match="lr_mass"):
         algo.aggregate(weights, _ups([d, d]), state, 3)
 

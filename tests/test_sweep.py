@@ -1,0 +1,162 @@
+"""``fedsim sweep``: equal budgets, selection on the validation split only, paired CIs.
+
+The statistics are checked by hand (t quantiles are the table's; differences of small integers
+are exact in float64); the protocol is checked on a tiny real sweep.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedsim.configtools import ConfigError
+from fedsim.sweep import Entry, load_spec, paired_ci, select, t975
+from tests.small_runs import SMALL
+
+
+def _spec(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "spec.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_paired_ci_by_hand():
+    # d = (1, 3): mean 2, s = √2, half-width t_{0.975,1} · √2 / √2 = 12.706.
+    mean, low, high = paired_ci([1.0, 3.0])
+    assert (mean, low, high) == pytest.approx((2.0, 2.0 - 12.706, 2.0 + 12.706))
+    # d = (1, 2, 3, 4, 5): mean 3, s = √2.5, half = 2.776 · √2.5 / √5 = 2.776 / √2.
+    mean, low, high = paired_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert high - mean == pytest.approx(2.776 / math.sqrt(2))
+    assert t975(4) == 2.776 and t975(100) == 1.96
+    with pytest.raises(ValueError):
+        t975(0)
+
+
+def test_selection_rule_is_best_mean_first_on_ties():
+    assert select([[0.5, 0.7], [0.6, 0.6], [0.2, 0.9]]) == 0  # means 0.6, 0.6, 0.55
+    assert select([[0.1], [0.3], [0.2]]) == 1
+
+
+def test_equal_budget_points():
+    e = Entry(
+        "fedavg", "fedavg", {}, {"train.lr": [1, 2, 3], "algorithm.server_lr": [1, 2]}
+    )
+    full = e.points(6)
+    assert full[0] == {"train.lr": 1, "algorithm.server_lr": 1} and len(full) == 6
+    sub = e.points(4)
+    assert len(sub) == 4 and all(p in full for p in sub)
+    assert len({tuple(p.values()) for p in sub}) == 4
+    assert e.points(4) == sub  # keyed: the same subset every time
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("budget: 3\nalgorithms:\n  fedavg:\n    grid: {train.lr: [0.1, 0.2]}\n",
+         "algorithms.fedavg.grid: 2 configuration(s), fewer than budget 3"),
+        ("budget: 1\nbogus: 1\nalgorithms:\n  fedavg: {}\n", "unknown field(s) ['bogus']"),
+        ("budget: 0\nalgorithms:\n  fedavg: {}\n", "budget: expected an integer >= 1"),
+        ("budget: 1\ntest_seeds: [0, 0]\nalgorithms:\n  fedavg: {}\n",
+         "test_seeds: a seed is listed twice"),
+        ("budget: 1\nalgorithms:\n  fedavg:\n    grid: {seed: [1]}\n",
+         "'seed' is set by the sweep itself"),
+        ("budget: 1\nmetric: loss\nalgorithms:\n  fedavg: {}\n", "metric: 'loss' is not"),
+        ("budget: 1\nreference: fedprox\nalgorithms:\n  fedavg: {}\n",
+         "reference: 'fedprox' is not an entry"),
+    ],
+)  # fmt: skip
+def test_bad_specs_are_one_line_errors(tmp_path, text, needle):
+    with pytest.raises(ConfigError) as err:
+        load_spec(_spec(tmp_path, text))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert "spec.yaml" in str(err.value)
+
+
+def test_bad_spec_through_the_cli_exits_2_and_writes_nothing(tmp_path):
+    spec = _spec(
+        tmp_path, "budget: 2\nalgorithms:\n  fedavg:\n    grid: {train.lr: [0.1]}\n"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedsim.cli",
+            "sweep",
+            str(spec),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "fewer than budget 2" in proc.stderr + proc.stdout
+    assert not (tmp_path / "o").exists()
+
+
+def test_sweep_selects_on_validation_only_and_reproduces_its_selection(
+    tmp_path, toy_path, cache_dir, ray_session, monkeypatch
+):
+    """Selection never asks for the test scenes; the test phase does; a rerun trains nothing
+    and writes the same selection from the stored validation scores."""
+    import fedsim.driver as driver
+    import fedsim.sweep as sweep_mod
+
+    calls: list[object] = []
+    real_scenes, real_phase = driver.ensure_scenes, sweep_mod._run_phase
+
+    def scenes(cache, scene, seed, stream, n):
+        calls.append(stream)
+        return real_scenes(cache, scene, seed, stream, n)
+
+    def phase(*args, **kwargs):
+        calls.append("phase")
+        return real_phase(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "ensure_scenes", scenes)
+    monkeypatch.setattr(sweep_mod, "_run_phase", phase)
+    overrides = [*SMALL, f"cache_dir={cache_dir}", "eval_every=0", "eval.benchmarks=[]"]
+    spec = _spec(
+        tmp_path,
+        "set: " + repr(overrides).replace("'", '"') + "\n"
+        "budget: 2\nselect_seeds: [0]\ntest_seeds: [0, 1]\n"
+        "algorithms:\n"
+        "  fedavg:\n    grid: {algorithm.server_lr: [1.0, 2.0]}\n"
+        "  fedexp:\n    grid: {train.lr: [0.001, 0.003, 0.01]}\n",
+    )
+    from rich.console import Console
+
+    out = tmp_path / "out"
+    result = sweep_mod.sweep(load_spec(spec), out, Console(quiet=True), False)
+    second = calls.index("phase", 1)
+    selection_streams = [c for c in calls[:second] if c != "phase"]
+    test_streams = [c for c in calls[second:] if c != "phase"]
+    assert driver.EVAL_STREAM not in selection_streams
+    assert driver.VALIDATION_STREAM in selection_streams
+    assert driver.EVAL_STREAM in test_streams
+    # Every selection run was evaluated on the validation split, every test run on the test one.
+    for cfg in (out / "select").glob("*/*/seed-*/config.yaml"):
+        assert "eval_split: validation" in cfg.read_text()
+    for cfg in (out / "test").glob("*/seed-*/config.yaml"):
+        assert "eval_split: test" in cfg.read_text()
+    # The selected point is the best validation mean in selection.csv.
+    rows = (out / "selection.csv").read_text().splitlines()[1:]
+    for label in ("fedavg", "fedexp"):
+        mine = [r.split(",") for r in rows if r.startswith(label + ",")]
+        best = max(range(len(mine)), key=lambda i: (float(mine[i][-2]), -i))
+        assert mine[best][-1] == "1" and result.chosen[label] == best
+    assert "Paired differences against fedavg" in (out / "sweep.md").read_text()
+    assert (out / "sweep.png").stat().st_size > 0
+    # Rerun: everything is reused, the same selection comes out.
+    before = (out / "selection.csv").read_bytes()
+    calls.clear()
+    again = sweep_mod.sweep(load_spec(spec), out, Console(quiet=True), False)
+    assert again.chosen == result.chosen
+    assert (out / "selection.csv").read_bytes() == before
+    assert [
+        c for c in calls if c != "phase"
+    ] == []  # no run started, no scenes asked for

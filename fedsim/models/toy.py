@@ -614,14 +614,19 @@ def joint_warmup(
     }
 
 
+def _below(record: dict[str, Any]) -> list[str]:
+    """``"name value < floor"`` for every ``name: (value, floor)`` below its floor."""
+    return [f"{k} {v:.3f} < {floor}" for k, (v, floor) in record.items() if v < floor]
+
+
 def missed_gates(cfg: ToyBuildConfig, scores: dict[str, float]) -> list[str]:
     """The build's skill gates that ``scores`` (held-out, throwaway projector) miss."""
-    gates = {"attr_mean": cfg.gate_attributes, "yesno_acc": cfg.gate_yesno}
-    return [
-        f"{name} {scores[name]:.3f} < {floor}"
-        for name, floor in gates.items()
-        if scores[name] < floor
-    ]
+    return _below(
+        {
+            "attr_mean": (scores["attr_mean"], cfg.gate_attributes),
+            "yesno_acc": (scores["yesno_acc"], cfg.gate_yesno),
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -701,7 +706,7 @@ def check_gates(
     if joint_metrics is not None:
         record["attr_mean"] = [joint_metrics["joint_attr_mean"], cfg.gate_attributes]
         record["yesno_acc"] = [joint_metrics["joint_yesno_acc"], cfg.gate_yesno]
-    missed = [f"{k} {v:.3f} < {floor}" for k, (v, floor) in record.items() if v < floor]
+    missed = _below(record)
     if missed:
         raise ToyBuildError(
             f"toy backbone recipe (seed {cfg.seed}) missed its skill gate"

@@ -73,6 +73,7 @@ from fedsim.scenarios.partition import (
     quantity,
 )
 from fedsim.scenarios.silos import caption_transform, row_owners
+from fedsim.scenarios.silos import describe as describe_silos
 from fedsim.schedule import lr_at
 from fedsim.state_store import MemoryStore
 from fedsim.training import ClientResult, ClientTask, TrainSettings
@@ -493,7 +494,9 @@ def data_lines(
     if cfg.scenario.partition != "iid":
         split += f" by {cfg.scenario.label}"
     if not cfg.data.corpora:
-        return [f"- data: {cfg.data.num_scenes} generated scenes, {split}"]
+        return [f"- data: {cfg.data.num_scenes} generated scenes, {split}"] + [
+            f"- {line}" for line in describe_silos(cfg)
+        ]
     names = [c.name or c.format for c in cfg.data.corpora]
     lines = [
         f"- data: {', '.join(f'{n} ({c.path})' for n, c in zip(names, cfg.data.corpora))}; "

@@ -210,6 +210,18 @@ def row_owners(shards: Sequence[np.ndarray], num_rows: int) -> np.ndarray:
     return owner
 
 
+def _example(style: int) -> str:
+    """The README's example caption in caption style ``style``."""
+    return caption_text(
+        count=2,
+        size="small",
+        colour="red",
+        shape="triangle",
+        position="top left",
+        style=style,
+    )
+
+
 def describe(cfg: Config) -> list[str]:
     """One line per transform that is on, for ``fedsim scenarios show`` and summary.md."""
     sc = cfg.scenario
@@ -227,10 +239,8 @@ def describe(cfg: Config) -> list[str]:
         )
     if sc.caption_styles > 1:
         per = np.bincount(np.asarray(t.styles), minlength=sc.caption_styles)
-        example = dict(count=2, size="small", colour="red", shape="triangle")
         styles = "; ".join(
-            f"{s}: {caption_text(**example, position='top left', style=s)!r} "
-            f"({int(per[s])} clients)"
+            f"{s}: {_example(s)!r} ({int(per[s])} clients)"
             for s in range(sc.caption_styles)
         )
         lines.append(

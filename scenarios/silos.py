@@ -7,7 +7,7 @@ conflicting objectives rather than only towards different labels:
 * **noisy silos** (``scenario.noisy_clients``, ``scenario.caption_noise``): a seeded set of
   clients of which each row, with probability ``caption_noise``, trains on a wrong but
   well-formed caption (every attribute redrawn to another value) and on the flipped yes/no
-  answer — label noise in the sense of Han et al. 2018 (arXiv 1804.06872), confined to silos.
+  answer: symmetric label noise, confined to some silos.
 * **caption styles** (``scenario.caption_styles``): each client writes its captions in one of the
   word orders of :data:`fedsim.data.synthetic.CAPTION_STYLES` (style 0: the canonical caption the
   frozen toy LM was pre-trained on).

@@ -101,7 +101,8 @@ def test_noisy_set_is_seeded_and_has_the_share_up_to_rounding(k, share):
     # round(share · K) clients exactly, so the realised share is off by rounding only: ≤ 1/(2K).
     assert abs(len(a) / k - share) <= 1 / (2 * k)
     if 0 < len(a) < k:
-        # Two seeds give the same set of m out of K with probability 1 / C(K, m) ≤ 1/7.
+        # Another seed gives the same m-of-K set with probability 1 / C(K, m) ≤ 1/7 (K = 7,
+        # m = 1); six other seeds all giving it: ≤ 7⁻⁶ ≈ 8.5e-6.
         others = {noisy_set(k, share, seed=s) for s in range(4, 10)}
         assert others != {a}
 
@@ -127,9 +128,9 @@ def test_noisy_rows_are_keyed_by_seed_client_row_with_a_binomial_share(q):
     again = _transform({3, 8}, q)
     assert [again.is_noisy(3, r) for r in reversed(range(n))] == flags[::-1].tolist()
     # Each row's first uniform from its own generator: the count is Binomial(n, q) with
-    # σ = √(n q (1−q)) ≤ √(20 000 / 4) ≈ 71. A 5σ two-sided band fails with probability
+    # σ = √(n q (1−q)) ≤ √(20 000 / 4) ≈ 71 rows. A 5σ two-sided band fails with probability
     # < 6e-7 per check (normal tail; n q (1−q) ≥ 1 800, so the normal approximation holds),
-    # so a wrong share of 1 % or more (200 rows > 5σ at every q here) cannot pass.
+    # while a share off by 2 % (400 rows > 5σ at every q here) cannot pass.
     sigma = np.sqrt(n * q * (1 - q))
     assert abs(int(flags.sum()) - n * q) <= 5 * sigma
     # The second noisy client draws from other generators: its rows are not the first's.

@@ -513,6 +513,10 @@ def scenarios_list() -> None:
             part += f" (α={sc['dirichlet_alpha']})"
         if sc.get("quantity_skew"):
             part += f", power-law sizes (a={sc['quantity_skew']})"
+        if sc.get("noisy_clients") and sc.get("caption_noise"):
+            part += f"; {sc['noisy_clients']:.0%} noisy silos ({sc['caption_noise']:.0%} of rows)"
+        if (sc.get("caption_styles") or 1) > 1:
+            part += f"; {sc['caption_styles']} caption styles"
         corpora = raw.get("data", {}).get("corpora") or []
         data = " + ".join(c.get("format", "?") for c in corpora) or "synthetic scenes"
         lines = [
@@ -536,7 +540,8 @@ def scenarios_show(
         Optional[Path], typer.Option("--out", "-o", help="PNG to write.")
     ] = None,
 ) -> None:
-    """Per-client statistics of a scenario's partition: a table and a PNG of the heterogeneity."""
+    """Per-client statistics of a scenario's partition: a table and a PNG of the heterogeneity,
+    with each client's noisy-silo flag and caption style when the scenario transforms captions."""
     from fedsim.config import load_config
     from fedsim.runio import check_writable
     from fedsim.scenario_stats import plot_stats, scenario_stats, stats_table
@@ -550,6 +555,8 @@ def scenarios_show(
         _fail(str(e))
         return
     console.print(stats_table(stats))
+    for line in stats.silos:
+        console.print(line, highlight=False, soft_wrap=True)
     png = plot_stats(stats, png)
     console.print(f"wrote {png}")
 

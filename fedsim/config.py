@@ -21,7 +21,7 @@ from fedsim.configtools import (
     to_dict,
 )
 from fedsim.data.loaders import CorpusSpec
-from fedsim.data.synthetic import SceneSpec
+from fedsim.data.synthetic import CAPTION_STYLES, SceneSpec
 
 #: Names of the embedded toy backbones: the shipped reference and the one rebuilt from its recipe.
 TOY_BACKBONES = ("toy", "toy-recipe")
@@ -181,6 +181,20 @@ class ScenarioConfig:
         Seconds after which the server stops waiting: slower clients (compute + upload) are
         stragglers, dropped from the round. Null: no deadline. Each round's simulated time
         (the slowest reporting client, or the deadline) is ``sim_seconds`` in metrics.jsonl.
+    noisy_clients:
+        Low-quality silos: the share of clients that are noisy, a seeded set of
+        round(share × ``num_clients``) clients; 0 = none. Synthetic scenes only.
+    caption_noise:
+        Share of each noisy client's rows (each row drawn on its own, keyed by seed, client
+        and row) whose caption is replaced by a wrong but well-formed one (count, size,
+        colour, shape and position all redrawn to values other than the scene's) and whose
+        yes/no answer is flipped.
+    caption_styles:
+        Silo styles: number of caption styles among the clients (1 = off). Each client has a
+        seeded style id (as many clients per style as can be); style 0 is the canonical
+        caption, the others reorder its words (``fedsim.data.synthetic.CAPTION_STYLES``).
+        Synthetic scenes only. The transforms change what clients train on, never the
+        evaluation data (``fedsim.scenarios.silos``).
     """
 
     name: str = "toy-iid"
@@ -201,11 +215,23 @@ class ScenarioConfig:
     step_seconds: float = 0.05
     time_budget: float | None = None
     deadline: float | None = None
+    noisy_clients: float = 0.0
+    caption_noise: float = 0.0
+    caption_styles: int = 1
 
     def __post_init__(self) -> None:
         _positive(
             "scenario", num_clients=self.num_clients, cohort_size=self.cohort_size
         )
+        for name in ("noisy_clients", "caption_noise"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"scenario.{name}: must be in [0, 1], got {value!r}")
+        if not 1 <= self.caption_styles <= len(CAPTION_STYLES):
+            raise ConfigError(
+                f"scenario.caption_styles: must be in 1..{len(CAPTION_STYLES)} (the styles of "
+                f"fedsim.data.synthetic.CAPTION_STYLES), got {self.caption_styles!r}"
+            )
         _positive(
             "scenario",
             diurnal_period=self.diurnal_period,
@@ -561,6 +587,13 @@ class Config:
         if self.checkpoint_keep < 1:
             raise ConfigError(
                 f"checkpoint_keep: must be >= 1, got {self.checkpoint_keep!r}"
+            )
+        sc = self.scenario
+        if self.data.corpora and (sc.noisy_clients > 0 or sc.caption_styles > 1):
+            field = "noisy_clients" if sc.noisy_clients > 0 else "caption_styles"
+            raise ConfigError(
+                f"scenario.{field}: caption transforms need the synthetic scenes' attribute "
+                "columns; data.corpora is set"
             )
 
 

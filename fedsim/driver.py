@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -72,9 +72,14 @@ from fedsim.scenarios.partition import (
     power_law_sizes,
     quantity,
 )
+from fedsim.scenarios.silos import caption_transform, row_owners
+from fedsim.scenarios.silos import describe as describe_silos
 from fedsim.schedule import lr_at
 from fedsim.state_store import MemoryStore
 from fedsim.training import ClientResult, ClientTask, TrainSettings
+
+if TYPE_CHECKING:
+    from fedsim.pooled import PooledPlan
 
 # The synthetic dataset is fixed (the run seed drives partition, sampling and training, not the
 # data); its streams differ from those the toy build pre-trains on.
@@ -496,7 +501,9 @@ def data_lines(
     if cfg.scenario.partition != "iid":
         split += f" by {cfg.scenario.label}"
     if not cfg.data.corpora:
-        return [f"- data: {cfg.data.num_scenes} generated scenes, {split}"]
+        return [f"- data: {cfg.data.num_scenes} generated scenes, {split}"] + [
+            f"- {line}" for line in describe_silos(cfg)
+        ]
     names = [c.name or c.format for c in cfg.data.corpora]
     lines = [
         f"- data: {', '.join(f'{n} ({c.path})' for n, c in zip(names, cfg.data.corpora))}; "
@@ -943,6 +950,7 @@ def _settings(cfg: Config) -> TrainSettings:
         loss=cfg.train.loss,
         qa_fraction=cfg.data.qa_fraction,
         max_update_norm=cfg.validation.max_update_norm,
+        captions=caption_transform(cfg),
     )
 
 
@@ -1079,6 +1087,50 @@ def _finish(
     )
 
 
+def pooled_plan(
+    cfg: Config,
+    prep: Prepared,
+    w0: dict[str, torch.Tensor],
+    start: dict[str, Any] | None = None,
+) -> PooledPlan:
+    """What the centralized run's Ray Train workers train: every client's rows pooled.
+
+    Under caption transforms the plan carries each row's owner, so that the pooled stream
+    trains on the very text the clients train on (``fedsim.pooled.pooled_task``).
+    """
+    from fedsim.pooled import PooledPlan
+
+    steps = cfg.train.local_steps * cfg.scenario.cohort_size
+    settings = _settings(cfg)
+    rows = np.concatenate(prep.shards)
+    return PooledPlan(
+        model=prep.model,
+        train_path=str(prep.train_path),
+        pixel_path=prep.pixel_path,
+        bad_images=cfg.data.bad_images,
+        feature_path=prep.feature_path,
+        rows=rows,
+        w0=w0,
+        algorithm=cfg.algorithm.name,
+        params=dict(cfg.algorithm.params),
+        seed=cfg.seed,
+        rounds=cfg.rounds,
+        steps=steps,
+        batch_size=cfg.train.batch_size,
+        lrs=tuple(_lrs(cfg, r, steps) for r in range(1, cfg.rounds + 1)),
+        settings=settings,
+        threads=cfg.ray.threads_per_worker,
+        eval_rounds=frozenset(r for r in range(1, cfg.rounds + 1) if _eval_due(cfg, r)),
+        checkpoint_every=cfg.checkpoint_every,
+        start=start,
+        row_owner=(
+            row_owners(prep.shards, int(rows.max()) + 1)
+            if settings.captions is not None
+            else None
+        ),
+    )
+
+
 def _run_pooled(
     cfg: Config,
     algorithm: Any,
@@ -1097,8 +1149,6 @@ def _run_pooled(
     and the cursors). A resumed run hands the checkpoint to the workers as the plan's start.
     """
     import ray
-
-    from fedsim.pooled import PooledPlan
 
     evaluator = pool.evaluator(cfg, prep)
     w0: dict[str, torch.Tensor] = ray.get(evaluator.init_projector.remote(cfg.seed))
@@ -1124,28 +1174,7 @@ def _run_pooled(
         }
         console.print(f"resumed after round {restored.round} (its checkpoint)")
     digest = config_digest(config_to_yaml_data(cfg))
-    steps = cfg.train.local_steps * cfg.scenario.cohort_size
-    plan = PooledPlan(
-        model=prep.model,
-        train_path=str(prep.train_path),
-        pixel_path=prep.pixel_path,
-        bad_images=cfg.data.bad_images,
-        feature_path=prep.feature_path,
-        rows=np.concatenate(prep.shards),
-        w0=w0,
-        algorithm=cfg.algorithm.name,
-        params=dict(cfg.algorithm.params),
-        seed=cfg.seed,
-        rounds=cfg.rounds,
-        steps=steps,
-        batch_size=cfg.train.batch_size,
-        lrs=tuple(_lrs(cfg, r, steps) for r in range(1, cfg.rounds + 1)),
-        settings=_settings(cfg),
-        threads=cfg.ray.threads_per_worker,
-        eval_rounds=frozenset(r for r in range(1, cfg.rounds + 1) if _eval_due(cfg, r)),
-        checkpoint_every=cfg.checkpoint_every,
-        start=start,
-    )
+    plan = pooled_plan(cfg, prep, w0, start)
     round_task = progress.add_task(
         "rounds (Ray Train)",
         total=cfg.rounds,

@@ -66,6 +66,9 @@ class PooledPlan:
     checkpoint_every: int = 0
     #: Go on after a checkpoint: {round, weights, server_state, client_state, cursor}.
     start: dict[str, Any] | None = None
+    #: The client owning each dataset row (``fedsim.scenarios.silos.row_owners``) when the
+    #: scenario transforms captions per client; None otherwise.
+    row_owner: np.ndarray | None = None
 
 
 class AllReduceGradients(LocalTraining):
@@ -131,6 +134,38 @@ def rank_rows(steps: int, batch_size: int, world: int, rank: int) -> np.ndarray:
             np.arange(s * batch_size, (s + 1) * batch_size)[rank::world]
             for s in range(steps)
         ]
+    )
+
+
+def pooled_task(
+    plan: PooledPlan,
+    rnd: int,
+    rows: np.ndarray,
+    rank: int,
+    world: int,
+    client_state: Weights,
+) -> ClientTask:
+    """Rank ``rank``'s share of round ``rnd``'s pooled rows, as a task of the pooled client.
+
+    The task of each row (caption or question) is drawn for the whole global batch before the
+    split; so is the owner of each row, which keys its caption transforms exactly as in the
+    federated run (the pooled stream trains on the rows the clients train on).
+    """
+    share = rank_rows(plan.steps, plan.batch_size, world, rank)
+    flags = task_flags(
+        plan.seed, rnd, POOLED_CLIENT, len(rows), plan.settings.qa_fraction
+    )
+    owners = plan.row_owner[rows] if plan.row_owner is not None else None
+    return ClientTask(
+        POOLED_CLIENT,
+        rnd,
+        plan.seed,
+        rows[share],
+        plan.lrs[rnd - 1],
+        plan.batch_size // world,
+        client_state,
+        flags[share],
+        owners=owners[share] if owners is not None else None,
     )
 
 
@@ -205,7 +240,8 @@ def _train_plan(
     local = algorithm.local_training()
     if world > 1:
         local = AllReduceGradients(local, world)
-    share = rank_rows(plan.steps, plan.batch_size, world, rank)
+    # A batch that does not split evenly over the workers fails here, before training.
+    rank_rows(plan.steps, plan.batch_size, world, rank)
     weights: Weights = dict(plan.w0)
     state = algorithm.init_state(weights, 1)
     client_state: Weights = {}
@@ -224,19 +260,7 @@ def _train_plan(
         rows, cursor = take(
             plan.rows, cursor, plan.steps * plan.batch_size, plan.seed, POOLED_CLIENT
         )
-        flags = task_flags(
-            plan.seed, rnd, POOLED_CLIENT, len(rows), plan.settings.qa_fraction
-        )
-        task = ClientTask(
-            POOLED_CLIENT,
-            rnd,
-            plan.seed,
-            rows[share],
-            plan.lrs[rnd - 1],
-            plan.batch_size // world,
-            client_state,
-            flags[share],
-        )
+        task = pooled_task(plan, rnd, rows, rank, world, client_state)
         res = train_client(backbone, reader, task, weights, {}, local, plan.settings)
         client_state = res.client_state
         loss = torch.tensor([res.update.loss], dtype=torch.float64)

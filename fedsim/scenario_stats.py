@@ -1,7 +1,9 @@
 """``fedsim scenarios show``: per-client statistics of a scenario's partition, as a table and a PNG.
 
 The partition is computed exactly as a run computes it (same config, same seed), on the scenario's
-training data, without starting Ray or loading a model.
+training data, without starting Ray or loading a model. Scenarios with caption transforms
+(``fedsim.scenarios.silos``) also list which clients are noisy silos and each client's caption
+style, and say in words what the transforms do.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 from rich.table import Table
 
 from fedsim.config import Config
+from fedsim.scenarios.silos import caption_transform, describe
 
 DOMAIN = "background+style"  # the synthetic scenes' visual domain
 #: Keys looked for in the data, in this order, for the views of a split.
@@ -57,6 +60,11 @@ class ScenarioStats:
     name: str
     sizes: np.ndarray  # [clients]
     views: list[View]
+    #: Noisy silos (client ids) and each client's caption style, when the scenario has them.
+    noisy: frozenset[int] = frozenset()
+    styles: tuple[int, ...] | None = None
+    #: One line per caption transform that is on (``fedsim.scenarios.silos.describe``).
+    silos: tuple[str, ...] = ()
 
 
 def _codes(ds, key: str) -> tuple[list[str], np.ndarray]:
@@ -111,7 +119,15 @@ def scenario_stats(cfg: Config) -> ScenarioStats:
     # A key with one value everywhere (one corpus's "dataset") says nothing about the split.
     views = [v for v in views if len(v.values) > 1 or v.key == cfg.scenario.label]
     sizes = np.array([len(rows) for rows in shards], dtype=np.int64)
-    return ScenarioStats(cfg.scenario.name, sizes, views)
+    t = caption_transform(cfg)
+    return ScenarioStats(
+        cfg.scenario.name,
+        sizes,
+        views,
+        noisy=t.noisy if t is not None else frozenset(),
+        styles=t.styles if t is not None and cfg.scenario.caption_styles > 1 else None,
+        silos=tuple(describe(cfg)),
+    )
 
 
 def stats_table(stats: ScenarioStats) -> Table:
@@ -124,6 +140,10 @@ def stats_table(stats: ScenarioStats) -> Table:
         table.add_column(f"top {v.key} (share)")
         table.add_column(f"{v.key}s held", justify="right")
         table.add_column("entropy (bits)", justify="right")
+    if stats.noisy:
+        table.add_column("noisy")
+    if stats.styles is not None:
+        table.add_column("caption style", justify="right")
     entropies = [v.entropy_bits() for v in stats.views]
     for k, n in enumerate(stats.sizes):
         cells = [str(k), str(int(n))]
@@ -135,6 +155,10 @@ def stats_table(stats: ScenarioStats) -> Table:
                 str(int((c > 0).sum())),
                 f"{h[k]:.2f}",
             ]
+        if stats.noisy:
+            cells.append("yes" if k in stats.noisy else "")
+        if stats.styles is not None:
+            cells.append(str(stats.styles[k]))
         table.add_row(*cells)
     return table
 
@@ -207,9 +231,12 @@ def plot_stats(stats: ScenarioStats, path: Path) -> Path:
     if not stats.views:
         axes[0][0].bar(x, stats.sizes, color="tab:blue")
         axes[0][0].set_title("rows per client")
-    fig.suptitle(
-        f"{stats.name}: partition of {int(stats.sizes.sum())} rows over {k} clients"
-    )
+    title = f"{stats.name}: partition of {int(stats.sizes.sum())} rows over {k} clients"
+    if stats.noisy:
+        title += f"; {len(stats.noisy)} noisy silos"
+    if stats.styles is not None:
+        title += f"; {max(stats.styles) + 1} caption styles"
+    fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from fedsim.data.loaders import DataError
 from fedsim.data.rows import RowReader
 from fedsim.losses import per_example_loss, token_mean_loss
 from fedsim.models.backbone import Backbone, check_projector_shapes
+
+if TYPE_CHECKING:
+    from fedsim.scenarios.silos import CaptionTransform
 
 TASK_STREAM = 7004  # generator purpose id: per-example task (caption or question)
 
@@ -51,6 +54,9 @@ class ClientTask:
         flags drawn for the whole batch, so that the split does not change the task.
     cost:
         Predicted tokens (:class:`fedsim.cost.TokenCost`); orders the round's tasks.
+    owners:
+        The client that owns each of ``rows`` (the key of its caption transforms), when it is
+        not ``client_id``: the centralized run's pooled stream mixes every client's rows.
     """
 
     client_id: int
@@ -62,11 +68,16 @@ class ClientTask:
     client_state: Weights = field(default_factory=dict)
     qa_flags: np.ndarray | None = None
     cost: int = 0
+    owners: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """The parts of the run config that local training needs."""
+    """The parts of the run config that local training needs.
+
+    ``captions``: the scenario's per-client caption transforms (noisy silos, caption styles;
+    :mod:`fedsim.scenarios.silos`), None when off.
+    """
 
     optimizer: str = "adamw"
     weight_decay: float = 0.0
@@ -74,6 +85,7 @@ class TrainSettings:
     loss: str = "per_example"
     qa_fraction: float = 0.3
     max_update_norm: float | None = None
+    captions: CaptionTransform | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,28 @@ def load_optimizer_state(
         sd = opt.state_dict()
         sd["state"] = state
         opt.load_state_dict(sd)
+
+
+def training_text(
+    data: dict[str, list[Any]],
+    task: ClientTask,
+    positions: Sequence[int] | np.ndarray,
+    settings: TrainSettings,
+) -> dict[str, list[Any]]:
+    """The text a client trains on: the columns ``data`` read for ``task.rows[positions]``,
+    through the scenario's caption transforms (each row as the client owning it writes it).
+
+    This is where the transforms hook in: on the worker, after the rows are read and before
+    their text reaches the tokenizer. Without transforms ``data`` comes back as it is.
+    """
+    if settings.captions is None or len(positions) == 0:
+        return data
+    rows = task.rows[np.asarray(positions, dtype=np.int64)]
+    if task.owners is not None:
+        owners = task.owners[np.asarray(positions, dtype=np.int64)]
+    else:
+        owners = np.full(len(rows), task.client_id, dtype=np.int64)
+    return settings.captions.apply(data, rows, owners)
 
 
 def task_flags(
@@ -338,6 +372,8 @@ def _cohort_step(
                     "data-parallel training cannot skip a step on one worker"
                 )
             continue
+        # The caption transforms of the scenario, keyed by (seed, owner, row).
+        data = training_text(data, c.task, np.asarray(kept) + step * b, settings)
         qa = c.flags[step * b : (step + 1) * b][kept]
         if "question" in data:
             prompts += [

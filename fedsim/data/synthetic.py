@@ -47,6 +47,21 @@ STYLES: tuple[str, ...] = ("filled", "outline")
 # object ?"), or both ("is there a red circle ?").
 QUESTION_KINDS: tuple[str, ...] = ("shape", "colour", "both")
 
+# Caption styles (``scenario.caption_styles``, see fedsim.scenarios.silos): word orders of the
+# same caption. Slots: {count} ("a", "two"...), {size}, {colour}, {noun} (singular for a count of
+# one, plural otherwise) and {position} ("top left"...). Style 0 is ``Scene.caption``. Each style
+# holds every slot once plus "at the", so a styled caption has exactly the canonical caption's
+# words, only reordered: every word is in the toy tokenizer and the token count is unchanged
+# (fedsim.cost's predicted costs hold for styled rows too).
+CAPTION_STYLES: tuple[str, ...] = (
+    "{count} {size} {colour} {noun} at the {position}",  # two small red triangles at the top left
+    "at the {position} {count} {size} {colour} {noun}",  # at the top left two small red triangles
+    "{count} {colour} {size} {noun} at the {position}",  # two red small triangles at the top left
+    "at the {position} {count} {colour} {size} {noun}",  # at the top left two red small triangles
+)
+#: The attributes a caption names, in the order the noise transform redraws them.
+CAPTION_ATTRIBUTES: tuple[str, ...] = ("count", "size", "colour", "shape", "position")
+
 # Object radius in pixels at image size 32, for one object; groups are drawn smaller to fit a cell.
 _RADIUS_32 = {"small": 3.0, "large": 5.2}
 _GROUP_SCALE = {1: 1.0, 2: 0.68, 3: 0.55, 4: 0.55}
@@ -156,6 +171,53 @@ class Scene:
         words += self.position.split()
         rng.shuffle(words)
         return words
+
+
+def caption_text(
+    *, count: int, size: str, colour: str, shape: str, position: str, style: int = 0
+) -> str:
+    """The caption of these attributes in caption style ``style`` (style 0: ``Scene.caption``)."""
+    noun = shape if count == 1 else PLURALS[shape]
+    return CAPTION_STYLES[style].format(
+        count=COUNT_WORDS[count], size=size, colour=colour, noun=noun, position=position
+    )
+
+
+def read_caption(text: str, style: int = 0) -> dict[str, object] | None:
+    """The attributes of a well-formed caption of style ``style``, or None.
+
+    The strict inverse of :func:`caption_text`: every word must sit in its slot of the style's
+    template, each attribute word must be one of the scene vocabulary's, and the noun must
+    agree with the count (singular for "a", plural otherwise). Unlike
+    ``fedsim.eval.toy.parse_caption`` (lenient, for generated text) it accepts nothing else.
+    """
+    slots = CAPTION_STYLES[style].replace("{position}", "{pos1} {pos2}").split()
+    words = text.split(" ")
+    if len(words) != len(slots):
+        return None
+    got: dict[str, str] = {}
+    for slot, word in zip(slots, words):
+        if slot.startswith("{"):
+            got[slot[1:-1]] = word
+        elif word != slot:
+            return None
+    count = {w: n for n, w in COUNT_WORDS.items()}.get(got["count"])
+    position = f"{got['pos1']} {got['pos2']}"
+    singular = {p: s for s, p in PLURALS.items()}
+    if count is None or position not in POSITIONS:
+        return None
+    if got["size"] not in SIZES or got["colour"] not in COLOURS:
+        return None
+    shape = got["noun"] if count == 1 else singular.get(got["noun"])
+    if shape not in SHAPES:
+        return None
+    return {
+        "count": count,
+        "size": got["size"],
+        "colour": got["colour"],
+        "shape": shape,
+        "position": position,
+    }
 
 
 def scene_rng(seed: int, stream: int, index: int) -> np.random.Generator:

@@ -34,15 +34,20 @@ def parse_caption(text: str) -> dict[str, object]:
     """Attributes named in a caption; an attribute not found (or named twice, differently) is None.
 
     ``"two small red triangles at the top left"`` → count 2, size small, colour red, shape
-    triangle, position "top left".
+    triangle, position "top left". Word order is not scored: the count word opens the caption,
+    or follows its position when the caption opens with it (``"at the top left two small red
+    triangles"``, the silo styles of ``fedsim.data.synthetic.CAPTION_STYLES``); the other
+    attributes are read wherever they stand.
     """
     words = text.lower().replace(",", " ").replace(".", " ").split()
+    # "at the <pos1> <pos2> <count> ...": the styles that open with the position.
+    lead = 4 if words[:2] == ["at", "the"] and len(words) > 4 else 0
 
     def unique(values: list[object]) -> object:
         return values[0] if len(set(values)) == 1 else None
 
     out: dict[str, object] = {
-        "count": _COUNT_BY_WORD.get(words[0]) if words else None,
+        "count": _COUNT_BY_WORD.get(words[lead]) if words else None,
         "size": unique([w for w in words if w in SIZES]),
         "colour": unique([w for w in words if w in COLOURS]),
         "shape": unique([_SHAPE_BY_WORD[w] for w in words if w in _SHAPE_BY_WORD]),

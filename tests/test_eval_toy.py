@@ -25,6 +25,11 @@ def test_parse_caption():
     q = parse_caption("a red blue square at the")
     assert q["colour"] is None and q["position"] is None and q["size"] is None
     assert parse_caption("")["count"] is None
+    # The silo styles open with the position: the count word follows it; order is not scored.
+    assert parse_caption("at the top left two red small triangles") == parse_caption(
+        "two small red triangles at the top left"
+    )
+    assert parse_caption("at the top left")["count"] is None
 
 
 @pytest.mark.parametrize(

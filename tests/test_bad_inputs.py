@@ -333,6 +333,7 @@ SETUPS: dict[str, Callable[[Sandbox], None]] = {
     "missing-backbone": nothing,
     "out-under-a-file": a_file,
     "out-holds-a-run": old_run,
+    "caption-noise": nothing,
     "compare-out-holds-a-run": old_run,
     "compare-out-under-a-file": a_file,
     "compare-bad-seeds": nothing,

@@ -141,6 +141,20 @@ def schedule_runs(
     return todo, resumes
 
 
+def split_pooled(
+    jobs: Sequence[tuple[str, int]], configs: dict[tuple[str, int], Config]
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(runs of pooled algorithms — centralized, on Ray Train, run first and one at a time —,
+    the other runs), each in the given order."""
+    from fedsim.algorithms import build_algorithm
+
+    def pooled(j: tuple[str, int]) -> bool:
+        algo = build_algorithm(configs[j].algorithm.name, configs[j].algorithm.params)
+        return bool(getattr(algo, "pooled", False))
+
+    return [j for j in jobs if pooled(j)], [j for j in jobs if not pooled(j)]
+
+
 def compare(
     algorithms: Sequence[str],
     seeds: Sequence[int],
@@ -161,7 +175,6 @@ def compare(
     (tested bit for bit), so lanes change wall time only. Centralized runs (Ray Train over
     ``ray.workers`` workers) always go first, one at a time, on one worker group.
     """
-    from fedsim.algorithms import build_algorithm
     from fedsim.driver import check_inputs, connect_ray
     from fedsim.resources import check_before_ray
 
@@ -191,16 +204,7 @@ def compare(
         for algo, seed in configs:
             run_dirs[algo][seed] = out_dir / algo / f"seed-{seed}"
         todo, resumes = schedule_runs(configs, run_dirs, finals, console)
-        pooled = [
-            j
-            for j in todo
-            if getattr(
-                build_algorithm(configs[j].algorithm.name, configs[j].algorithm.params),
-                "pooled",
-                False,
-            )
-        ]
-        laned = [j for j in todo if j not in pooled]
+        pooled, laned = split_pooled(todo, configs)
         n_lanes = min(n_lanes, max(len(laned), 1))
         if n_lanes > 1:
             # Each lane has one BackboneWorker (results do not depend on the worker count).

@@ -49,6 +49,7 @@ from fedsim.compare import (
     check_compare_dir,
     plot_comparison,
     schedule_runs,
+    split_pooled,
 )
 from fedsim.config import Config, load_config
 from fedsim.configtools import ConfigError, read_user_text, safe_load
@@ -382,20 +383,9 @@ def _run_phase(
     show_progress: bool,
 ) -> dict[str, dict[int, dict[str, float]]]:
     """Run (or reuse, or resume) every (key, seed); pooled algorithms first, one at a time."""
-    from fedsim.algorithms import build_algorithm
-
     finals: dict[str, dict[int, dict[str, float]]] = {k: {} for k in run_dirs}
     todo, resumes = schedule_runs(configs, run_dirs, finals, console)
-    pooled = [
-        j
-        for j in todo
-        if getattr(
-            build_algorithm(configs[j].algorithm.name, configs[j].algorithm.params),
-            "pooled",
-            False,
-        )
-    ]
-    rest = [j for j in todo if j not in pooled]
+    pooled, rest = split_pooled(todo, configs)
     with _progress(console, show_progress, len(todo)) as bar:
         for jobs in (pooled, rest):
             if jobs:

@@ -1087,6 +1087,33 @@ def _finish(
     )
 
 
+def federated_steps(
+    cfg: Config, shards: list[np.ndarray], w0: dict[str, torch.Tensor]
+) -> int:
+    """Local steps a federated run of ``cfg`` takes per round, on average: the centralized run's
+    steps per round, so that the upper bound sees the same number of samples.
+
+    Σ over the rounds of each round's cohort's steps (:func:`plan_round`, the same pure function
+    the federated run plans with: dropout, stragglers and device tiers under a time budget take
+    steps away), divided by the rounds and rounded. Without those it is exactly
+    ``cohort_size × local_steps``.
+    """
+    spec = participation_spec(cfg)
+    sizes = np.array([len(s) for s in shards])
+    upload = sum(
+        v.numel() * 4 for v in w0.values()
+    )  # the fp32 delta, as the run uploads
+    total = sum(
+        sum(
+            plan_round(
+                spec, sizes, cfg.train.local_steps, upload, cfg.seed, r
+            ).steps.values()
+        )
+        for r in range(1, cfg.rounds + 1)
+    )
+    return max(1, round(total / cfg.rounds))
+
+
 def pooled_plan(
     cfg: Config,
     prep: Prepared,
@@ -1100,7 +1127,7 @@ def pooled_plan(
     """
     from fedsim.pooled import PooledPlan
 
-    steps = cfg.train.local_steps * cfg.scenario.cohort_size
+    steps = federated_steps(cfg, prep.shards, w0)
     settings = _settings(cfg)
     rows = np.concatenate(prep.shards)
     return PooledPlan(

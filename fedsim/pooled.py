@@ -1,7 +1,9 @@
 """Centralized training, the pooled-data upper bound, with Ray Train's TorchTrainer.
 
-The scenario's client shards are pooled into one stream. Each "round" trains ``cohort_size ×
-local_steps`` optimiser steps of ``batch_size`` rows (the samples of one federated round) with one
+The scenario's client shards are pooled into one stream. Each "round" trains as many optimiser
+steps of ``batch_size`` rows as a federated round takes on average (``cohort_size ×
+local_steps`` unless dropout, stragglers or a time budget take steps away: the samples of one
+federated round, ``fedsim.driver.federated_steps``) with one
 optimiser whose state persists for the whole run, on the same learning-rate schedule, so that
 curves line up round for round with the federated algorithms.
 

@@ -519,3 +519,28 @@ def test_toy_hard_runs_federated_and_centralized(
     )
     c = run(cfg, tmp_path / "central", console=quiet, show_progress=False)
     assert c.history[-1]["clients"] == "pooled"
+
+
+def test_centralized_takes_the_federated_runs_samples():
+    """The upper bound trains as many steps per round as the federated cohort does on average.
+
+    toy-hard's four equal tiers (speeds 2, 1, 0.5, 0.25; budget 0.2 s at 0.05 s a step) run
+    8, 4, 2 and 1 steps; the default has no budget: cohort_size × local_steps exactly.
+    """
+    import numpy as np
+    import torch
+
+    from fedsim.config import load_config
+    from fedsim.driver import federated_steps
+
+    w0 = {"w": torch.zeros(4, 4)}
+    default = load_config(None, [])
+    shards = [np.arange(10)] * default.scenario.num_clients
+    assert federated_steps(default, shards, w0) == 10 * 8
+    hard = load_config("toy-hard", [])
+    shards = [np.arange(10)] * hard.scenario.num_clients
+    steps = federated_steps(hard, shards, w0)
+    # 10 clients a round, 3.75 steps each on average over the tiers (standard deviation 2.68):
+    # a cohort's sum has mean 37.5 and sd ≈ 2.68·√10 ≈ 8.5, the mean of 65 rounds sd ≈ 1.05;
+    # [32, 43] is more than 5 sd either side (and far from the 80 the budget would ignore).
+    assert 32 <= steps <= 43

@@ -89,10 +89,41 @@ def config_digest(config_yaml: dict[str, Any]) -> str:
     return _sha256_json(data)
 
 
+# Config fields added after checkpoints were first written, with the value that reproduces the
+# earlier behaviour: a run checkpointed before a field existed resumes when it is at that value.
+ADDED_FIELDS: dict[tuple[str, str], Any] = {
+    ("scenario", "noisy_clients"): 0.0,
+    ("scenario", "caption_noise"): 0.0,
+    ("scenario", "caption_styles"): 1,
+    ("data", "eval_split"): "test",
+    ("train", "diagnostics"): False,
+}
+
+
+def _without_added(config_yaml: dict[str, Any]) -> dict[str, Any] | None:
+    """``config_yaml`` as a version without :data:`ADDED_FIELDS` wrote it, or None when one of
+    them is not at its earlier value (then no earlier version could have written it)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config_yaml.items()}
+    for (section, name), value in ADDED_FIELDS.items():
+        part = out.get(section)
+        if not isinstance(part, dict) or name not in part:
+            continue
+        if part[name] != value:
+            return None
+        del part[name]
+    return out
+
+
 def accepted_digests(config_yaml: dict[str, Any]) -> set[str]:
-    """The digest, and the one checkpoints written before it took ``cache_dir`` out."""
-    legacy = {k: v for k, v in config_yaml.items() if k != "ray"}
-    return {config_digest(config_yaml), _sha256_json(legacy)}
+    """The digest; the one checkpoints written before it took ``cache_dir`` out; and both of
+    those as written before the :data:`ADDED_FIELDS` existed (when they are at their defaults)."""
+    out = set()
+    for data in (config_yaml, _without_added(config_yaml)):
+        if data is None:
+            continue
+        legacy = {k: v for k, v in data.items() if k != "ray"}
+        out |= {config_digest(data), _sha256_json(legacy)}
+    return out
 
 
 def _sha256_json(data: Any) -> str:

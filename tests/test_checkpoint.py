@@ -349,3 +349,25 @@ def test_resume_may_move_the_cache_and_the_workers(tmp_path):
     threads = load_config(str(tmp_path / "config.yaml"), ["ray.threads_per_worker=2"])
     with pytest.raises(CheckpointError, match="another config"):
         find_checkpoint(threads, tmp_path)
+
+
+def test_checkpoints_from_before_a_field_existed_resume_at_its_default():
+    """A run checkpointed by a version without scenario.caption_styles (etc.) resumes while the
+    new fields keep their earlier behaviour, and not once one of them changes it."""
+    from fedsim.checkpoint import accepted_digests
+    from fedsim.config import config_to_yaml_data, load_config
+
+    now = config_to_yaml_data(load_config(None, []))
+    before = {k: dict(v) if isinstance(v, dict) else v for k, v in now.items()}
+    for section, name in (
+        ("scenario", "noisy_clients"),
+        ("scenario", "caption_noise"),
+        ("scenario", "caption_styles"),
+        ("data", "eval_split"),
+        ("train", "diagnostics"),
+    ):
+        del before[section][name]
+    assert config_digest(before) != config_digest(now)
+    assert config_digest(before) in accepted_digests(now)
+    styled = config_to_yaml_data(load_config(None, ["scenario.caption_styles=2"]))
+    assert config_digest(before) not in accepted_digests(styled)

@@ -33,20 +33,26 @@ def _scores(run_dir: Path) -> tuple[dict[str, float], dict[str, float]]:
 def closed_share(untrained: float, algorithm: float, centralized: float) -> float:
     """(a − u) / (c − u); the gap must be positive."""
     if not centralized > untrained:
-        raise ValueError(f"centralized {centralized} does not beat untrained {untrained}")
+        raise ValueError(
+            f"centralized {centralized} does not beat untrained {untrained}"
+        )
     return (algorithm - untrained) / (centralized - untrained)
 
 
 def table(sweep_dir: Path, algorithm: str, metrics: list[str]) -> str:
     test = sweep_dir / "test"
     seeds = sorted(
-        int(p.name.split("-")[1]) for p in (test / algorithm).glob("seed-*") if p.is_dir()
+        int(p.name.split("-")[1])
+        for p in (test / algorithm).glob("seed-*")
+        if p.is_dir()
     )
     if not seeds:
         raise SystemExit(f"{test / algorithm}: no finished test runs")
     rows = [
         "| seed | "
-        + " | ".join(f"{m}: untrained / {algorithm} / centralized / closed" for m in metrics)
+        + " | ".join(
+            f"{m}: untrained / {algorithm} / centralized / closed" for m in metrics
+        )
         + " |",
         "|---|" + "---:|" * len(metrics),
     ]

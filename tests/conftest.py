@@ -39,12 +39,25 @@ def toy(toy_path: Path):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole session (2 CPUs, as on the CI machine)."""
+    """One private local Ray for the whole session (2 CPUs, as on the CI machine).
+
+    ``address="local"`` as the driver does: a bare ``ray.init()`` joins any Ray already running
+    on the machine (RAY_ADDRESS, or a live GCS found by process scan), and then refuses
+    ``num_cpus`` (a CI run on a machine with another user's Ray failed every Ray test so).
+    """
     import ray
 
     if not ray.is_initialized():
         import logging
 
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR)
+        from fedsim.driver import _loopback_only
+
+        with _loopback_only():
+            ray.init(
+                address="local",
+                num_cpus=2,
+                include_dashboard=False,
+                logging_level=logging.ERROR,
+            )
     yield ray
     ray.shutdown()

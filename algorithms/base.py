@@ -5,7 +5,7 @@ An algorithm is a frozen dataclass (its fields are its hyper-parameters, validat
 pure function over ``name → tensor`` dicts: it takes the global weights, the round's client updates
 (in sorted client-id order) and its server state, and returns new weights, new state and metrics.
 Its client half (:class:`LocalTraining`) changes local training: an extra loss term, a gradient
-correction, per-client state, extra uploads. The round loop is written once, in ``fedsim.driver``.
+correction, per-client state, extra uploads. The round loop is written once, in ``fedsim.rounds``.
 """
 
 from __future__ import annotations
@@ -130,12 +130,17 @@ class Algorithm(Protocol):
 
     def local_training(self) -> LocalTraining: ...
 
+    def evaluate_round(self, due: bool, last: bool) -> bool:
+        """Whether the run evaluates after this round; ``due``: the run's schedule says so
+        (every ``eval_every`` rounds and after the last), ``last``: it is the last round."""
+        ...
+
 
 class ServerDefaults:
     """The optional parts of :class:`Algorithm` for algorithms that do not need them.
 
-    No server state, no payload to clients, unchanged local training. One level, no logic: an
-    algorithm overrides whichever it needs.
+    No server state, no payload to clients, unchanged local training, evaluation on the run's
+    schedule. One level, no logic: an algorithm overrides whichever it needs.
     """
 
     def init_state(self, weights: Weights, num_clients: int | None = None) -> Weights:
@@ -146,6 +151,9 @@ class ServerDefaults:
 
     def local_training(self) -> LocalTraining:
         return LocalTraining()
+
+    def evaluate_round(self, due: bool, last: bool) -> bool:
+        return due
 
 
 def check_positive(**values: float) -> None:
@@ -181,6 +189,37 @@ def check_same_keys(
             raise ValueError(
                 f"{what}: {k} has shape {list(other[k].shape)}, expected {list(v.shape)}"
             )
+
+
+def validate_update(
+    update: ClientUpdate,
+    reference: Mapping[str, torch.Tensor],
+    max_norm: float | None = None,
+) -> str | None:
+    """Why ``update`` must be rejected (wrong keys/shapes, NaN/Inf, no samples, ‖Δ‖₂ above
+    ``max_norm``), or None."""
+    try:
+        check_same_keys(reference, update.delta, f"client {update.client_id}")
+    except ValueError as e:
+        return str(e)
+    for k, v in update.delta.items():
+        if not torch.isfinite(v).all():
+            return f"client {update.client_id}: non-finite values (NaN/Inf) in {k}"
+    for k, v in update.extras.items():
+        if not torch.isfinite(v).all():
+            return (
+                f"client {update.client_id}: non-finite values (NaN/Inf) in extras {k}"
+            )
+    if update.num_samples <= 0:
+        return f"client {update.client_id}: no samples"
+    if max_norm is not None:
+        norm = global_norm(update.delta)
+        if norm > max_norm:
+            return (
+                f"client {update.client_id}: update norm {norm:.4g} exceeds "
+                f"validation.max_update_norm {max_norm:g}"
+            )
+    return None
 
 
 def check_updates(

@@ -3,7 +3,7 @@
 Not a federated algorithm: the driver pools the scenario's client shards and trains with Ray
 Train's TorchTrainer (``fedsim.pooled``: data parallel over ``ray.workers`` workers, gradients
 all-reduced), as many steps per round as a federated round of the scenario takes on average
-(``fedsim.driver.federated_steps``: ``cohort_size × local_steps`` unless dropout, stragglers or a
+(``fedsim.prepare.federated_steps``: ``cohort_size × local_steps`` unless dropout, stragglers or a
 time budget take steps away; the samples of a federated round) with
 one optimiser whose state persists for the whole run, on the same learning-rate schedule. The
 server half below applies each round's single update as is, so the same pure interface holds.

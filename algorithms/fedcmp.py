@@ -2,26 +2,40 @@
 
 Xiong et al., "A Step Toward Federated Pretraining of Multimodal Large Language Models", 2026,
 arXiv 2603.26786. Only the paper's abstract is public; it names the two parts and the Fed-MA task.
-The equations here are fedsim's formalisation of that abstract (shared/FEDCMP.md in the design
-notes; README section "Fed-CMP"), grounded in published methods: truncated Tucker-2 / HOSVD of the
-stacked client deltas (De Lathauwer et al. 2000), orthogonal-Procrustes gauge fixing (Schönemann
-1966), leave-one-out agreement and inverse-variance shrinkage (FedPA, arXiv 2010.05273), momentum
-transported between bases by projection, optionally Stiefel momentum with QR retraction (Absil et
-al. 2008).
+The equations below are fedsim's formalisation of that abstract (README, section "Fed-CMP"),
+grounded in published methods: truncated Tucker-2 / HOSVD of the stacked client deltas
+(De Lathauwer et al. 2000), orthogonal-Procrustes gauge fixing (Schönemann 1966), leave-one-out
+agreement and shrinkage (FedPA, arXiv 2010.05273; positive-part James–Stein), TIES-style sign
+election (arXiv 2306.01708), the optimal hard threshold for singular values (Gavish & Donoho
+2014), momentum transported between bases by projection, optionally Stiefel momentum with QR
+retraction (Absil et al. 2008).
 
 Per weight matrix (``[m, n]``; biases take the reliability-weighted mean), round t, clients k with
-p_k = n_k / Σ n and Δ_k = W_k − W_t:
+p_k = n_k / Σ n and Δ_k = W_k − W_t; defaults first, options (the attributes of :class:`FedCMP`)
+in brackets:
 
 1. Û, V̂: top-r left / right singular vectors of [√p_1 Δ_1, …, √p_K Δ_K] and of its vertical stack,
    i.e. top eigenvectors of G_U = Σ p_k Δ_k Δ_kᵀ and G_V = Σ p_k Δ_kᵀ Δ_k (fp32; exact eigh when
-   small, a seeded randomized range finder otherwise: never the m × K·n stack).
-2. Gauge: U_t = Û · polar(Ûᵀ U_{t−1}), V_t likewise (first round: U_t = Û).
-3. C_k = U_tᵀ Δ_k V_t; residual E_k = Δ_k − U_t C_k V_tᵀ (only Σ w_k E_k is ever formed).
-4. a_k = cos(C_k, Σ_{j≠k} p_j C_j); w_k ∝ p_k exp(a_k / τ).
-   μ = Σ w_k C_k, s² = Σ w_k (C_k − μ)², K_eff = 1 / Σ w_k², ρ = μ² / (μ² + s²/K_eff + ε);
-   C̄ = ρ ⊙ μ.
-5. m̃ = (U_tᵀ U_{t−1}) m_{t−1} (V_{t−1}ᵀ V_t); m_t = β m̃ + (1 − β) C̄; m̂ = m_t / (1 − β^t).
+   small, a seeded randomized range finder otherwise: never the m × K·n stack). r is capped by
+   the stacked deltas' numerical rank on each side [``rank_rule: gavish-donoho``: the singular
+   values above the optimal hard threshold; ``energy``: the smallest rank holding that share].
+2. Gauge: U_t = Û · polar(Ûᵀ U_{t−1}), V_t likewise (first round: U_t = Û). It carries the
+   momentum between rounds; it never changes the round's own step.
+3. C_k = Ûᵀ Δ_k V̂ in the round's own basis [``coefficient_basis: gauge``: in U_t, V_t];
+   residual E_k = Δ_k − Û C_k V̂ᵀ (only Σ w_k E_k is ever formed).
+4. Reliability [``reliability``]: client weights w_k ∝ p_k exp(a_k / τ), a_k = cos(C_k,
+   Σ_{j≠k} p_j C_j); per coordinate μ = Σ w_k C_k, s² = Σ w_k (C_k − μ)², K_eff = 1 / Σ w_k²,
+   ρ = max(0, 1 − ŝ² / μ²) with ŝ² = s² Σw² / (1 − Σw²) [``shrinkage: wiener``:
+   μ² / (μ² + s²/K_eff)]; C̄ = ρ ⊙ μ
+   [``sign``: the mean of the clients agreeing with each coefficient's elected sign;
+   ``compensate``: C̄ rescaled to the norm of Σ p_k C_k]. The residual is shrunk by its own
+   reliability [``residual: keep | drop``].
+5. m̃ = (U_tᵀ U_{t−1}) m_{t−1} (V_{t−1}ᵀ V_t); m_t = β m̃ + (1 − β) C̄ (in U_t's gauge);
+   m̂ = m_t / (1 − β^t) [``momentum_scale: lr``: on C̄ / ā_t, stepped by ā_t].
 6. W_{t+1} = W_t + η (U_t m̂ V_tᵀ + λ_res Σ w_k E_k).
+
+``fedcmp-v1`` is the first formalisation (gauge basis, wiener shrinkage, residual kept whole);
+README, "Revisions", gives the measurement behind each change.
 """
 
 from __future__ import annotations
@@ -45,6 +59,7 @@ from fedsim.algorithms.base import (
     sample_weights,
     sorted_updates,
 )
+from fedsim.algorithms.fednova import LRMassUpload, uploaded_lr_masses
 from fedsim.algorithms.registry import register
 
 Tensor = torch.Tensor
@@ -447,8 +462,6 @@ class FedCMP(ServerDefaults):
     def local_training(self) -> LocalTraining:
         """Unchanged local training; with ``momentum_scale: lr`` clients upload their lr mass."""
         if self.momentum_scale == "lr":
-            from fedsim.algorithms.fednova import LRMassUpload
-
             return LRMassUpload()
         return LocalTraining()
 
@@ -464,8 +477,6 @@ class FedCMP(ServerDefaults):
         p = sample_weights(ordered)
         lr_mass = None
         if self.momentum_scale == "lr":
-            from fedsim.algorithms.fednova import uploaded_lr_masses
-
             masses = uploaded_lr_masses(ordered, "fedcmp")
             lr_mass = math.fsum(pk * a for pk, a in zip(p, masses))
         new_state: Weights = {"round": torch.tensor(int(state.get("round", 0)) + 1)}
@@ -589,6 +600,56 @@ class FedCMP(ServerDefaults):
             factor = residual_reliability(sq, client_sq, w.tolist())
         return self.residual_weight * factor * residual, factor
 
+    def _stiefel(
+        self,
+        basis: Tensor,
+        prev: Tensor | None,
+        state: Weights,
+        name: str,
+        new_state: Weights,
+    ) -> Tensor:
+        """With ``stiefel_momentum``, the basis moved by Stiefel momentum from ``prev`` (its
+        velocity kept under ``name``); else ``basis`` unchanged."""
+        if not (
+            self.stiefel_momentum and prev is not None and prev.shape == basis.shape
+        ):
+            return basis
+        moved, velocity = stiefel_step(
+            prev, basis, state.get(name), self.stiefel_beta, self.stiefel_alpha
+        )
+        new_state[name] = velocity
+        return moved
+
+    def _momentum(
+        self,
+        fused: Tensor,
+        state: Weights,
+        key: str,
+        u: Tensor,
+        v: Tensor,
+        u_prev: Tensor | None,
+        v_prev: Tensor | None,
+        lr_mass: float | None,
+    ) -> tuple[float, int, Tensor, Tensor]:
+        """(scale, t, m_t, m̂_t): the canonical momentum, the previous one transported into this
+        round's basis; with ``momentum_scale: lr`` on C̄ / ā_t (scale ā_t)."""
+        scale = 1.0
+        if self.momentum_scale == "lr":
+            if lr_mass is None or not lr_mass > 0:
+                raise ValueError(
+                    f"fedcmp: momentum_scale lr needs the clients' learning-rate mass, got {lr_mass}"
+                )
+            scale = lr_mass
+        t = int(state.get(f"t/{key}", torch.tensor(0))) + 1
+        m_prev = state.get(f"m/{key}")
+        if self.momentum > 0 and m_prev is not None and u_prev is not None:
+            carried = transport(m_prev, u, u_prev, v, v_prev)  # type: ignore[arg-type]
+            mom = self.momentum * carried + (1 - self.momentum) * fused / scale
+        else:
+            t = 1
+            mom = (1 - self.momentum) * fused / scale
+        return scale, t, mom, mom / (1 - self.momentum**t)
+
     def matrix_step(
         self,
         deltas: Sequence[Tensor],
@@ -607,16 +668,8 @@ class FedCMP(ServerDefaults):
         u = gauge_fix(u_hat, u_prev)
         v = gauge_fix(v_hat, v_prev)
         new_state: Weights = {}
-        if self.stiefel_momentum and u_prev is not None and u_prev.shape == u.shape:
-            u, vel_u = stiefel_step(
-                u_prev, u, state.get(f"MU/{key}"), self.stiefel_beta, self.stiefel_alpha
-            )
-            new_state[f"MU/{key}"] = vel_u
-        if self.stiefel_momentum and v_prev is not None and v_prev.shape == v.shape:
-            v, vel_v = stiefel_step(
-                v_prev, v, state.get(f"MV/{key}"), self.stiefel_beta, self.stiefel_alpha
-            )
-            new_state[f"MV/{key}"] = vel_v
+        u = self._stiefel(u, u_prev, state, f"MU/{key}", new_state)
+        v = self._stiefel(v, v_prev, state, f"MV/{key}", new_state)
 
         # Fuse in the round's own basis (the eigenbasis: a function of this round's deltas
         # only, up to signs, which no fusion rule here depends on) or in the gauge-fixed one.
@@ -630,22 +683,9 @@ class FedCMP(ServerDefaults):
             # momentum moved the span; then the projection onto the new span).
             fused = (u.T @ u_hat) @ fused @ (v_hat.T @ v)
 
-        scale = 1.0
-        if self.momentum_scale == "lr":
-            if lr_mass is None or not lr_mass > 0:
-                raise ValueError(
-                    f"fedcmp: momentum_scale lr needs the clients' learning-rate mass, got {lr_mass}"
-                )
-            scale = lr_mass
-        t = int(state.get(f"t/{key}", torch.tensor(0))) + 1
-        m_prev = state.get(f"m/{key}")
-        if self.momentum > 0 and m_prev is not None and u_prev is not None:
-            carried = transport(m_prev, u, u_prev, v, v_prev)  # type: ignore[arg-type]
-            mom = self.momentum * carried + (1 - self.momentum) * fused / scale
-        else:
-            t = 1
-            mom = (1 - self.momentum) * fused / scale
-        m_hat = mom / (1 - self.momentum**t)
+        scale, t, mom, m_hat = self._momentum(
+            fused, state, key, u, v, u_prev, v_prev, lr_mass
+        )
         shared = u @ (scale * m_hat) @ v.T
         step = self.server_lr * (shared + res)
         new_state.update(
@@ -712,7 +752,7 @@ class FedCMPOPM(FedCMP):
 )
 @dataclass(frozen=True, kw_only=True)
 class FedCMPV1(FedCMP):
-    """The first formalisation (shared/FEDCMP.md): coefficients fused in the gauge-fixed basis,
+    """The first formalisation: coefficients fused in the gauge-fixed basis,
     Wiener shrinkage, the residual added back whole. Kept to measure what the revisions change;
     only its ill-posed case (a rank above the deltas' numerical rank) is capped, as everywhere."""
 

@@ -46,6 +46,10 @@ class Local(ServerDefaults):
 
     eval_all_rounds: bool = False
 
+    def evaluate_round(self, due: bool, last: bool) -> bool:
+        """N evaluations a time: after the last round, or on schedule with ``eval_all_rounds``."""
+        return last or (due and self.eval_all_rounds)
+
     def aggregate(
         self,
         weights: Weights,

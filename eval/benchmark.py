@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from fedsim.configtools import read_user_text
+
 # LLaVA-1.5's evaluation prompts (llava/eval/*, scripts/v1_5/eval/*).
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 OPTION_LETTER = "Answer with the option's letter from the given choices directly."
@@ -31,7 +33,6 @@ def open_text(path: Path, newline: str | None = None) -> io.StringIO:
     Decoded whole by :func:`fedsim.configtools.read_user_text`: a file that is not UTF-8 is a
     BenchmarkError naming it, not a UnicodeDecodeError in the middle of a loop.
     """
-    from fedsim.configtools import read_user_text
 
     return io.StringIO(read_user_text(path, error=BenchmarkError), newline=newline)
 

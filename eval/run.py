@@ -1,29 +1,26 @@
-"""``fedsim eval run``: generate a run's benchmark answers and score them.
+"""Answer a benchmark and score it: the generation and scoring half of ``fedsim eval run``.
 
-For each benchmark: load the official question file (:mod:`fedsim.eval.suite` gives the layout),
-render the prompts for the run's backbone, generate greedily with the chosen backend, write the
-answers in LLaVA's answer-file format (``RUN_DIR/eval/<bench>/answers.jsonl``; MME also as filled
-official sheets), score them with the benchmark's official rules and write ``scores.json``.
-Everything a score depends on is stored beside it: the projector file and its SHA-256, the
-backend, the number of questions, a question limit when one was set, and the judge model for
-judged benchmarks.
+The command itself (a run's config, backbone and projector, the vLLM export) is the engine's:
+:func:`fedsim.evaluate.evaluate_run`. For each benchmark it loads the official question file
+(:mod:`fedsim.eval.suite` gives the layout), renders the prompts for the run's backbone, generates
+greedily with the chosen backend, writes the answers in LLaVA's answer-file format
+(``RUN_DIR/eval/<bench>/answers.jsonl``; MME also as filled official sheets), scores them with
+the benchmark's official rules and writes ``scores.json``. Everything a score depends on is
+stored beside it: the projector file and its SHA-256, the backend, the number of questions, a
+question limit when one was set, and the judge model for judged benchmarks.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from fedsim.eval import suite
 from fedsim.eval.answers import write_answers
 from fedsim.eval.benchmark import BenchmarkError, Question
 from fedsim.eval.mme import COGNITION as MME_COGNITION
-from fedsim.runio import weights_digest
 
 Progress = Callable[[str, int, int], None]
 
@@ -113,133 +110,6 @@ def benchmark_names(benchmarks: Sequence[str]) -> list[str]:
     if not names:
         raise BenchmarkError("--benchmarks: name at least one benchmark")
     return names
-
-
-def check_request(
-    run_dir: Path,
-    benchmarks: Sequence[str],
-    backend: str = "hf",
-    limit: int | None = None,
-    judge: Any = None,
-    projector: Path | None = None,
-    client: int | None = None,
-) -> tuple[list[str], dict[str, torch.Tensor], Path]:
-    """Check an ``eval run`` request without loading the backbone or reading benchmark data.
-
-    Benchmark names, backend, limit and judge first; then the projector file: it must be
-    safetensors and fit the run's backbone (shapes read from the backbone's config files).
-    Returns the canonical benchmark names and the projector weights with their file.
-    """
-    from fedsim.config import load_config
-    from fedsim.driver import resolve_backbone
-    from fedsim.export import ExportError, check_fits, run_projector
-
-    names = benchmark_names(benchmarks)
-    if backend not in BACKENDS:
-        raise BenchmarkError(
-            f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}"
-        )
-    if limit is not None and limit <= 0:
-        raise BenchmarkError(f"--limit: must be > 0, got {limit}")
-    for b in names:
-        if suite.get(b).judged and judge is None:
-            raise BenchmarkError(
-                f"{b}: needs an LLM judge: give --judge-url and --judge-model "
-                "(any OpenAI-compatible endpoint); the other benchmarks run without one"
-            )
-    weights, source = run_projector(Path(run_dir), projector, client)
-    cfg = load_config(str(Path(run_dir) / "config.yaml"))
-    try:
-        check_fits(weights, source, resolve_backbone(cfg))
-    except ExportError as e:
-        raise BenchmarkError(str(e)) from None
-    return names, weights, source
-
-
-def evaluate_run(
-    run_dir: Path,
-    benchmarks: Sequence[str],
-    data_root: Path,
-    *,
-    backend: str = "hf",
-    projector: Path | None = None,
-    client: int | None = None,
-    limit: int | None = None,
-    batch_size: int = 32,
-    judge: Any = None,
-    progress: Progress | None = None,
-    vllm_args: dict[str, Any] | None = None,
-    matching: str | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Answer and score ``benchmarks`` with the run's projector; returns bench → scores."""
-    from fedsim.actors import _load
-    from fedsim.config import load_config
-    from fedsim.driver import resolve_backbone
-    from fedsim.export import export_checkpoint
-    from fedsim.models.backbone import set_projector_
-
-    run_dir = Path(run_dir)
-    # Every input is checked before any generation starts, and before the backbone loads.
-    names, weights, source = check_request(
-        run_dir, benchmarks, backend, limit, judge, projector, client
-    )
-    located = {b: suite.locate(b, data_root) for b in names}
-    cfg = load_config(str(run_dir / "config.yaml"))
-    backbone = _load(resolve_backbone(cfg), torch.get_num_threads())
-    set_projector_(backbone, weights)
-    tmp: tempfile.TemporaryDirectory[str] | None = None
-    if backend == "hf":
-        from fedsim.eval.generation import HFBackend
-
-        engine: Any = HFBackend(backbone, batch_size)
-    elif backend == "vllm":
-        from fedsim.eval.generation import VLLMBackend
-
-        tmp = tempfile.TemporaryDirectory(prefix="fedsim-vllm-")
-        ckpt = export_checkpoint(
-            run_dir, Path(tmp.name) / "ckpt", projector=projector, client=client
-        )
-        engine = VLLMBackend(
-            str(ckpt),
-            dtype=cfg.model.dtype,
-            **{**cfg.eval.vllm_args, **(vllm_args or {})},
-        )
-    else:
-        raise BenchmarkError(f"--backend: {backend!r} is not one of hf, vllm")
-    # The tensors' digest, not the file's: safetensors headers differ between equal weights.
-    digest = weights_digest(weights)
-    results: dict[str, dict[str, Any]] = {}
-    try:
-        for b in names:
-            benchmark = suite.get(b)
-            qpath, images = located[b]
-            questions = benchmark.load(qpath, images)
-            if limit is not None:
-                questions = questions[:limit]
-            answers = generate_answers(
-                engine, backbone, b, questions, batch_size, progress
-            )
-            results[b] = save_and_score(
-                b,
-                questions,
-                answers,
-                [suite.render_prompt(backbone, b, q) for q in questions],
-                run_dir / "eval" / b,
-                f"fedsim-{cfg.algorithm.name}-seed{cfg.seed}",
-                {
-                    "limit": limit,
-                    "backend": backend,
-                    "projector_file": str(source),
-                    "projector_digest": digest,
-                    "data": str(qpath),
-                },
-                judge,
-                matching,
-            )
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    return results
 
 
 HEADLINES: dict[str, tuple[tuple[str, str], ...]] = {

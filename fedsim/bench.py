@@ -116,8 +116,8 @@ def bench_training(cfg: Config, s: BenchSettings, console: Console) -> dict[str,
     """Resident one at a time vs cohort batching vs a fresh model per task."""
     from fedsim.algorithms.base import LocalTraining
     from fedsim.data.rows import RowReader
-    from fedsim.driver import _settings, prepare
     from fedsim.models.backbone import init_projector, load_backbone, set_projector_
+    from fedsim.prepare import prepare, train_settings
     from fedsim.training import train_client, train_cohort
 
     torch.set_num_threads(s.threads)
@@ -144,7 +144,9 @@ def bench_training(cfg: Config, s: BenchSettings, console: Console) -> dict[str,
     tasks = _tasks(prep.shards, s, cfg.seed)
     w0 = init_projector(backbone, cfg.seed)
     local = LocalTraining()
-    settings = _settings(cfg)  # the config's optimizer, clipping and loss, as a run has
+    settings = train_settings(
+        cfg
+    )  # the config's optimizer, clipping and loss, as a run has
 
     def one_at_a_time() -> list[Any]:
         return [
@@ -229,8 +231,8 @@ def bench_aggregation(
     """Server-half time of every registered algorithm against the cohort size."""
     from fedsim.algorithms.base import ClientUpdate
     from fedsim.algorithms.registry import build_algorithm, comparable
-    from fedsim.driver import prepare
     from fedsim.models.backbone import init_projector, load_backbone
+    from fedsim.prepare import prepare
 
     prep = prepare(cfg)
     backbone = load_backbone(

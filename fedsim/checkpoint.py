@@ -26,20 +26,28 @@ import re
 import shutil
 from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fedsim.config import Config, config_to_yaml_data
 from fedsim.configtools import ConfigError
 from fedsim.data.streams import Cursor
 from fedsim.runio import (
+    MetricsLog,
+    RunError,
     file_sha256,
     load_weights,
     save_weights,
     weights_digest,
     write_json,
+    write_text,
 )
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 Weights = dict[str, torch.Tensor]
 FORMAT = 1
@@ -311,3 +319,123 @@ def remove_temp_leftovers(run_dir: Path) -> list[Path]:
         else:
             p.unlink(missing_ok=True)
     return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming: the newest sound checkpoint of an interrupted run, checked, and metrics cut back
+
+
+def check_resumable(run_dir: Path) -> None:
+    """A run folder whose run has not finished (read-only checks, before the lock)."""
+    if not (run_dir / "config.yaml").is_file():
+        raise RunError(f"--resume {str(run_dir)!r}: not a run folder (no config.yaml)")
+    if (run_dir / "summary.md").exists():
+        raise RunError(
+            f"--resume {str(run_dir)!r}: the run finished (summary.md is there); nothing to "
+            "resume"
+        )
+
+
+def find_checkpoint(
+    cfg: Config, run_dir: Path, console: Console | None = None
+) -> RoundState | None:
+    """The newest sound checkpoint of the interrupted run in ``run_dir``, verified against ``cfg``.
+
+    Reads only. A damaged checkpoint (a file not matching its recorded SHA-256, cut short,
+    unreadable) is passed over for the one before it, and ``console`` is told; another
+    config's checkpoint, a round beyond ``rounds`` or a ``metrics.jsonl`` that does not match
+    are errors. ``None``: no checkpoint was written yet (the run starts again).
+    """
+    check_resumable(run_dir)
+    found = checkpoint_dirs(run_dir)
+    if not found:
+        return None
+    digests = accepted_digests(config_to_yaml_data(cfg))
+    damaged: list[str] = []
+    for path in reversed(found):
+        try:
+            restored = load_checkpoint(path, digests)
+        except DamagedCheckpoint as e:
+            damaged.append(str(e))
+            continue
+        if damaged and console is not None:
+            console.print(
+                f"passed over {len(damaged)} damaged checkpoint(s) ({damaged[0]}); "
+                f"resuming from {path.name}"
+            )
+        _check_bounds(cfg, run_dir, restored)
+        return restored
+    raise RunError(
+        f"--resume {str(run_dir)!r}: every checkpoint is damaged (newest: {damaged[0]})"
+    )
+
+
+def _check_bounds(cfg: Config, run_dir: Path, restored: RoundState) -> None:
+    """The checkpoint's round within the run, and the metrics lines it counts readable."""
+    if not 1 <= restored.round <= cfg.rounds:
+        raise RunError(
+            f"--resume {str(run_dir)!r}: checkpoint of round {restored.round}, the run has "
+            f"rounds 1–{cfg.rounds}"
+        )
+    lines = MetricsLog(run_dir / "metrics.jsonl").read_lines()
+    if len(lines) < restored.metrics_lines:
+        raise RunError(
+            f"--resume {str(run_dir)!r}: metrics.jsonl has {len(lines)} complete lines, the "
+            f"checkpoint of round {restored.round} expects {restored.metrics_lines}"
+        )
+    for i, line in enumerate(lines[: restored.metrics_lines], start=1):
+        try:
+            ok = isinstance(json.loads(line), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise RunError(
+                f"--resume {str(run_dir)!r}: metrics.jsonl line {i} is not a JSON object"
+            )
+
+
+def check_restored(
+    restored: RoundState, weights: dict[str, torch.Tensor], clients: int
+) -> None:
+    """The checkpoint fits this run's projector and clients (before anything is changed)."""
+    want = {k: list(v.shape) for k, v in weights.items()}
+    got = {k: list(v.shape) for k, v in restored.weights.items()}
+    if got != want:
+        raise RunError(
+            f"checkpoint of round {restored.round}: projector tensors {got}, this run's "
+            f"projector has {want}"
+        )
+    if len(restored.cursors) != clients:
+        raise RunError(
+            f"checkpoint of round {restored.round}: {len(restored.cursors)} client "
+            f"cursors, the config partitions into {clients} clients"
+        )
+
+
+def cut_metrics(run_dir: Path, round_: int, keep: int) -> None:
+    """Start a resume's changes: cut ``metrics.jsonl`` back to the checkpoint, log it, tidy up.
+
+    Called only after every check has passed. The rounds after the checkpoint are run again and
+    logged anew; which ones were dropped, and when, goes to ``resumes.jsonl``. Temporary files
+    of writes that a kill interrupted are removed (the folder is locked: no write is live).
+    """
+    remove_temp_leftovers(run_dir)
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    lines = log.read_lines()
+    dropped = [json.loads(x).get("round") for x in lines[keep:] if _complete(x)]
+    write_text(log.path, "".join(x + "\n" for x in lines[:keep]))
+    MetricsLog(run_dir / "resumes.jsonl").append(
+        {
+            "resumed_after_round": round_,
+            "dropped_rounds": dropped,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
+
+
+def _complete(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True

@@ -102,9 +102,10 @@ def run(
         overrides.append(f"ray.workers={workers}")
     if address is not None:
         overrides.append(f"ray.address={address}")
-    from fedsim.driver import RunError, resume_run
+    from fedsim.driver import resume_run
     from fedsim.driver import run as run_driver
     from fedsim.models.backbone import BackboneError
+    from fedsim.runio import RunError
 
     if resume is not None:
         if config is not None or (out is not None and out != resume):

@@ -204,7 +204,7 @@ def run(
 
     from fedsim.config import ConfigError
     from fedsim.eval.benchmark import BenchmarkError
-    from fedsim.eval.run import check_request, evaluate_run
+    from fedsim.evaluate import check_request, evaluate_run
     from fedsim.export import ExportError
     from fedsim.models.backbone import BackboneError
 
@@ -285,8 +285,8 @@ def _data_root(run_dir: Path, data_root: str) -> Path:
             _fail(f"--data-root: {path} is not a folder")
         return path
     from fedsim.config import is_toy, load_config
-    from fedsim.driver import cache_root
     from fedsim.eval.toy_suite import ensure_toy_suite
+    from fedsim.prepare import cache_root
 
     cfg = load_config(str(run_dir / "config.yaml"))
     if not is_toy(cfg.model.backbone):

@@ -80,7 +80,8 @@ def _finished(run_dir: Path) -> dict[str, float] | None:
 
 def _resumable(run_dir: Path, cfg: Config) -> bool:
     """Whether ``run_dir`` holds an interrupted run of ``cfg`` with a usable checkpoint."""
-    from fedsim.driver import RunError, find_checkpoint
+    from fedsim.checkpoint import find_checkpoint
+    from fedsim.runio import RunError
 
     if not (run_dir / "config.yaml").exists():
         return False
@@ -175,7 +176,7 @@ def compare(
     (tested bit for bit), so lanes change wall time only. Centralized runs (Ray Train over
     ``ray.workers`` workers) always go first, one at a time, on one worker group.
     """
-    from fedsim.driver import check_inputs, connect_ray
+    from fedsim.prepare import check_inputs, connect_ray
     from fedsim.resources import check_before_ray
 
     console = console or Console()

@@ -14,13 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from fedsim.models.backbone import _image_seq_length
 from fedsim.training import task_flags
 
 
 def _image_tokens(backbone_path: str) -> int:
     from transformers import AutoConfig, LlavaConfig
-
-    from fedsim.models.backbone import _image_seq_length
 
     cfg = AutoConfig.from_pretrained(backbone_path)
     if isinstance(cfg, LlavaConfig):

@@ -31,7 +31,9 @@ from typing import Any
 import torch
 
 from fedsim.config import ConfigError, load_config
-from fedsim.runio import load_weights
+from fedsim.models.backbone import BackboneError, check_projector_fits, set_projector_
+from fedsim.models.spec import load_model, resolve_backbone
+from fedsim.runio import RunDirError, check_writable, load_weights, weights_digest
 
 PROJECTOR_FILE = Path("final") / "projector.safetensors"
 CLIENT_PROJECTORS = Path("final") / "client_projectors.safetensors"
@@ -94,7 +96,6 @@ def run_projector(
 def check_fits(weights: dict[str, torch.Tensor], source: Path, spec: Any) -> None:
     """Refuse projector ``weights`` (from ``source``) whose shapes do not fit the backbone of
     ``spec`` (a ``ModelSpec``), from its config files alone: nothing is loaded."""
-    from fedsim.models.backbone import BackboneError, check_projector_fits
 
     try:
         check_projector_fits(
@@ -186,10 +187,6 @@ def export_checkpoint(
     client: int | None = None,
 ) -> Path:
     """Write the run's backbone with its projector to ``out`` (must be new or empty)."""
-    from fedsim.actors import _load
-    from fedsim.driver import resolve_backbone
-    from fedsim.models.backbone import BackboneError, set_projector_
-    from fedsim.runio import RunDirError, check_writable, weights_digest
 
     run_dir, out = Path(run_dir), Path(out)
     config = run_dir / "config.yaml"
@@ -213,7 +210,7 @@ def export_checkpoint(
     weights, source = run_projector(run_dir, projector, client)
     spec = resolve_backbone(cfg)
     check_fits(weights, source, spec)  # before the backbone is loaded
-    backbone = _load(spec, torch.get_num_threads())
+    backbone = load_model(spec, torch.get_num_threads())
     try:
         set_projector_(backbone, weights)
     except BackboneError as e:

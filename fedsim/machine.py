@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import platform
 import re
+import resource
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -57,3 +59,16 @@ def machine_line(info: dict[str, Any]) -> str:
         f"{info['cpu']} ({info['cores']} cores), torch {info['torch']}, "
         f"{info['torch_cpu_capability']}, BLAS {info['blas']}"
     )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def node_id() -> str:
+    """The Ray node this process runs on."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()

@@ -14,9 +14,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fedsim.actors import BackboneWorker, Evaluator
+from fedsim.aggregator import Aggregator
 from fedsim.config import Config
+from fedsim.evaluator import Evaluator, VLLMEvaluator
 from fedsim.models.backbone import BackboneError
+from fedsim.pooled import PooledTrainer
+from fedsim.worker import BackboneWorker
 
 
 def _fits(cpus: float, gpus: float) -> bool:
@@ -121,8 +124,6 @@ class ActorPool:
         """
         import tempfile
 
-        from fedsim.pooled import PooledTrainer
-
         key = (cfg.ray.workers, cfg.ray.worker_cpus, cfg.ray.worker_gpus)
         if self._trainer is not None and (
             key != self._trainer_key or not self._trainer.alive
@@ -174,8 +175,6 @@ class ActorPool:
             self._kill([self._evaluator] if self._evaluator is not None else [])
             args = (prep.model, str(prep.eval_path), *key[2:5])
             if cfg.eval.backend == "vllm":
-                from fedsim.actors import VLLMEvaluator
-
                 # vLLM may live in its own environment (it pins its own torch and
                 # transformers): the actor then starts with that interpreter.
                 env = (
@@ -211,8 +210,6 @@ class ActorPool:
     ) -> Any:
         """The Aggregator actor, reset to a fresh server state for a new run."""
         import ray
-
-        from fedsim.actors import Aggregator
 
         if self._aggregator is None:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

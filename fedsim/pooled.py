@@ -3,7 +3,7 @@
 The scenario's client shards are pooled into one stream. Each "round" trains as many optimiser
 steps of ``batch_size`` rows as a federated round takes on average (``cohort_size ×
 local_steps`` unless dropout, stragglers or a time budget take steps away: the samples of one
-federated round, ``fedsim.driver.federated_steps``) with one
+federated round, ``fedsim.prepare.federated_steps``) with one
 optimiser whose state persists for the whole run, on the same learning-rate schedule, so that
 curves line up round for round with the federated algorithms.
 
@@ -34,10 +34,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsim.actors import ModelSpec, peak_rss_mb
 from fedsim.algorithms import build_algorithm
 from fedsim.algorithms.base import LocalTraining, Weights
+from fedsim.checkpoint import RoundState
+from fedsim.config import Config
+from fedsim.data.rows import RowReader
 from fedsim.data.streams import Cursor, take
+from fedsim.machine import peak_rss_mb
+from fedsim.models.spec import ModelSpec, load_model, quiet_hf
+from fedsim.prepare import (
+    Prepared,
+    eval_due,
+    federated_steps,
+    round_lrs,
+    train_settings,
+)
+from fedsim.scenarios.silos import row_owners
 from fedsim.training import ClientTask, TrainSettings, task_flags, train_client
 
 POOLED_CLIENT = 0  # the generator key of the pooled stream
@@ -66,11 +78,53 @@ class PooledPlan:
     eval_rounds: frozenset[int]
     #: Send the training state to the driver every this many rounds (a round checkpoint).
     checkpoint_every: int = 0
-    #: Go on after a checkpoint: {round, weights, server_state, client_state, cursor}.
-    start: dict[str, Any] | None = None
+    #: The round checkpoint to go on from (the pooled stream is its client 0).
+    start: RoundState | None = None
     #: The client owning each dataset row (``fedsim.scenarios.silos.row_owners``) when the
     #: scenario transforms captions per client; None otherwise.
     row_owner: np.ndarray | None = None
+
+
+def pooled_plan(
+    cfg: Config,
+    prep: Prepared,
+    w0: dict[str, torch.Tensor],
+    start: RoundState | None = None,
+) -> PooledPlan:
+    """What the centralized run's Ray Train workers train: every client's rows pooled.
+
+    Under caption transforms the plan carries each row's owner, so that the pooled stream
+    trains on the very text the clients train on (``fedsim.pooled.pooled_task``).
+    """
+    steps = federated_steps(cfg, prep.shards, w0)
+    settings = train_settings(cfg)
+    rows = np.concatenate(prep.shards)
+    return PooledPlan(
+        model=prep.model,
+        train_path=str(prep.train_path),
+        pixel_path=prep.pixel_path,
+        bad_images=cfg.data.bad_images,
+        feature_path=prep.feature_path,
+        rows=rows,
+        w0=w0,
+        algorithm=cfg.algorithm.name,
+        params=dict(cfg.algorithm.params),
+        seed=cfg.seed,
+        rounds=cfg.rounds,
+        steps=steps,
+        batch_size=cfg.train.batch_size,
+        lrs=tuple(round_lrs(cfg, r, steps) for r in range(1, cfg.rounds + 1)),
+        settings=settings,
+        threads=cfg.ray.threads_per_worker,
+        eval_rounds=frozenset(r for r in range(1, cfg.rounds + 1) if eval_due(cfg, r)),
+        checkpoint_every=cfg.checkpoint_every,
+        start=start,
+        row_owner=(
+            row_owners(prep.shards, int(rows.max()) + 1)
+            if settings.captions is not None
+            else None
+        ),
+    )
 
 
 class AllReduceGradients(LocalTraining):
@@ -192,11 +246,9 @@ def train_loop(config: dict[str, Any]) -> None:
     """
     import ray.train
 
-    from fedsim.actors import _quiet
-
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    _quiet()
+    quiet_hf()
     backbones: dict[tuple[Any, ...], Any] = {}
     readers: dict[tuple[Any, ...], Any] = {}
     while True:
@@ -220,44 +272,18 @@ def _train_plan(
     readers: dict[tuple[Any, ...], Any],
 ) -> None:
     """One centralized run, from W_0 and a fresh optimiser, on the resident backbone."""
-    import ray
     import ray.train
 
-    from fedsim.actors import _load
-    from fedsim.data.rows import RowReader
-
-    key = (plan.model, plan.threads)
-    if key not in backbones:
-        backbones.clear()
-        backbones[key] = _load(plan.model, plan.threads)
-    backbone = backbones[key]
-    rkey = (plan.train_path, plan.pixel_path, plan.bad_images, plan.feature_path)
-    if rkey not in readers:
-        readers.clear()
-        readers[rkey] = RowReader.open(
-            plan.train_path, plan.pixel_path, plan.bad_images, plan.feature_path
-        )
-    reader = readers[rkey]
+    backbone, reader = _resident(plan, backbones, readers)
     algorithm = build_algorithm(plan.algorithm, plan.params)
     local = algorithm.local_training()
     if world > 1:
         local = AllReduceGradients(local, world)
     # A batch that does not split evenly over the workers fails here, before training.
     rank_rows(plan.steps, plan.batch_size, world, rank)
-    weights: Weights = dict(plan.w0)
-    state = algorithm.init_state(weights, 1)
-    client_state: Weights = {}
-    cursor = Cursor()
-    first = 1
-    if plan.start is not None:
-        # Every rank holds the same weights and optimiser state (gradients are all-reduced),
-        # so rank 0's, saved at the checkpoint, is every rank's.
-        weights = dict(plan.start["weights"])
-        state = dict(plan.start["server_state"])
-        client_state = dict(plan.start["client_state"])
-        cursor = Cursor(*plan.start["cursor"])
-        first = plan.start["round"] + 1
-    for rnd in range(first, plan.rounds + 1):
+    at = _Start.of(plan, algorithm)
+    weights, state, client_state, cursor = at.weights, at.state, at.client, at.cursor
+    for rnd in range(at.round + 1, plan.rounds + 1):
         t0 = time.perf_counter()
         rows, cursor = take(
             plan.rows, cursor, plan.steps * plan.batch_size, plan.seed, POOLED_CLIENT
@@ -274,34 +300,109 @@ def _train_plan(
         update = replace(res.update, num_samples=len(rows), loss=float(loss))
         out = algorithm.aggregate(weights, [update], state, rnd)
         weights, state = out.weights, out.state
-        last = rnd == plan.rounds
         if rank == 0:
-            record: dict[str, Any] = {
-                "round": rnd,
-                "clients": "pooled",
-                "samples": len(rows),
-                "loss": update.loss,
-                "lr": plan.lrs[rnd - 1][0],
-                "update_norm": out.metrics.get("update_norm"),
-                "rejected": [],
-                "train_workers": world,
-                "data_passes_max": cursor.passes,
-            }
-            if rnd in plan.eval_rounds or last:
-                record["eval"] = ray.get(evaluator.evaluate.remote(weights))
-            record["wall_seconds"] = round(time.perf_counter() - t0, 3)
-            if plan.checkpoint_every and rnd % plan.checkpoint_every == 0:
-                record["checkpoint"] = {
-                    "weights": {k: v.clone() for k, v in weights.items()},
-                    "server_state": {k: v.clone() for k, v in state.items()},
-                    "client_state": {k: v.clone() for k, v in client_state.items()},
-                    "cursor": (cursor.passes, cursor.position),
-                }
-            if last:
-                record["peak_rss_mb"] = peak_rss_mb()
-                record["final_weights"] = {k: v.clone() for k, v in weights.items()}
-            records.put(record)
+            after = _Start(rnd, weights, state, client_state, cursor)
+            records.put(
+                _rank0_record(plan, after, out.metrics, update, world, evaluator, t0)
+            )
         ray.train.report({"seed": plan.seed, "round": rnd, "loss": update.loss})
+
+
+def _resident(
+    plan: PooledPlan,
+    backbones: dict[tuple[Any, ...], Any],
+    readers: dict[tuple[Any, ...], Any],
+) -> tuple[Any, Any]:
+    """The plan's backbone and row reader, loaded once and kept while later plans share them."""
+
+    key = (plan.model, plan.threads)
+    if key not in backbones:
+        backbones.clear()
+        backbones[key] = load_model(plan.model, plan.threads)
+    rkey = (plan.train_path, plan.pixel_path, plan.bad_images, plan.feature_path)
+    if rkey not in readers:
+        readers.clear()
+        readers[rkey] = RowReader.open(
+            plan.train_path, plan.pixel_path, plan.bad_images, plan.feature_path
+        )
+    return backbones[key], readers[rkey]
+
+
+@dataclass
+class _Start:
+    """Where the pooled run stands after round ``round``: projector, server state, the pooled
+    client's state and its stream's cursor."""
+
+    round: int
+    weights: Weights
+    state: Weights
+    client: Weights
+    cursor: Cursor
+
+    @staticmethod
+    def of(plan: PooledPlan, algorithm: Any) -> _Start:
+        """W_0 and a fresh state, or the plan's checkpoint. Every rank holds the same weights
+        and optimiser state (gradients are all-reduced), so rank 0's, saved at the checkpoint,
+        is every rank's."""
+        if plan.start is None:
+            weights = dict(plan.w0)
+            return _Start(0, weights, algorithm.init_state(weights, 1), {}, Cursor())
+        st = plan.start  # the pooled stream is client 0 of the checkpoint
+        return _Start(
+            st.round,
+            dict(st.weights),
+            dict(st.server_state),
+            dict(st.clients.get(0, {})),
+            st.cursors[0],
+        )
+
+
+def _rank0_record(
+    plan: PooledPlan,
+    at: _Start,
+    metrics: Mapping[str, Any],
+    update: Any,
+    world: int,
+    evaluator: Any,
+    t0: float,
+) -> dict[str, Any]:
+    """Rank 0's record of round ``at.round`` for the driver: its evaluation when due, the
+    training state at checkpoint rounds, the final projector after the last."""
+    import ray
+
+    rnd, last = at.round, at.round == plan.rounds
+    record: dict[str, Any] = {
+        "round": rnd,
+        "clients": "pooled",
+        "samples": update.num_samples,
+        "loss": update.loss,
+        "lr": plan.lrs[rnd - 1][0],
+        "update_norm": metrics.get("update_norm"),
+        "rejected": [],
+        "train_workers": world,
+        "data_passes_max": at.cursor.passes,
+    }
+    if rnd in plan.eval_rounds or last:
+        record["eval"] = ray.get(evaluator.evaluate.remote(at.weights))
+    record["wall_seconds"] = round(time.perf_counter() - t0, 3)
+    if plan.checkpoint_every and rnd % plan.checkpoint_every == 0:
+        # The driver adds the latest evaluation and the metrics lines it has written.
+        record["checkpoint"] = RoundState(
+            round=rnd,
+            weights={k: v.clone() for k, v in at.weights.items()},
+            server_state={k: v.clone() for k, v in at.state.items()},
+            clients={0: {k: v.clone() for k, v in at.client.items()}}
+            if at.client
+            else {},
+            cursors=[at.cursor],
+            sim_clock=0.0,
+            final_eval={},
+            metrics_lines=0,
+        )
+    if last:
+        record["peak_rss_mb"] = peak_rss_mb()
+        record["final_weights"] = {k: v.clone() for k, v in at.weights.items()}
+    return record
 
 
 class PooledTrainer:

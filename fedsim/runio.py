@@ -18,6 +18,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedsim.configtools import ConfigError
+from fedsim.records import RoundRecord
+
+
+class RunError(RuntimeError):
+    """A run stopped on purpose (e.g. rejected updates under ``validation.on_reject: fail``)."""
 
 
 class RunDirError(ConfigError):
@@ -290,7 +295,7 @@ class MetricsLog:
             f.flush()
             os.fsync(f.fileno())
 
-    def read(self) -> list[dict[str, Any]]:
+    def read(self) -> list[RoundRecord]:
         return [json.loads(line) for line in self.read_lines()]
 
     def read_lines(self) -> list[str]:

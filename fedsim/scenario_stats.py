@@ -15,6 +15,7 @@ import numpy as np
 from rich.table import Table
 
 from fedsim.config import Config
+from fedsim.prepare import check_inputs, partition, training_data
 from fedsim.scenarios.silos import caption_transform, describe
 
 DOMAIN = "background+style"  # the synthetic scenes' visual domain
@@ -102,8 +103,6 @@ def view_keys(cfg: Config, columns: list[str]) -> list[str]:
 def scenario_stats(cfg: Config) -> ScenarioStats:
     """Partition the scenario's training data and count rows per client and view key."""
     import datasets
-
-    from fedsim.driver import check_inputs, partition, training_data
 
     check_inputs(cfg, model=False)  # the partition needs the data only
     path = training_data(cfg)

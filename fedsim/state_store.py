@@ -1,26 +1,16 @@
-"""Client-state stores: per-client tensors kept by the driver between rounds (``load/save``).
+"""The client-state store: per-client tensors the driver keeps between rounds (``load/save``).
 
 Actors stay stateless apart from their resident backbone; whatever a client must remember between
-the rounds it takes part in (SCAFFOLD's c_i, a persistent optimiser state) lives here, in memory or
-on disk as one safetensors file per client, so that hundreds of clients fit.
+the rounds it takes part in (SCAFFOLD's c_i, a persistent optimiser state, a personal algorithm's
+own projector) lives here, in the driver's memory, and goes into every round checkpoint
+(``snapshot``/``restore``). Its size is the per-client state times the clients that have one.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Protocol
-
 import torch
 
-from fedsim.runio import load_weights, save_weights
-
 Tensors = dict[str, torch.Tensor]
-
-
-class ClientStateStore(Protocol):
-    def load(self, client_id: int) -> Tensors: ...
-
-    def save(self, client_id: int, state: Tensors) -> None: ...
 
 
 class MemoryStore:
@@ -47,25 +37,3 @@ class MemoryStore:
         self._states = {}
         for cid, state in states.items():
             self.save(cid, state)
-
-
-class DiskStore:
-    """Client states as ``<root>/client-<id>.safetensors``, written atomically."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, client_id: int) -> Path:
-        return self.root / f"client-{client_id:07d}.safetensors"
-
-    def load(self, client_id: int) -> Tensors:
-        path = self._path(client_id)
-        return load_weights(path) if path.exists() else {}
-
-    def save(self, client_id: int, state: Tensors) -> None:
-        path = self._path(client_id)
-        if state:
-            save_weights(path, state)
-        elif path.exists():
-            path.unlink()

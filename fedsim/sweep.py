@@ -280,7 +280,7 @@ def sweep(
     show_progress: bool = True,
 ) -> SweepResult:
     """Run the selection phase, then the test phase, then write the outputs."""
-    from fedsim.driver import check_inputs, connect_ray
+    from fedsim.prepare import check_inputs, connect_ray
     from fedsim.resources import check_before_ray
 
     console = console or Console()

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ import torch
 
 from fedsim.algorithms.base import ClientUpdate, LocalTraining, Weights
 from fedsim.data.collate import training_batch
+from fedsim.data.feature_cache import cached_tower
 from fedsim.data.loaders import DataError
 from fedsim.data.rows import RowReader
 from fedsim.losses import per_example_loss, token_mean_loss
@@ -253,53 +255,11 @@ def train_cohort(
     t0 = time.perf_counter()
     loss_fn = per_example_loss if settings.loss == "per_example" else token_mean_loss
     device = next(backbone.model.parameters()).device
-    clients: list[_Client] = []
-    for task, w, module in zip(tasks, starts, _slots(backbone, len(tasks))):
-        check_projector_shapes(backbone, w, where=f"client {task.client_id} projector")
-        named = dict(module.named_parameters())
-        with torch.no_grad():
-            for name, value in w.items():
-                named[name].copy_(value)
-        opt = _optimizer(
-            list(named.values()), settings, task.lrs[0] if task.lrs else 0.0
-        )
-        if local.persistent_optimizer:
-            load_optimizer_state(opt, task.client_state)
-        flags = (
-            task.qa_flags
-            if task.qa_flags is not None
-            else task_flags(
-                task.seed,
-                task.server_round,
-                task.client_id,
-                len(task.rows),
-                settings.qa_fraction,
-            )
-        )
-        clients.append(
-            _Client(
-                task,
-                module,
-                named,
-                opt,
-                local.prepare(task.client_state, payload),
-                {k: v.detach().clone() for k, v in named.items()},
-                flags,
-            )
-        )
-    llava = backbone.model.model
-    resident = llava.multi_modal_projector
-    cohort = CohortProjector([c.module for c in clients]) if len(clients) > 1 else None
-    if cohort is not None:
-        llava.multi_modal_projector = cohort
-    tower = llava.vision_tower
-    if getattr(reader, "features", None) is not None:
-        from fedsim.data.feature_cache import cached_tower
-
-        # The reader hands out cached encoder features: the encoder is skipped.
-        llava.vision_tower = cached_tower(backbone.model)
-    backbone.model.train()
-    try:
+    clients = [
+        _start_client(backbone, task, w, module, payload, local, settings)
+        for task, w, module in zip(tasks, starts, _slots(backbone, len(tasks)))
+    ]
+    with _cohort_model(backbone, reader, clients) as cohort:
         steps = max((len(c.task.lrs) for c in clients), default=0)
         for step in range(steps):
             _cohort_step(
@@ -313,33 +273,96 @@ def train_cohort(
                 settings,
                 cohort,
             )
+    seconds = (time.perf_counter() - t0) / max(len(clients), 1)
+    return [_client_result(c, local, seconds) for c in clients]
+
+
+def _start_client(
+    backbone: Backbone,
+    task: ClientTask,
+    w: Mapping[str, torch.Tensor],
+    module: torch.nn.Module,
+    payload: Mapping[str, torch.Tensor],
+    local: LocalTraining,
+    settings: TrainSettings,
+) -> _Client:
+    """A client's slot loaded with its start weights, its optimiser (its state restored when
+    the algorithm keeps it), its algorithm context and its caption/question draws."""
+    check_projector_shapes(backbone, w, where=f"client {task.client_id} projector")
+    named = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, value in w.items():
+            named[name].copy_(value)
+    opt = _optimizer(list(named.values()), settings, task.lrs[0] if task.lrs else 0.0)
+    if local.persistent_optimizer:
+        load_optimizer_state(opt, task.client_state)
+    flags = (
+        task.qa_flags
+        if task.qa_flags is not None
+        else task_flags(
+            task.seed,
+            task.server_round,
+            task.client_id,
+            len(task.rows),
+            settings.qa_fraction,
+        )
+    )
+    return _Client(
+        task,
+        module,
+        named,
+        opt,
+        local.prepare(task.client_state, payload),
+        {k: v.detach().clone() for k, v in named.items()},
+        flags,
+    )
+
+
+@contextmanager
+def _cohort_model(
+    backbone: Backbone, reader: RowReader, clients: list[_Client]
+) -> Iterator[CohortProjector | None]:
+    """The backbone in training mode with the cohort's projectors in place of the resident one
+    (and the cached-feature tower when the reader hands out features); restored after."""
+    llava = backbone.model.model
+    resident = llava.multi_modal_projector
+    cohort = CohortProjector([c.module for c in clients]) if len(clients) > 1 else None
+    if cohort is not None:
+        llava.multi_modal_projector = cohort
+    tower = llava.vision_tower
+    if getattr(reader, "features", None) is not None:
+        # The reader hands out cached encoder features: the encoder is skipped.
+        llava.vision_tower = cached_tower(backbone.model)
+    backbone.model.train()
+    try:
+        yield cohort
     finally:
         backbone.model.eval()
         llava.vision_tower = tower
         if cohort is not None:
             llava.multi_modal_projector = resident
-    seconds = (time.perf_counter() - t0) / max(len(clients), 1)
-    results = []
-    for c in clients:
-        end = {
-            k: v.detach().to(torch.float32).clone()
-            for k, v in c.module.state_dict().items()
-        }
-        start32 = {k: v.to(torch.float32) for k, v in c.start.items()}
-        delta = {k: end[k] - start32[k] for k in end}
-        extras, new_state = local.finish(start32, end, c.task.lrs, c.ctx)
-        if local.persistent_optimizer:
-            new_state = {**new_state, **optimizer_state_to_tensors(c.opt)}
-        update = ClientUpdate(
-            client_id=c.task.client_id,
-            delta=delta,
-            num_samples=c.trained,
-            loss=float(np.mean(c.losses)) if c.losses else math.nan,
-            steps=len(c.task.lrs),
-            extras=extras,
-        )
-        results.append(ClientResult(update, new_state, seconds, c.bad_images))
-    return results
+
+
+def _client_result(c: _Client, local: LocalTraining, seconds: float) -> ClientResult:
+    """Δ_k = end − start in fp32, the algorithm's extras and new client state, the stats."""
+    end = {
+        k: v.detach().to(torch.float32).clone()
+        for k, v in c.module.state_dict().items()
+    }
+    start32 = {k: v.to(torch.float32) for k, v in c.start.items()}
+    delta = {k: end[k] - start32[k] for k in end}
+    extras, new_state = local.finish(start32, end, c.task.lrs, c.ctx)
+    if local.persistent_optimizer:
+        new_state = {**new_state, **optimizer_state_to_tensors(c.opt)}
+    update = ClientUpdate(
+        client_id=c.task.client_id,
+        delta=delta,
+        num_samples=c.trained,
+        loss=float(np.mean(c.losses)) if c.losses else math.nan,
+        steps=len(c.task.lrs),
+        extras=extras,
+    )
+    return ClientResult(update, new_state, seconds, c.bad_images)
 
 
 def _cohort_step(
@@ -354,45 +377,10 @@ def _cohort_step(
     cohort: CohortProjector | None,
 ) -> None:
     """Local step ``step`` of every client that has one, in one forward/backward pass."""
-    prompts: list[str] = []
-    targets: list[str] = []
-    pixel_parts: list[torch.Tensor] = []
-    active: list[tuple[int, _Client, int]] = []  # (slot, client, examples)
-    for slot, c in enumerate(clients):
-        if step >= len(c.task.lrs):
-            continue  # this client's local steps are done: left out of the batch
-        b = c.task.batch_size
-        rows = c.task.rows[step * b : (step + 1) * b]
-        data, pixels, kept = reader.read(rows, backbone)
-        c.bad_images += len(rows) - len(kept)
-        if pixels is None:  # every image of the step was unreadable (skip policy)
-            if getattr(local, "collective", False):
-                raise DataError(
-                    f"client {c.task.client_id}: every image of step {step} is unreadable; "
-                    "data-parallel training cannot skip a step on one worker"
-                )
-            continue
-        # The caption transforms of the scenario, keyed by (seed, owner, row).
-        data = training_text(data, c.task, np.asarray(kept) + step * b, settings)
-        qa = c.flags[step * b : (step + 1) * b][kept]
-        if "question" in data:
-            prompts += [
-                backbone.qa_prompt.format(question=q) if f else backbone.caption_prompt
-                for q, f in zip(data["question"], qa)
-            ]
-            targets += [
-                a if f else cap
-                for a, cap, f in zip(data["answer"], data["caption"], qa)
-            ]
-        else:  # a caption corpus: LLaVA's stage-1 plain template, the image then the caption
-            prompts += [backbone.caption_prompt] * len(kept)
-            targets += list(data["caption"])
-        pixel_parts.append(pixels)
-        active.append((slot, c, len(kept)))
-        c.trained += len(kept)
-    if not active:
+    inputs = _step_inputs(backbone, reader, clients, step, local, settings)
+    if inputs is None:
         return
-    pixels = pixel_parts[0] if len(pixel_parts) == 1 else torch.cat(pixel_parts, 0)
+    prompts, targets, pixels, active = inputs
     batch = {
         k: v.to(device)
         for k, v in training_batch(
@@ -432,3 +420,55 @@ def _cohort_step(
             torch.nn.utils.clip_grad_norm_(list(c.named.values()), settings.grad_clip)
         c.opt.step()
         c.losses.append(float(loss.detach()))
+
+
+def _step_inputs(
+    backbone: Backbone,
+    reader: RowReader,
+    clients: list[_Client],
+    step: int,
+    local: LocalTraining,
+    settings: TrainSettings,
+) -> tuple[list[str], list[str], torch.Tensor, list[tuple[int, _Client, int]]] | None:
+    """Step ``step``'s prompts, targets and pixels of every client that has the step, and
+    (slot, client, examples) of each in batch order; None when no client has a readable row."""
+    prompts: list[str] = []
+    targets: list[str] = []
+    pixel_parts: list[torch.Tensor] = []
+    active: list[tuple[int, _Client, int]] = []  # (slot, client, examples)
+    for slot, c in enumerate(clients):
+        if step >= len(c.task.lrs):
+            continue  # this client's local steps are done: left out of the batch
+        b = c.task.batch_size
+        rows = c.task.rows[step * b : (step + 1) * b]
+        data, pixels, kept = reader.read(rows, backbone)
+        c.bad_images += len(rows) - len(kept)
+        if pixels is None:  # every image of the step was unreadable (skip policy)
+            if getattr(local, "collective", False):
+                raise DataError(
+                    f"client {c.task.client_id}: every image of step {step} is unreadable; "
+                    "data-parallel training cannot skip a step on one worker"
+                )
+            continue
+        # The caption transforms of the scenario, keyed by (seed, owner, row).
+        data = training_text(data, c.task, np.asarray(kept) + step * b, settings)
+        qa = c.flags[step * b : (step + 1) * b][kept]
+        if "question" in data:
+            prompts += [
+                backbone.qa_prompt.format(question=q) if f else backbone.caption_prompt
+                for q, f in zip(data["question"], qa)
+            ]
+            targets += [
+                a if f else cap
+                for a, cap, f in zip(data["answer"], data["caption"], qa)
+            ]
+        else:  # a caption corpus: LLaVA's stage-1 plain template, the image then the caption
+            prompts += [backbone.caption_prompt] * len(kept)
+            targets += list(data["caption"])
+        pixel_parts.append(pixels)
+        active.append((slot, c, len(kept)))
+        c.trained += len(kept)
+    if not active:
+        return None
+    pixels = pixel_parts[0] if len(pixel_parts) == 1 else torch.cat(pixel_parts, 0)
+    return prompts, targets, pixels, active

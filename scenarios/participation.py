@@ -6,7 +6,9 @@ what happened in earlier rounds, on workers, or on a resume.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -101,9 +103,10 @@ def assign_tiers(num_clients: int, shares: tuple[float, ...], seed: int) -> np.n
 
 @dataclass(frozen=True)
 class ParticipationSpec:
-    """The scenario's participation model (fields of ``scenario`` in the run config)."""
+    """The scenario's participation model: the fields of ``scenario`` in the run config that
+    share its names (:meth:`of` copies them)."""
 
-    sampling: str = "uniform"  # uniform | size_weighted
+    participation: str = "uniform"  # uniform | size_weighted
     cohort_size: int = 10
     availability: str = "always"  # always | diurnal
     diurnal_period: int = 24
@@ -115,6 +118,14 @@ class ParticipationSpec:
     step_seconds: float = 0.05
     time_budget: float | None = None
     deadline: float | None = None
+
+    @classmethod
+    def of(cls, scenario: Any) -> ParticipationSpec:
+        """The participation fields of a scenario config (any object with these names)."""
+        values = {f.name: getattr(scenario, f.name) for f in dataclasses.fields(cls)}
+        return cls(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        )
 
 
 @dataclass(frozen=True)
@@ -165,13 +176,13 @@ def plan_round(
     elif len(online) == num_clients:
         sampled = (
             size_weighted_cohort(sizes, k, seed, server_round)
-            if spec.sampling == "size_weighted"
+            if spec.participation == "size_weighted"
             else uniform_cohort(num_clients, k, seed, server_round)
         )
     else:
         rng = np.random.default_rng([seed, COHORT_STREAM, server_round])
         p = None
-        if spec.sampling == "size_weighted":
+        if spec.participation == "size_weighted":
             w = np.asarray(sizes, dtype=np.float64)[online]
             p = w / w.sum()
         sampled = sorted(int(c) for c in rng.choice(online, size=k, replace=False, p=p))

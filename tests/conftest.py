@@ -50,9 +50,9 @@ def ray_session():
     if not ray.is_initialized():
         import logging
 
-        from fedsim.driver import _loopback_only
+        from fedsim.prepare import loopback_only
 
-        with _loopback_only():
+        with loopback_only():
             ray.init(
                 address="local",
                 num_cpus=2,

@@ -24,9 +24,15 @@ def small_run(out: Path, cache_dir: Path, *extra: str) -> Any:
 
     from fedsim.config import load_config
     from fedsim.driver import run
+    from fedsim.records import check_record
+    from fedsim.runio import MetricsLog
 
     cfg = load_config(None, [*SMALL, f"cache_dir={cache_dir}", *extra])
-    return run(cfg, out, console=Console(quiet=True), show_progress=False)
+    result = run(cfg, out, console=Console(quiet=True), show_progress=False)
+    # Every line the run wrote keeps the one record schema (fedsim.records).
+    for i, record in enumerate(MetricsLog(Path(out) / "metrics.jsonl").read()):
+        check_record(record, f"{out}/metrics.jsonl line {i + 1}")
+    return result
 
 
 def cli_run_args(out: Path, cache_dir: Path, *extra: str) -> list[str]:

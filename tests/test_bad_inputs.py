@@ -421,8 +421,8 @@ def _snapshot(root: Path) -> dict[str, str]:
 def tripwires(monkeypatch):
     import ray
 
-    import fedsim.actors
     import fedsim.eval.toy_suite
+    import fedsim.models.spec
 
     def trip(what: str):
         def f(*args, **kwargs):
@@ -431,7 +431,10 @@ def tripwires(monkeypatch):
         return f
 
     monkeypatch.setattr(ray, "init", trip("Ray"))
-    monkeypatch.setattr(fedsim.actors, "_load", trip("loading the backbone"))
+    # Every process's backbone load goes through spec.load_model → spec.load_backbone.
+    monkeypatch.setattr(
+        fedsim.models.spec, "load_backbone", trip("loading the backbone")
+    )
     monkeypatch.setattr(
         fedsim.eval.toy_suite, "ensure_toy_suite", trip("building the toy suite")
     )

@@ -126,7 +126,7 @@ def test_digest_ignores_where_the_run_runs_but_not_what_it_computes():
 
 
 def test_metrics_cut_back_to_the_checkpoint(tmp_path):
-    from fedsim.driver import cut_metrics
+    from fedsim.checkpoint import cut_metrics
 
     log = MetricsLog(tmp_path / "metrics.jsonl")
     for r in range(4):
@@ -187,7 +187,7 @@ def test_checksums_recorded_and_an_altered_file_is_damage(tmp_path):
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_and_says_so(tmp_path):
     from rich.console import Console
 
-    from fedsim.driver import find_checkpoint
+    from fedsim.checkpoint import find_checkpoint
 
     cfg = _interrupted_run(tmp_path)
     newest = tmp_path / "checkpoints" / "round-000002" / "clients.safetensors"
@@ -208,7 +208,8 @@ def _interrupted_state(r: int) -> RoundState:
 
 
 def test_every_checkpoint_damaged_is_an_error(tmp_path):
-    from fedsim.driver import RunError, find_checkpoint
+    from fedsim.checkpoint import find_checkpoint
+    from fedsim.runio import RunError
 
     cfg = _interrupted_run(tmp_path)
     for p in checkpoint_dirs(tmp_path):
@@ -226,7 +227,8 @@ def test_every_checkpoint_damaged_is_an_error(tmp_path):
     ],
 )
 def test_failed_resume_checks_change_no_byte(tmp_path, damage, message):
-    from fedsim.driver import RunError, resume_run
+    from fedsim.driver import resume_run
+    from fedsim.runio import RunError
 
     _interrupted_run(tmp_path)
     log = tmp_path / "metrics.jsonl"
@@ -261,8 +263,7 @@ def _digest_of(run_dir) -> str:
 
 
 def test_resume_cleans_the_temporaries_of_killed_writes(tmp_path):
-    from fedsim.checkpoint import temp_leftovers
-    from fedsim.driver import cut_metrics
+    from fedsim.checkpoint import cut_metrics, temp_leftovers
 
     _interrupted_run(tmp_path)
     (tmp_path / "final").mkdir()
@@ -339,8 +340,8 @@ def load_checkpoint_weights(stem):
 
 def test_resume_may_move_the_cache_and_the_workers(tmp_path):
     """--set cache_dir=… on resume was documented as allowed and always refused (digest)."""
+    from fedsim.checkpoint import find_checkpoint
     from fedsim.config import load_config
-    from fedsim.driver import find_checkpoint
 
     _interrupted_run(tmp_path)
     moved = ["cache_dir=/elsewhere", "ray.workers=7", "ray.task_retries=0"]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedsim.actors import ModelSpec
 from fedsim.cost import TokenCost
 from fedsim.data.scenes_dataset import ensure_scenes
 from fedsim.data.synthetic import SceneSpec
-from fedsim.driver import _cohorts
+from fedsim.models.spec import ModelSpec
+from fedsim.rounds import cohorts
 from fedsim.training import ClientTask, task_flags
 
 
@@ -42,5 +42,5 @@ def test_cohorts_follow_cost_then_client_id():
         return ClientTask(cid, 1, 0, np.arange(4), (1e-3,), 4, cost=cost)
 
     tasks = [task(3, 50), task(1, 70), task(8, 50), task(5, 90), task(2, 10)]
-    groups = _cohorts(tasks, 2)
+    groups = cohorts(tasks, 2)
     assert [[t.client_id for t in g] for g in groups] == [[5, 1], [3, 8], [2]]

@@ -107,7 +107,7 @@ def test_export_reloads_with_transformers_and_answers_as_in_the_run(
     # scenes exactly as the run's own final evaluation did.
     import datasets
 
-    from fedsim.driver import prepare
+    from fedsim.prepare import prepare
 
     cfg = load_config(str(toy_run / "config.yaml"))
     rows = datasets.load_from_disk(str(prepare(cfg).eval_path))[:]
@@ -128,8 +128,8 @@ def test_export_reloads_with_transformers_and_answers_as_in_the_run(
 @pytest.mark.slow
 def test_hf_backend_on_the_toy_suite_end_to_end(toy_run, suite_root):
     from fedsim.eval.answers import read_answers
-    from fedsim.eval.run import evaluate_run
     from fedsim.eval.suite import get, locate
+    from fedsim.evaluate import evaluate_run
     from fedsim.runio import load_weights, weights_digest
 
     results = evaluate_run(toy_run, BENCHES, suite_root, backend="hf", batch_size=64)

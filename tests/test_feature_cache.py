@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.actors import ModelSpec
 from fedsim.algorithms.base import LocalTraining
 from fedsim.data import feature_cache
+from fedsim.data.feature_store import FeatureStore
 from fedsim.data.rows import RowReader
 from fedsim.data.scenes_dataset import ensure_scenes
 from fedsim.data.synthetic import SceneSpec
 from fedsim.models.backbone import init_projector
+from fedsim.models.spec import ModelSpec
 from fedsim.training import ClientTask, TrainSettings, train_client, train_cohort
 
 
@@ -30,7 +31,7 @@ def test_features_equal_the_encoder_and_training_is_unchanged(
     spec = ModelSpec(str(toy_path), None, "mlp2x_gelu", "float32", "cpu")
     path = feature_cache.ensure_feature_cache(tmp_path, spec, scenes, None)
     assert path.exists() and path.suffix == ".arrow"
-    store = feature_cache.FeatureStore(path)
+    store = FeatureStore(path)
     plain = RowReader.open(str(scenes))
     assert len(store) == len(plain) == 300
     # The stored features are what transformers' get_image_features gives the projector.

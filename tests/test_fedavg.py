@@ -4,9 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsim.actors import Aggregator, validate_update
+from fedsim.aggregator import Aggregator
 from fedsim.algorithms import ClientUpdate, build_algorithm
-from fedsim.algorithms.base import weighted_sum
+from fedsim.algorithms.base import validate_update, weighted_sum
 
 
 def upd(cid, n, **delta):

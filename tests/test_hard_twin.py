@@ -84,7 +84,7 @@ def scenes(cache_dir):
     """The 2 000 training scenes of tests/small_runs.py (cached), as a row reader."""
     from fedsim.data.rows import RowReader
     from fedsim.data.scenes_dataset import ensure_scenes
-    from fedsim.driver import DATA_SEED, TRAIN_STREAM
+    from fedsim.prepare import DATA_SEED, TRAIN_STREAM
 
     path = ensure_scenes(cache_dir, SPEC, DATA_SEED, TRAIN_STREAM, 2000)
     return path, RowReader.open(str(path))
@@ -146,7 +146,7 @@ def test_noisy_rows_are_keyed_by_seed_client_row_with_a_binomial_share(q):
 
 def test_toy_hard_noisy_rows_come_in_the_configured_shares(scenes):
     """Through the config: toy-hard's noisy silos and rows, over its partition of the data."""
-    from fedsim.driver import partition
+    from fedsim.prepare import partition
 
     path, _ = scenes
     cfg = load_config("toy-hard", ["data.num_scenes=2000"])
@@ -268,17 +268,17 @@ def test_every_caption_the_transforms_write_tokenizes_without_unknown_tokens(toy
     ],
 )
 def test_transforms_off_build_nothing(overrides):
-    from fedsim.driver import _settings
+    from fedsim.prepare import train_settings
 
     cfg = load_config(None, overrides)
     assert caption_transform(cfg) is None
-    assert _settings(cfg).captions is None
+    assert train_settings(cfg).captions is None
 
 
 def test_every_existing_preset_reads_the_dataset_bytes(scenes):
     """The presets shipped before hard twins (all but toy-hard) build no transform, so the
     training hook hands back the very rows read; their results cannot change."""
-    from fedsim.driver import _settings
+    from fedsim.prepare import train_settings
     from fedsim.training import ClientTask, training_text
 
     _, reader = scenes
@@ -299,7 +299,7 @@ def test_every_existing_preset_reads_the_dataset_bytes(scenes):
             cfg.scenario.caption_noise,
             cfg.scenario.caption_styles,
         ) == (0.0, 0.0, 1), name
-        settings = _settings(cfg)
+        settings = train_settings(cfg)
         assert settings.captions is None, name
         task = ClientTask(5, 1, cfg.seed, rows, (1e-3,), len(rows))
         assert training_text(data, task, np.arange(len(rows)), settings) is data
@@ -346,10 +346,10 @@ def test_style_zero_clean_clients_keep_their_rows_and_training_bits(toy, scenes)
 
 
 def test_pooled_stream_transforms_each_row_as_its_owner_does(toy_path, scenes):
-    from fedsim.actors import ModelSpec
     from fedsim.data.streams import Cursor, take
-    from fedsim.driver import Prepared, _settings, partition, pooled_plan
-    from fedsim.pooled import POOLED_CLIENT, pooled_task
+    from fedsim.models.spec import ModelSpec
+    from fedsim.pooled import POOLED_CLIENT, pooled_plan, pooled_task
+    from fedsim.prepare import Prepared, partition, train_settings
     from fedsim.training import ClientTask, training_text
 
     path, reader = scenes
@@ -359,7 +359,7 @@ def test_pooled_stream_transforms_each_row_as_its_owner_does(toy_path, scenes):
     model = ModelSpec(str(toy_path), None, "mlp2x_gelu", "float32", "cpu")
     plan = pooled_plan(cfg, Prepared(model, path, path, shards), {})
     assert sorted(plan.rows.tolist()) == sorted(owner_of)
-    fed = _settings(cfg)
+    fed = train_settings(cfg)
     changed = seen = 0
     cursor = Cursor()
     for rnd in range(1, cfg.rounds + 1):
@@ -531,7 +531,7 @@ def test_centralized_takes_the_federated_runs_samples():
     import torch
 
     from fedsim.config import load_config
-    from fedsim.driver import federated_steps
+    from fedsim.prepare import federated_steps
 
     w0 = {"w": torch.zeros(4, 4)}
     default = load_config(None, [])

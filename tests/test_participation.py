@@ -32,7 +32,7 @@ def test_defaults_are_uniform_sampling_with_full_local_steps():
 
 
 def test_size_weighted_first_pick_is_proportional_to_size():
-    spec = ParticipationSpec(sampling="size_weighted", cohort_size=1)
+    spec = ParticipationSpec(participation="size_weighted", cohort_size=1)
     picks = np.array(
         [plan_round(spec, SIZES, 1, 0, 0, r).cohort[0] for r in range(1, 6001)]
     )

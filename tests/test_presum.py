@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 
-from fedsim.actors import presum
 from fedsim.algorithms.base import (
     ClientUpdate,
     combine_partial_sums,
@@ -19,6 +18,7 @@ from fedsim.algorithms.base import (
 )
 from fedsim.algorithms.registry import available, build_algorithm
 from fedsim.training import ClientResult
+from fedsim.worker import presum
 
 SHAPES = {"linear_1.weight": (6, 4), "linear_1.bias": (6,), "linear_2.weight": (3, 6)}
 

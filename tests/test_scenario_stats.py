@@ -37,7 +37,7 @@ def _cfg(preset, lcs, cache, *extra):
 
 def test_iid_split_of_a_corpus_without_the_label_column(lcs, tmp_path):
     """lcs558k-iid: its label (shape, the default) is no column of LCS-558K and is not used."""
-    from fedsim.driver import partition, training_data
+    from fedsim.prepare import partition, training_data
     from fedsim.scenario_stats import TOP, scenario_stats
 
     cfg = _cfg("lcs558k-iid", lcs, tmp_path)

@@ -23,7 +23,7 @@ TINY = [
 
 def test_partitions_are_identical_for_a_seed_and_independent_of_workers(cache_dir):
     from fedsim.data.scenes_dataset import ensure_scenes
-    from fedsim.driver import DATA_SEED, TRAIN_STREAM, partition
+    from fedsim.prepare import DATA_SEED, TRAIN_STREAM, partition
 
     for name in TWINS:
         base = [*TINY, f"cache_dir={cache_dir}"]

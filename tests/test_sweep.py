@@ -103,11 +103,11 @@ def test_sweep_selects_on_validation_only_and_reproduces_its_selection(
 ):
     """Selection never asks for the test scenes; the test phase does; a rerun trains nothing
     and writes the same selection from the stored validation scores."""
-    import fedsim.driver as driver
+    import fedsim.prepare as prepare
     import fedsim.sweep as sweep_mod
 
     calls: list[object] = []
-    real_scenes, real_phase = driver.ensure_scenes, sweep_mod._run_phase
+    real_scenes, real_phase = prepare.ensure_scenes, sweep_mod._run_phase
 
     def scenes(cache, scene, seed, stream, n):
         calls.append(stream)
@@ -117,7 +117,7 @@ def test_sweep_selects_on_validation_only_and_reproduces_its_selection(
         calls.append("phase")
         return real_phase(*args, **kwargs)
 
-    monkeypatch.setattr(driver, "ensure_scenes", scenes)
+    monkeypatch.setattr(prepare, "ensure_scenes", scenes)
     monkeypatch.setattr(sweep_mod, "_run_phase", phase)
     overrides = [*SMALL, f"cache_dir={cache_dir}", "eval_every=0", "eval.benchmarks=[]"]
     spec = _spec(
@@ -135,9 +135,9 @@ def test_sweep_selects_on_validation_only_and_reproduces_its_selection(
     second = calls.index("phase", 1)
     selection_streams = [c for c in calls[:second] if c != "phase"]
     test_streams = [c for c in calls[second:] if c != "phase"]
-    assert driver.EVAL_STREAM not in selection_streams
-    assert driver.VALIDATION_STREAM in selection_streams
-    assert driver.EVAL_STREAM in test_streams
+    assert prepare.EVAL_STREAM not in selection_streams
+    assert prepare.VALIDATION_STREAM in selection_streams
+    assert prepare.EVAL_STREAM in test_streams
     # Every selection run was evaluated on the validation split, every test run on the test one.
     for cfg in (out / "select").glob("*/*/seed-*/config.yaml"):
         assert "eval_split: validation" in cfg.read_text()

@@ -46,7 +46,7 @@ def test_the_shipped_build_passed_its_gates():
 
 def test_the_default_run_uses_the_shipped_backbone(tmp_path):
     from fedsim.config import load_config
-    from fedsim.driver import resolve_backbone
+    from fedsim.models.spec import resolve_backbone
 
     spec = resolve_backbone(load_config(None, [f"cache_dir={tmp_path}"]))
     assert spec.backbone_path == str(REFERENCE_DIR)

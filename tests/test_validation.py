@@ -11,8 +11,8 @@ import pytest
 import torch
 from small_runs import NO_EVAL, cli_run_args, small_run
 
-from fedsim.actors import Aggregator, validate_update
-from fedsim.algorithms.base import ClientUpdate
+from fedsim.aggregator import Aggregator
+from fedsim.algorithms.base import ClientUpdate, validate_update
 from fedsim.config import ConfigError, load_config
 
 W = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([[0.5, -0.5]])}

@@ -25,9 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsim.data.feature_store import COLUMN
 from fedsim.data.pixel_cache import _fingerprint
+from fedsim.data.rows import RowReader
+from fedsim.models.spec import load_model, quiet_hf
 
-COLUMN = "features"
 BATCH = 256
 
 
@@ -101,11 +103,9 @@ class FeatureEncoder:
     def __init__(
         self, spec: Any, dataset_path: str, pixel_path: str | None, threads: int
     ) -> None:
-        from fedsim.actors import _load, _quiet
-        from fedsim.data.rows import RowReader
 
-        _quiet()
-        self.backbone = _load(spec, threads)
+        quiet_hf()
+        self.backbone = load_model(spec, threads)
         self.reader = RowReader.open(dataset_path, pixel_path, "fail")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -186,9 +186,7 @@ def ensure_feature_cache(
     """The feature cache of this dataset under this backbone, built once (needs Ray running)."""
     import datasets
 
-    from fedsim.actors import _load
-
-    probe = _load(spec, 1)
+    probe = load_model(spec, 1)
     path = cache_path(
         cache_dir,
         dataset_path,
@@ -197,7 +195,6 @@ def ensure_feature_cache(
     )
     if path.exists():
         return path
-    from fedsim.data.rows import RowReader
 
     ds = datasets.load_from_disk(str(dataset_path))
     reader = RowReader(ds, pixel_path, "fail")
@@ -207,29 +204,6 @@ def ensure_feature_cache(
     return build_feature_cache(
         path, spec, dataset_path, pixel_path, len(ds), (int(shape[0]), int(shape[1]))
     )
-
-
-class FeatureStore:
-    """The memory-mapped cache: ``store[ids]`` → ``[len(ids), T, D]`` float32."""
-
-    def __init__(self, path: str | Path) -> None:
-        import pyarrow as pa
-
-        self.path = str(path)
-        source = pa.memory_map(self.path, "r")
-        table = pa.ipc.open_file(source).read_all()
-        meta = table.schema.metadata or {}
-        self.tokens = int(meta[b"tokens"])
-        self.dim = int(meta[b"dim"])
-        column = table.column(COLUMN).combine_chunks()
-        flat = column.values.to_numpy(zero_copy_only=True)
-        self.array = flat.reshape(len(table), self.tokens, self.dim)
-
-    def __len__(self) -> int:
-        return self.array.shape[0]
-
-    def __getitem__(self, ids: list[int]) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.array[ids]))
 
 
 class CachedVisionTower(torch.nn.Module):

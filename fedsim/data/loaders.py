@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedsim.configtools import ConfigError
+from fedsim.configtools import ConfigError, read_user_text
+from fedsim.data.images import decode_image
 
 CHUNK = 50_000
 
@@ -144,7 +145,6 @@ def _need(path: str, what: str, hint: str = "") -> Path:
 
 def _read_json(path: Path) -> Any:
     """A corpus JSON file; not UTF-8 or not JSON is a DataError naming it and the line."""
-    from fedsim.configtools import read_user_text
 
     text = read_user_text(path, error=DataError)
     try:
@@ -383,7 +383,6 @@ def _stat(path: str) -> list[Any]:
 def _check_decodes(img: dict[str, Any], name: str, record: str) -> None:
     """``bad_images: fail`` promises to stop on a bad image: decode each one while the corpus
     is built, before a run folder exists, rather than in a worker rounds later."""
-    from fedsim.data.rows import decode_image
 
     try:
         decode_image(img)

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsim.data.images import decode_image
+
 AUTO_MAX_BYTES = 4 * 1024**3
 _BATCH = 512
 
@@ -53,9 +55,8 @@ def process(image_processor: Any, images: Sequence[Any]) -> np.ndarray:
 
     ``images``: PIL images (generated scenes, an Image feature) or the ``{bytes, path}``
     structs stored corpora keep, decoded here exactly as training decodes them
-    (:func:`fedsim.data.rows.decode_image`), so both paths give the same pixels.
+    (:func:`fedsim.data.images.decode_image`), so both paths give the same pixels.
     """
-    from fedsim.data.rows import decode_image
 
     images = [decode_image(x) if isinstance(x, dict) else x for x in images]
     out = image_processor(list(images), return_tensors="pt")["pixel_values"]

@@ -11,7 +11,6 @@ Both paths give the same tensors for the same images.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,22 +18,10 @@ import numpy as np
 import torch
 
 from fedsim.data.collate import pixel_values
+from fedsim.data.feature_store import FeatureStore
+from fedsim.data.images import decode_image
 from fedsim.data.loaders import DataError
 from fedsim.data.pixel_cache import PixelStore
-
-
-def decode_image(entry: dict[str, Any]) -> Any:
-    """A PIL image from a ``datasets.Image`` storage entry, as ``datasets`` decodes it."""
-    from PIL import Image
-
-    if entry.get("bytes"):
-        image = Image.open(io.BytesIO(entry["bytes"]))
-    elif entry.get("path"):
-        image = Image.open(entry["path"])
-    else:
-        raise OSError("no bytes and no path")
-    image.load()
-    return image
 
 
 class RowReader:
@@ -52,8 +39,6 @@ class RowReader:
         feature_path: str | None = None,
     ) -> None:
         import datasets
-
-        from fedsim.data.feature_cache import FeatureStore
 
         self.pixels = PixelStore(pixel_path) if pixel_path else None
         #: Cached vision features: ``read`` then returns them in place of pixel values.

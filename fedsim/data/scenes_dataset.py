@@ -136,17 +136,3 @@ def ensure_scenes(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def cached_scenes(
-    cache_dir: Path,
-    spec: SceneSpec,
-    seed: int,
-    stream: int,
-    num_scenes: int,
-    num_proc: int | None = None,
-) -> datasets.Dataset:
-    """The scene dataset for these arguments, memory-mapped from ``cache_dir`` (built if missing)."""
-    return datasets.load_from_disk(
-        str(ensure_scenes(cache_dir, spec, seed, stream, num_scenes, num_proc))
-    )

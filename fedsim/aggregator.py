@@ -1,0 +1,178 @@
+"""The Aggregator actor: the algorithm's server half over each round's updates, its server
+state, the rejection of invalid updates and the per-round diagnostics."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fedsim.algorithms import build_algorithm
+from fedsim.algorithms.base import (
+    ClientUpdate,
+    PartialSum,
+    Weights,
+    combine_partial_sums,
+    global_norm,
+    validate_update,
+)
+from fedsim.algorithms.diagnostics import round_diagnostics, step_diagnostics, step_of
+from fedsim.machine import node_id, peak_rss_mb
+
+# Server-state keys that hold the previous global step (diagnostics), not the algorithm's state.
+_PREVIOUS = "diagnostics/previous_step/"
+
+
+class Aggregator:
+    """Runs the algorithm's server half over each round's updates; keeps its server state."""
+
+    def __init__(
+        self,
+        algorithm: str,
+        params: Mapping[str, Any],
+        weights: Weights,
+        num_clients: int | None = None,
+    ) -> None:
+        self.reset(algorithm, params, weights, num_clients)
+
+    def reset(
+        self,
+        algorithm: str,
+        params: Mapping[str, Any],
+        weights: Weights,
+        num_clients: int | None = None,
+        max_norm: float | None = None,
+        on_reject: str = "continue",
+        diagnostics: bool = False,
+    ) -> None:
+        """Start over for a new run: a fresh algorithm instance and its initial server state."""
+        self.algorithm = build_algorithm(algorithm, params)
+        self.state = self.algorithm.init_state(weights, num_clients)
+        self.max_norm = max_norm
+        self.on_reject = on_reject
+        self.diagnostics = diagnostics
+        # ΔW_{t−1} for the oscillation diagnostic; saved with the server state so that a resumed
+        # run reports the same values.
+        self.previous_step: Weights | None = None
+
+    def _policy(
+        self, weights: Weights, rejected: Sequence[dict[str, Any]], any_accepted: bool
+    ) -> dict[str, Any] | None:
+        """The round's metrics when it must not aggregate (nothing accepted, or skip_round)."""
+        metrics: dict[str, Any] = {
+            "rejected": sorted(rejected, key=lambda r: r["client_id"])
+        }
+        if not any_accepted:
+            metrics["update_norm"] = 0.0
+            metrics["action"] = "no accepted update: W_t kept"
+            return metrics
+        if rejected and self.on_reject == "skip_round":
+            metrics["update_norm"] = 0.0
+            metrics["action"] = "skip_round: W_t and server state kept"
+            return metrics
+        return None
+
+    def payload(self) -> Weights:
+        return self.algorithm.server_payload(self.state)
+
+    def server_state(self) -> Weights:
+        """The algorithm's server state (momentum, bases, ...), saved with the run.
+
+        With diagnostics on, the previous global step rides along under ``diagnostics/``.
+        """
+        out = {k: v.contiguous() for k, v in self.state.items()}
+        if self.previous_step is not None:
+            out.update(
+                {_PREVIOUS + k: v.contiguous() for k, v in self.previous_step.items()}
+            )
+        return out
+
+    def load_state(self, state: Weights) -> None:
+        """Continue from a checkpoint's server state (after :meth:`reset`)."""
+        self.state = {
+            k: v.clone() for k, v in state.items() if not k.startswith(_PREVIOUS)
+        }
+        previous = {
+            k[len(_PREVIOUS) :]: v.clone()
+            for k, v in state.items()
+            if k.startswith(_PREVIOUS)
+        }
+        self.previous_step = previous or None
+
+    def _diagnose(
+        self,
+        weights: Weights,
+        new: Weights,
+        updates: Sequence[ClientUpdate] | None,
+        metrics: dict[str, Any],
+    ) -> None:
+        """Add ``metrics["diagnostics"]`` (when on) and remember this round's global step."""
+        if not self.diagnostics:
+            return
+        step = step_of(new, weights)
+        if updates:
+            metrics["diagnostics"] = round_diagnostics(
+                updates, step, self.previous_step
+            )
+        elif self.previous_step is not None:
+            # Pre-summed rounds: only the global step is seen, not the clients'.
+            metrics["diagnostics"] = step_diagnostics(step, self.previous_step)
+        self.previous_step = step
+
+    def aggregate(
+        self, weights: Weights, updates: Sequence[ClientUpdate], server_round: int
+    ) -> tuple[Weights, dict[str, Any]]:
+        """Validate, sort by client id, aggregate. Rejected updates are reported, never averaged."""
+        accepted, rejected = [], []
+        for u in sorted(updates, key=lambda u: u.client_id):
+            reason = validate_update(u, weights, self.max_norm)
+            if reason is None:
+                accepted.append(u)
+            else:
+                rejected.append({"client_id": u.client_id, "reason": reason})
+        stop = self._policy(weights, rejected, bool(accepted))
+        if stop is not None:
+            return dict(weights), stop
+        metrics: dict[str, Any] = {"rejected": rejected}
+        result = self.algorithm.aggregate(weights, accepted, self.state, server_round)
+        self.state = result.state
+        metrics.update(result.metrics)
+        metrics.setdefault(
+            "update_norm",
+            global_norm({k: result.weights[k] - weights[k] for k in weights}),
+        )
+        self._diagnose(weights, result.weights, accepted, metrics)
+        return result.weights, metrics
+
+    def aggregate_partials(
+        self,
+        weights: Weights,
+        parts: Sequence[PartialSum],
+        rejected: Sequence[dict[str, Any]],
+        server_round: int,
+    ) -> tuple[Weights, dict[str, Any]]:
+        """The server half over pre-summed groups (presummable algorithms only)."""
+        stop = self._policy(weights, rejected, bool(parts))
+        if stop is not None:
+            return dict(weights), stop
+        metrics: dict[str, Any] = {
+            "rejected": sorted(rejected, key=lambda r: r["client_id"])
+        }
+        update = combine_partial_sums(parts)
+        reason = validate_update(update, weights)
+        if reason is not None:  # cannot happen for validated, finite parts
+            raise ValueError(f"round {server_round}: combined partial sums: {reason}")
+        result = self.algorithm.aggregate(weights, [update], self.state, server_round)
+        self.state = result.state
+        metrics.update(result.metrics)
+        metrics.setdefault(
+            "update_norm",
+            global_norm({k: result.weights[k] - weights[k] for k in weights}),
+        )
+        self._diagnose(weights, result.weights, None, metrics)
+        return result.weights, metrics
+
+    def peak_rss_mb(self) -> float:
+        return peak_rss_mb()
+
+    def node(self) -> str:
+        return node_id()

@@ -1,0 +1,309 @@
+"""A run's setup before and around Ray: its inputs checked, data and client shards, Ray joined.
+
+Everything here is decided by the config alone (and the data it names): the backbone spec, the
+training rows on disk and the held-out scenes, each client's shard, the participation spec and
+the per-step learning rates. :func:`prepare` does it all before Ray starts, so bad input fails
+before anything is written; :func:`connect_ray` starts a private local Ray (loopback only) or
+joins the cluster ``ray.address`` names.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedsim.config import Config, is_toy
+from fedsim.configtools import ConfigError
+from fedsim.data.loaders import ensure_corpus, missing_files
+from fedsim.data.pixel_cache import ensure_pixel_cache
+from fedsim.data.scenes_dataset import ensure_scenes
+from fedsim.models.backbone import load_image_processor
+from fedsim.models.spec import (
+    ModelSpec,
+    check_scene_fits_backbone,
+    read_manifest,
+    resolve_backbone,
+)
+from fedsim.runio import cache_folder
+from fedsim.scenarios.participation import ParticipationSpec, plan_round
+from fedsim.scenarios.partition import (
+    by_domain,
+    dirichlet,
+    dirichlet_sized,
+    iid,
+    power_law_sizes,
+    quantity,
+)
+from fedsim.scenarios.silos import caption_transform
+from fedsim.schedule import lr_at
+from fedsim.training import TrainSettings
+
+# The synthetic dataset is fixed (the run seed drives partition, sampling and training, not the
+# data); its streams differ from those the toy build pre-trains on.
+DATA_SEED = 0
+
+TRAIN_STREAM = 1
+
+EVAL_STREAM = 2  # the test split: what runs report
+
+VALIDATION_STREAM = 3  # the validation split: what `fedsim sweep` selects on
+
+
+def eval_stream(cfg: Config) -> int:
+    """The generator stream of the run's held-out scenes (``data.eval_split``)."""
+    return VALIDATION_STREAM if cfg.data.eval_split == "validation" else EVAL_STREAM
+
+
+@dataclass
+class Prepared:
+    """Resolved inputs of a run: backbone spec, dataset folders and client shards."""
+
+    model: ModelSpec
+    train_path: Path
+    eval_path: Path
+    shards: list[np.ndarray]
+    pixel_path: str | None = None
+    feature_path: str | None = None
+
+
+def cache_root(cfg: Config) -> Path:
+    """``cfg.cache_dir`` or the default cache, checked (see :func:`fedsim.runio.cache_folder`)."""
+    return cache_folder(cfg.cache_dir)
+
+
+def missing_inputs(cfg: Config, model: bool = True) -> list[str]:
+    """Every input path the config names that does not exist (backbone, LM, corpus files);
+    ``model=False``: the data's only (``scenarios show`` loads no model)."""
+
+    out = []
+    if (
+        model
+        and not is_toy(cfg.model.backbone)
+        and not Path(cfg.model.backbone).expanduser().exists()
+    ):
+        out.append(f"model.backbone {cfg.model.backbone!r}")
+    if model and cfg.model.lm and not Path(cfg.model.lm).expanduser().exists():
+        out.append(f"model.lm {cfg.model.lm!r}")
+    return out + missing_files(getattr(cfg.data, "corpora", ()))
+
+
+def check_inputs(cfg: Config, model: bool = True) -> None:
+    """One error listing every missing input, before anything is written."""
+    cache_root(cfg)  # a file where the cache folder should be
+    missing = missing_inputs(cfg, model)
+    if missing:
+        raise ConfigError(
+            f"missing input{'s' if len(missing) > 1 else ''} for scenario "
+            f"{cfg.scenario.name!r}: " + "; ".join(missing)
+        )
+
+
+def prepare(
+    cfg: Config, report: Callable[[str, int, int, float], None] | None = None
+) -> Prepared:
+    """Everything a run needs before Ray starts: backbone, data, partition."""
+    model = resolve_backbone(cfg, report)
+    check_scene_fits_backbone(cfg, read_manifest(model))
+    cache = cache_root(cfg)
+    train_path = training_data(cfg)
+    eval_path = ensure_scenes(
+        cache, cfg.data.scene, DATA_SEED, eval_stream(cfg), cfg.data.eval_scenes
+    )
+    try:
+        shards = partition(cfg, train_path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for k, shard in enumerate(shards):
+        if len(shard) == 0:
+            raise ConfigError(
+                f"scenario: client {k} has no data under partition {cfg.scenario.partition!r}"
+            )
+    pixel_path = None
+    # auto: generated scenes only (real corpora at full resolution are far larger than 4 GiB).
+    if cfg.data.pixel_cache == "on" or (
+        cfg.data.pixel_cache == "auto" and not cfg.data.corpora
+    ):
+        processor = load_image_processor(model.backbone_path, model.lm_path)
+        found = ensure_pixel_cache(
+            cache, train_path, processor, cfg.data.pixel_cache, report
+        )
+        pixel_path = str(found) if found else None
+    return Prepared(model, train_path, eval_path, shards, pixel_path)
+
+
+def training_data(cfg: Config) -> Path:
+    """The training rows on disk: the built corpus of ``data.corpora``, or generated scenes."""
+    if cfg.data.corpora:
+        return ensure_corpus(
+            cache_root(cfg), list(cfg.data.corpora), cfg.data.bad_images
+        )
+    return ensure_scenes(
+        cache_root(cfg), cfg.data.scene, DATA_SEED, TRAIN_STREAM, cfg.data.num_scenes
+    )
+
+
+def partition(cfg: Config, train_path: Path) -> list[np.ndarray]:
+    """Client shards (row ids) for the scenario's partitioner, composed with its quantity skew."""
+    import datasets
+
+    sc = cfg.scenario
+    skew = sc.quantity_skew
+    ds = datasets.load_from_disk(str(train_path))
+    if sc.partition == "iid":
+        if skew > 0:
+            return quantity(len(ds), sc.num_clients, skew, cfg.seed)
+        return iid(len(ds), sc.num_clients, cfg.seed)
+    columns = sc.label.split("+")
+    for col in columns:
+        if col not in ds.column_names:
+            raise ConfigError(
+                f"scenario.label: {col!r} is not a column of the data ({', '.join(ds.column_names)})"
+            )
+    # One key per row; several columns join as "a+b" (e.g. background+style).
+    cols = [ds.data.column(c).to_pylist() for c in columns]
+    labels = np.array(["+".join(map(str, v)) for v in zip(*cols)])
+    if sc.partition == "dirichlet":
+        if skew > 0:
+            sizes = power_law_sizes(len(labels), sc.num_clients, skew, cfg.seed)
+            return dirichlet_sized(labels, sizes, sc.dirichlet_alpha, cfg.seed)
+        return dirichlet(labels, sc.num_clients, sc.dirichlet_alpha, cfg.seed)
+    return by_domain(labels, sc.num_clients, cfg.seed, skew)
+
+
+def participation_spec(cfg: Config) -> ParticipationSpec:
+    """The scenario's participation model (:meth:`ParticipationSpec.of` its fields)."""
+    return ParticipationSpec.of(cfg.scenario)
+
+
+def train_settings(cfg: Config) -> TrainSettings:
+    return TrainSettings(
+        optimizer=cfg.train.optimizer,
+        weight_decay=cfg.train.weight_decay,
+        grad_clip=cfg.train.grad_clip,
+        loss=cfg.train.loss,
+        qa_fraction=cfg.data.qa_fraction,
+        max_update_norm=cfg.validation.max_update_norm,
+        captions=caption_transform(cfg),
+    )
+
+
+def round_lrs(cfg: Config, rnd: int, steps: int) -> tuple[float, ...]:
+    """The learning rate of each of round ``rnd``'s ``steps`` local steps (global schedule)."""
+    return tuple(
+        lr_at(
+            (rnd - 1) * steps + s,
+            cfg.rounds * steps,
+            cfg.train.lr,
+            cfg.train.warmup,
+            cfg.train.schedule,
+        )
+        for s in range(steps)
+    )
+
+
+def eval_due(cfg: Config, rnd: int) -> bool:
+    return rnd == cfg.rounds or (cfg.eval_every > 0 and rnd % cfg.eval_every == 0)
+
+
+def federated_steps(
+    cfg: Config, shards: list[np.ndarray], w0: dict[str, torch.Tensor]
+) -> int:
+    """Local steps a federated run of ``cfg`` takes per round, on average: the centralized run's
+    steps per round, so that the upper bound sees the same number of samples.
+
+    Σ over the rounds of each round's cohort's steps (:func:`plan_round`, the same pure function
+    the federated run plans with: dropout, stragglers and device tiers under a time budget take
+    steps away), divided by the rounds and rounded. Without those it is exactly
+    ``cohort_size × local_steps``.
+    """
+    spec = participation_spec(cfg)
+    sizes = np.array([len(s) for s in shards])
+    upload = sum(
+        v.numel() * 4 for v in w0.values()
+    )  # the fp32 delta, as the run uploads
+    total = sum(
+        sum(
+            plan_round(
+                spec, sizes, cfg.train.local_steps, upload, cfg.seed, r
+            ).steps.values()
+        )
+        for r in range(1, cfg.rounds + 1)
+    )
+    return max(1, round(total / cfg.rounds))
+
+
+def connect_ray(cfg: Config) -> bool:
+    """Start or join Ray; returns True when this call started it (and so should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    import logging
+
+    # Every worker process of the run first quiets Ray Train's per-report chatter.
+    env = {"worker_process_setup_hook": "fedsim.raylog.quiet_ray_train"}
+    if cfg.ray.address:
+        try:
+            ray.init(
+                address=cfg.ray.address,
+                logging_level=logging.WARNING,
+                log_to_driver=True,
+                runtime_env=env,
+            )
+        except ConnectionError as e:
+            # Something accepted the connection (resources.check_address) but is not a
+            # Ray cluster; Ray gives up after its own bounded retries (about 20 s).
+            raise ConfigError(f"ray.address {cfg.ray.address!r}: {e}") from None
+    else:
+        # A private local cluster: "local", never RAY_ADDRESS or Ray's current-cluster file
+        # (joining a cluster is only ever explicit), and on loopback (see loopback_only).
+        with loopback_only():
+            ray.init(
+                address="local",
+                num_cpus=os.cpu_count(),
+                include_dashboard=cfg.ray.dashboard,
+                dashboard_host=cfg.ray.dashboard_host,
+                logging_level=logging.ERROR,
+                log_to_driver=True,
+                runtime_env=env,
+            )
+    return True
+
+
+# Ray 2.60 switch for its single-machine mode (the macOS / Windows default).
+_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def loopback_only() -> Iterator[None]:
+    """Let the local Ray bind its servers to 127.0.0.1 instead of the machine's address.
+
+    Ray binds GCS, the raylet, every worker's gRPC server and its agents to the node IP, which
+    on Linux is the outward address (or all interfaces). In its single-machine mode the node IP
+    is 127.0.0.1, and every one of them binds there (``ss -ltnp`` during a run; README, *Safe
+    defaults*). The driver reads the switch at import time (``ray_constants``), the processes
+    Ray starts read it from the environment: both are set for the length of ``ray.init`` only.
+    """
+    from ray._private import ray_constants
+
+    saved_env = os.environ.get(_SINGLE_MACHINE)
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_SINGLE_MACHINE] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        if saved_env is None:
+            os.environ.pop(_SINGLE_MACHINE, None)
+        else:
+            os.environ[_SINGLE_MACHINE] = saved_env

@@ -30,6 +30,7 @@ from fedsim.algorithms.base import (
     AggregateResult,
     ClientUpdate,
     LocalTraining,
+    ServerDefaults,
     Weights,
     add,
     check_positive,
@@ -120,7 +121,7 @@ class ScaffoldTraining(LocalTraining):
 
 @register("scaffold", paper="Karimireddy et al. 2020, arXiv 1910.06378")
 @dataclass(frozen=True, kw_only=True)
-class Scaffold:
+class Scaffold(ServerDefaults):
     """SCAFFOLD.
 
     Attributes

@@ -22,6 +22,9 @@ from fedsim.configtools import (
 )
 from fedsim.data.loaders import CorpusSpec
 from fedsim.data.synthetic import CAPTION_STYLES, SceneSpec
+from fedsim.eval.benchmark import BenchmarkError
+from fedsim.eval.suite import TOY_SUITE, canonical
+from fedsim.scenarios import preset_path
 
 #: Names of the embedded toy backbones: the shipped reference and the one rebuilt from its recipe.
 TOY_BACKBONES = ("toy", "toy-recipe")
@@ -453,8 +456,6 @@ class EvalConfig:
                 f"eval.vllm_python: {self.vllm_python!r} does not exist (a Python executable "
                 "of an environment with vLLM)"
             )
-        from fedsim.eval.benchmark import BenchmarkError
-        from fedsim.eval.suite import TOY_SUITE, canonical
 
         for name in self.benchmarks:
             try:
@@ -617,7 +618,6 @@ def resolve_config_source(source: str | None) -> dict[str, Any]:
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return read_yaml(path)
-    from fedsim.scenarios import preset_path
 
     return read_yaml(preset_path(source))
 
@@ -634,6 +634,8 @@ def load_config(
     data = apply_overrides(data, list(overrides or []))
     data = _normalise_algorithm(data)
     cfg = from_dict(Config, data)
+    # Imported here, not at the top: the algorithms load torch (about 2 s), which the CLI's
+    # start-up (`fedsim --help`, `fedsim scenarios list`) must not pay.
     from fedsim.algorithms import build_algorithm
 
     build_algorithm(cfg.algorithm.name, cfg.algorithm.params)

@@ -277,3 +277,17 @@ def test_algorithms_list_shows_every_registered_algorithm():
     for name, cls in available().items():
         assert name in out
         assert cls.paper.split()[0] in out  # the first author (rich may wrap the rest)
+
+
+def test_every_registered_algorithm_keeps_the_protocol():
+    """What the round loops call on every algorithm: the capabilities as class attributes and
+    every method of ``Algorithm`` (a missing ``evaluate_round`` broke SCAFFOLD's runs)."""
+    from fedsim.algorithms.base import Algorithm
+    from fedsim.algorithms.registry import available, build_algorithm
+
+    for name in available():
+        algo = build_algorithm(name)
+        assert isinstance(algo, Algorithm), name
+        for flag in ("pooled", "personal", "presummable"):
+            assert isinstance(getattr(type(algo), flag), bool), (name, flag)
+        assert algo.evaluate_round(True, False) in (True, False)

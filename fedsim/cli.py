@@ -422,6 +422,7 @@ def backbones_build(
 
     import torch
 
+    from fedsim.eval.toy import score_toy_warmup
     from fedsim.models.toy import ToyBuildConfig, ToyBuildError, build_toy_backbone
     from fedsim.models.toy_reference import REFERENCE_DIR
     from fedsim.progress import build_reporter, make_progress
@@ -440,6 +441,7 @@ def backbones_build(
                 cache_dir=cache_dir,
                 report=build_reporter(progress),
                 force=force,
+                score=score_toy_warmup,
             )
     except ToyBuildError as e:
         _fail(str(e))

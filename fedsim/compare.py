@@ -155,6 +155,22 @@ def split_pooled(
     return [j for j in jobs if pooled(j)], [j for j in jobs if not pooled(j)]
 
 
+def load_configs(
+    config: str | None,
+    overrides: Sequence[str],
+    pairs: Sequence[tuple[str, int]],
+    *extra: str,
+) -> dict[tuple[str, int], Config]:
+    """The config of every (algorithm, seed) pair, in order: ``config`` with ``overrides``,
+    then the pair's algorithm and seed, then ``extra`` overrides."""
+    return {
+        (algo, seed): load_config(
+            config, [*overrides, f"algorithm.name={algo}", f"seed={seed}", *extra]
+        )
+        for algo, seed in pairs
+    }
+
+
 def compare(
     algorithms: Sequence[str],
     seeds: Sequence[int],
@@ -181,12 +197,8 @@ def compare(
     console = console or Console()
     out_dir = Path(out_dir)
     # Validate every config before any run starts.
-    configs: dict[tuple[str, int], Config] = {}
-    for algo in algorithms:
-        for seed in seeds:
-            configs[(algo, seed)] = load_config(
-                config, [*overrides, f"algorithm.name={algo}", f"seed={seed}"]
-            )
+    pairs = [(algo, seed) for algo in algorithms for seed in seeds]
+    configs = load_configs(config, overrides, pairs)
     first = next(iter(configs.values()))
     if lanes is not None and lanes < 1:
         raise ConfigError(f"--lanes: must be >= 1, got {lanes}")
@@ -208,25 +220,16 @@ def compare(
         n_lanes = min(n_lanes, max(len(laned), 1))
         if n_lanes > 1:
             # Each lane has one BackboneWorker (results do not depend on the worker count).
-            for algo, seed in laned:
-                configs[(algo, seed)] = load_config(
-                    config,
-                    [
-                        *overrides,
-                        f"algorithm.name={algo}",
-                        f"seed={seed}",
-                        "ray.workers=1",
-                    ],
-                )
+            configs.update(load_configs(config, overrides, laned, "ray.workers=1"))
         import ray
 
         started = connect_ray(first)
         try:
-            with _progress(console, show_progress, len(todo)) as bar:
+            with run_progress(console, show_progress, len(todo)) as bar:
                 if pooled:
-                    _run_lanes(pooled, configs, run_dirs, finals, bar, 1, resumes)
+                    run_lanes(pooled, configs, run_dirs, finals, bar, 1, resumes)
                 if laned:
-                    _run_lanes(laned, configs, run_dirs, finals, bar, n_lanes, resumes)
+                    run_lanes(laned, configs, run_dirs, finals, bar, n_lanes, resumes)
         finally:
             if started:
                 ray.shutdown()
@@ -241,7 +244,7 @@ def compare(
         lock.close()
 
 
-class _Bar:
+class RunsBar:
     """Compare's progress: one line per finished run and a bar over all of them."""
 
     def __init__(self, console: Console, progress: Progress | None, total: int) -> None:
@@ -262,9 +265,10 @@ class _Bar:
 
 
 @contextmanager
-def _progress(console: Console, show: bool, total: int) -> Iterator[_Bar]:
+def run_progress(console: Console, show: bool, total: int) -> Iterator[RunsBar]:
+    """The bar over ``total`` runs, live when ``show`` (else finished runs' lines only)."""
     if not show:
-        yield _Bar(console, None, total)
+        yield RunsBar(console, None, total)
         return
     with Progress(
         TextColumn("{task.description}"),
@@ -273,7 +277,7 @@ def _progress(console: Console, show: bool, total: int) -> Iterator[_Bar]:
         TimeElapsedColumn(),
         console=console,
     ) as progress:
-        yield _Bar(console, progress, total)
+        yield RunsBar(console, progress, total)
 
 
 def _lane(
@@ -281,7 +285,7 @@ def _lane(
     configs: dict[tuple[str, int], Config],
     run_dirs: dict[str, dict[int, Path]],
     finals: dict[str, dict[int, dict[str, float]]],
-    bar: _Bar,
+    bar: RunsBar,
     stop: threading.Event,
     resumes: set[tuple[str, int]],
 ) -> None:
@@ -314,12 +318,12 @@ def _lane(
         pool.close()
 
 
-def _run_lanes(
+def run_lanes(
     jobs: Sequence[tuple[str, int]],
     configs: dict[tuple[str, int], Config],
     run_dirs: dict[str, dict[int, Path]],
     finals: dict[str, dict[int, dict[str, float]]],
-    bar: _Bar,
+    bar: RunsBar,
     lanes: int,
     resumes: set[tuple[str, int]],
 ) -> None:
@@ -352,7 +356,8 @@ def _run_lanes(
         raise errors[0]
 
 
-def _fmt(mean: float, std: float) -> str:
+def fmt_mean_std(mean: float, std: float) -> str:
+    """A table cell: ``mean ± std`` to three decimals."""
     return f"{mean:.3f} ± {std:.3f}"
 
 
@@ -363,7 +368,7 @@ def result_table(result: Comparison) -> Table:
     for _, label in METRICS[:4]:
         table.add_column(label, justify="right")
     for algo, row in result.summary().items():
-        table.add_row(algo, *[_fmt(*row[k]) for k, _ in METRICS[:4]])
+        table.add_row(algo, *[fmt_mean_std(*row[k]) for k, _ in METRICS[:4]])
     return table
 
 
@@ -398,7 +403,7 @@ def write_outputs(result: Comparison, cfg: Config) -> None:
     for algo, row in summary.items():
         cells = []
         for k, _ in METRICS:
-            cell = _fmt(*row[k])
+            cell = fmt_mean_std(*row[k])
             cells.append(f"**{cell}**" if math.isclose(row[k][0], best[k]) else cell)
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
     lines += benchmark_lines(result)
@@ -447,7 +452,7 @@ def benchmark_lines(result: Comparison) -> list[str]:
         for col in columns:
             vals = np.array(cols.get(col, []), dtype=float)
             std = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-            cells.append(_fmt(float(vals.mean()), std) if len(vals) else "–")
+            cells.append(fmt_mean_std(float(vals.mean()), std) if len(vals) else "–")
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
     return lines
 

@@ -117,8 +117,7 @@ def bench_training(cfg: Config, s: BenchSettings, console: Console) -> dict[str,
     from fedsim.algorithms.base import LocalTraining
     from fedsim.data.rows import RowReader
     from fedsim.driver import _settings, prepare
-    from fedsim.models.backbone import init_projector, load_backbone, set_projector_
-    from fedsim.training import train_client, train_cohort
+    from fedsim.models.backbone import init_projector, load_backbone
 
     torch.set_num_threads(s.threads)
     # CUDA: TF32 convolutions (cuDNN's default) and matmuls round to 10-bit mantissas; cuDNN
@@ -145,6 +144,43 @@ def bench_training(cfg: Config, s: BenchSettings, console: Console) -> dict[str,
     w0 = init_projector(backbone, cfg.seed)
     local = LocalTraining()
     settings = _settings(cfg)  # the config's optimizer, clipping and loss, as a run has
+    one_at_a_time, cohort, fresh_per_task = _training_ways(
+        load, backbone, reader, tasks, w0, local, settings
+    )
+    console.print(
+        f"[bold]local training[/bold]: {s.clients} clients × {s.steps} steps × batch {s.batch}"
+    )
+    seconds = {
+        "resident, one client at a time": _median_seconds(
+            one_at_a_time, s.repeats, sync
+        ),
+        "resident, cohort batching": _median_seconds(cohort, s.repeats, sync),
+        "fresh model per client task (peer simulators)": _median_seconds(
+            fresh_per_task, max(1, s.repeats - 1), sync
+        ),
+    }
+    # How close cohort batching comes to one at a time (float32 summation order only: with
+    # SGD within γ_n of the delta, see tests/test_cohort.py; AdamW has no such bound), next to
+    # how close one at a time comes to itself (GPU kernels need not be deterministic).
+    a = one_at_a_time()
+    rel = _max_relative(a, cohort())
+    repeat = _max_relative(a, one_at_a_time())
+    swap_s = _swap_seconds(backbone, cfg.seed + 1, s.repeats, sync)
+    return _training_record(s, seconds, rel, repeat, swap_s, w0)
+
+
+def _training_ways(
+    load: Callable[[], Any],
+    backbone: Any,
+    reader: Any,
+    tasks: Sequence[Any],
+    w0: dict[str, torch.Tensor],
+    local: Any,
+    settings: Any,
+) -> tuple[Callable[[], list[Any]], ...]:
+    """The three ways of training ``tasks`` from ``w0``: resident one client at a time,
+    resident with cohort batching, and a fresh model (``load()``) per client task."""
+    from fedsim.training import train_client, train_cohort
 
     def one_at_a_time() -> list[Any]:
         return [
@@ -164,32 +200,35 @@ def bench_training(cfg: Config, s: BenchSettings, console: Console) -> dict[str,
             del model
         return out
 
-    console.print(
-        f"[bold]local training[/bold]: {s.clients} clients × {s.steps} steps × batch {s.batch}"
-    )
-    seconds = {
-        "resident, one client at a time": _median_seconds(
-            one_at_a_time, s.repeats, sync
-        ),
-        "resident, cohort batching": _median_seconds(cohort, s.repeats, sync),
-        "fresh model per client task (peer simulators)": _median_seconds(
-            fresh_per_task, max(1, s.repeats - 1), sync
-        ),
-    }
-    # How close cohort batching comes to one at a time (float32 summation order only: with
-    # SGD within γ_n of the delta, see tests/test_cohort.py; AdamW has no such bound), next to
-    # how close one at a time comes to itself (GPU kernels need not be deterministic).
-    a = one_at_a_time()
-    rel = _max_relative(a, cohort())
-    repeat = _max_relative(a, one_at_a_time())
-    # Projector swap (copy into the resident parameters) against one local step.
-    other = init_projector(backbone, cfg.seed + 1)
+    return one_at_a_time, cohort, fresh_per_task
+
+
+def _swap_seconds(
+    backbone: Any, seed: int, repeats: int, sync: Callable[[], None]
+) -> float:
+    """Median seconds of one projector swap (a projector drawn with ``seed`` copied into the
+    resident parameters)."""
+    from fedsim.models.backbone import init_projector, set_projector_
+
+    other = init_projector(backbone, seed)
 
     def swap() -> None:
         for _ in range(100):
             set_projector_(backbone, other)
 
-    swap_s = _median_seconds(swap, s.repeats, sync) / 100
+    return _median_seconds(swap, repeats, sync) / 100
+
+
+def _training_record(
+    s: BenchSettings,
+    seconds: dict[str, float],
+    rel: float,
+    repeat: float,
+    swap_s: float,
+    w0: dict[str, torch.Tensor],
+) -> dict[str, Any]:
+    """The training section of ``bench.json``: each way's time, rate and speed-up over one
+    at a time, the differences between ways, and the swap against one local step."""
     step_s = seconds["resident, one client at a time"] / (s.clients * s.steps)
     base = seconds["resident, one client at a time"]
     rows = {

@@ -23,7 +23,8 @@ from fedsim.data.synthetic import (
     SHAPES,
     SIZES,
 )
-from fedsim.eval.generation import GenerationBackend
+from fedsim.eval.generation import GenerationBackend, HFBackend
+from fedsim.models.backbone import Backbone
 
 ATTRIBUTES = ("count", "size", "colour", "shape", "position")
 _COUNT_BY_WORD = {w: n for n, w in COUNT_WORDS.items()}
@@ -143,3 +144,14 @@ def evaluate_toy(
         images, [qa_prompt.format(question=q) for q in rows["question"]], 3, pixels
     )
     return {**caption_scores(captions, refs), **yesno_scores(answers, rows["answer"])}
+
+
+def score_toy_warmup(backbone: Backbone, columns: dict[str, list]) -> dict[str, float]:
+    """The toy recipe's scores of its joint warm-up model (``fedsim.models.toy.ToyScore``).
+
+    :func:`evaluate_toy` on the probe scenes ``columns``, greedy, 100 prompts per generate call
+    (as the shipped reference was built: the build's gates and extensions read these scores).
+    """
+    return evaluate_toy(
+        HFBackend(backbone, 100), columns, backbone.caption_prompt, backbone.qa_prompt
+    )

@@ -36,8 +36,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fedsim.algorithms.base import ClientUpdate, LocalTraining
+from fedsim.algorithms.fednova import lr_mass_upload
+from fedsim.algorithms.registry import build_algorithm, comparable
 from fedsim.config import Config
+from fedsim.data.rows import RowReader
+from fedsim.models.backbone import init_projector, load_backbone, set_projector_
+from fedsim.prepare import prepare, train_settings
 from fedsim.runio import check_writable
+from fedsim.training import ClientTask, train_client, train_cohort
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,6 @@ def _machine(device: str) -> dict[str, Any]:
 
 
 def _tasks(shards: Sequence[np.ndarray], s: BenchSettings, seed: int) -> list[Any]:
-    from fedsim.training import ClientTask
 
     n = s.steps * s.batch
     lrs = tuple([1e-3] * s.steps)
@@ -114,11 +120,6 @@ def _tasks(shards: Sequence[np.ndarray], s: BenchSettings, seed: int) -> list[An
 
 def bench_training(cfg: Config, s: BenchSettings, console: Console) -> dict[str, Any]:
     """Resident one at a time vs cohort batching vs a fresh model per task."""
-    from fedsim.algorithms.base import LocalTraining
-    from fedsim.data.rows import RowReader
-    from fedsim.models.backbone import init_projector, load_backbone, set_projector_
-    from fedsim.prepare import prepare, train_settings
-    from fedsim.training import train_client, train_cohort
 
     torch.set_num_threads(s.threads)
     # CUDA: TF32 convolutions (cuDNN's default) and matmuls round to 10-bit mantissas; cuDNN
@@ -147,6 +148,42 @@ def bench_training(cfg: Config, s: BenchSettings, console: Console) -> dict[str,
     settings = train_settings(
         cfg
     )  # the config's optimizer, clipping and loss, as a run has
+    one_at_a_time, cohort, fresh_per_task = _training_ways(
+        load, backbone, reader, tasks, w0, local, settings
+    )
+    console.print(
+        f"[bold]local training[/bold]: {s.clients} clients × {s.steps} steps × batch {s.batch}"
+    )
+    seconds = {
+        "resident, one client at a time": _median_seconds(
+            one_at_a_time, s.repeats, sync
+        ),
+        "resident, cohort batching": _median_seconds(cohort, s.repeats, sync),
+        "fresh model per client task (peer simulators)": _median_seconds(
+            fresh_per_task, max(1, s.repeats - 1), sync
+        ),
+    }
+    # How close cohort batching comes to one at a time (float32 summation order only: with
+    # SGD within γ_n of the delta, see tests/test_cohort.py; AdamW has no such bound), next to
+    # how close one at a time comes to itself (GPU kernels need not be deterministic).
+    a = one_at_a_time()
+    rel = _max_relative(a, cohort())
+    repeat = _max_relative(a, one_at_a_time())
+    swap_s = _swap_seconds(backbone, cfg.seed + 1, s.repeats, sync)
+    return _training_record(s, seconds, rel, repeat, swap_s, w0)
+
+
+def _training_ways(
+    load: Callable[[], Any],
+    backbone: Any,
+    reader: Any,
+    tasks: Sequence[Any],
+    w0: dict[str, torch.Tensor],
+    local: Any,
+    settings: Any,
+) -> tuple[Callable[[], list[Any]], ...]:
+    """The three ways of training ``tasks`` from ``w0``: resident one client at a time,
+    resident with cohort batching, and a fresh model (``load()``) per client task."""
 
     def one_at_a_time() -> list[Any]:
         return [
@@ -166,32 +203,34 @@ def bench_training(cfg: Config, s: BenchSettings, console: Console) -> dict[str,
             del model
         return out
 
-    console.print(
-        f"[bold]local training[/bold]: {s.clients} clients × {s.steps} steps × batch {s.batch}"
-    )
-    seconds = {
-        "resident, one client at a time": _median_seconds(
-            one_at_a_time, s.repeats, sync
-        ),
-        "resident, cohort batching": _median_seconds(cohort, s.repeats, sync),
-        "fresh model per client task (peer simulators)": _median_seconds(
-            fresh_per_task, max(1, s.repeats - 1), sync
-        ),
-    }
-    # How close cohort batching comes to one at a time (float32 summation order only: with
-    # SGD within γ_n of the delta, see tests/test_cohort.py; AdamW has no such bound), next to
-    # how close one at a time comes to itself (GPU kernels need not be deterministic).
-    a = one_at_a_time()
-    rel = _max_relative(a, cohort())
-    repeat = _max_relative(a, one_at_a_time())
-    # Projector swap (copy into the resident parameters) against one local step.
-    other = init_projector(backbone, cfg.seed + 1)
+    return one_at_a_time, cohort, fresh_per_task
+
+
+def _swap_seconds(
+    backbone: Any, seed: int, repeats: int, sync: Callable[[], None]
+) -> float:
+    """Median seconds of one projector swap (a projector drawn with ``seed`` copied into the
+    resident parameters)."""
+
+    other = init_projector(backbone, seed)
 
     def swap() -> None:
         for _ in range(100):
             set_projector_(backbone, other)
 
-    swap_s = _median_seconds(swap, s.repeats, sync) / 100
+    return _median_seconds(swap, repeats, sync) / 100
+
+
+def _training_record(
+    s: BenchSettings,
+    seconds: dict[str, float],
+    rel: float,
+    repeat: float,
+    swap_s: float,
+    w0: dict[str, torch.Tensor],
+) -> dict[str, Any]:
+    """The training section of ``bench.json``: each way's time, rate and speed-up over one
+    at a time, the differences between ways, and the swap against one local step."""
     step_s = seconds["resident, one client at a time"] / (s.clients * s.steps)
     base = seconds["resident, one client at a time"]
     rows = {
@@ -229,10 +268,6 @@ def bench_aggregation(
     cfg: Config, s: BenchSettings, console: Console
 ) -> dict[str, Any]:
     """Server-half time of every registered algorithm against the cohort size."""
-    from fedsim.algorithms.base import ClientUpdate
-    from fedsim.algorithms.registry import build_algorithm, comparable
-    from fedsim.models.backbone import init_projector, load_backbone
-    from fedsim.prepare import prepare
 
     prep = prepare(cfg)
     backbone = load_backbone(
@@ -280,8 +315,6 @@ def _extras(
 ) -> dict[str, torch.Tensor]:
     """What an algorithm's client half uploads besides Δ (SCAFFOLD: Δc_i; FedNova: a_k)."""
     if name == "fednova":
-        from fedsim.algorithms.fednova import lr_mass_upload
-
         return lr_mass_upload([1e-3] * 8)  # the 8 steps of the updates above
     if name == "scaffold":
         return {

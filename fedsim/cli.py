@@ -94,6 +94,7 @@ def run(
     ] = None,
 ) -> None:
     """Train the projector federatedly and evaluate it; writes config, metrics, weights and reports."""
+    # Imported on use: keeps `fedsim` start-up fast.
     from fedsim.config import load_config
     from fedsim.runio import default_run_dir
 
@@ -102,7 +103,7 @@ def run(
         overrides.append(f"ray.workers={workers}")
     if address is not None:
         overrides.append(f"ray.address={address}")
-    from fedsim.driver import resume_run
+    # Imported on use: keeps `fedsim` start-up fast.
     from fedsim.driver import run as run_driver
     from fedsim.models.backbone import BackboneError
     from fedsim.runio import RunError
@@ -112,12 +113,7 @@ def run(
             _fail(
                 "--resume takes the run's own config.yaml and folder: drop --config/--out"
             )
-        try:
-            resume_run(resume, overrides, console, show_progress=not no_progress)
-        except (ConfigError, BackboneError, RunError) as e:
-            _fail(str(e))
-        except KeyboardInterrupt:
-            _interrupted(resume)
+        _resume(resume, overrides, not no_progress)
         return
     try:
         cfg = load_config(config, overrides)
@@ -133,8 +129,24 @@ def run(
         _interrupted(out)
 
 
+def _resume(run_dir: Path, overrides: list[str], show_progress: bool) -> None:
+    """``fedsim run --resume``: go on with the run in ``run_dir`` from its newest checkpoint."""
+    # Imported on use: keeps `fedsim` start-up fast.
+    from fedsim.driver import resume_run
+    from fedsim.models.backbone import BackboneError
+    from fedsim.runio import RunError
+
+    try:
+        resume_run(run_dir, overrides, console, show_progress=show_progress)
+    except (ConfigError, BackboneError, RunError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _interrupted(run_dir)
+
+
 def _interrupted(run_dir: Path) -> None:
     """Ctrl-C: one line saying where the run stands and how to go on; exit code 130."""
+    # Imported on use: keeps `fedsim` start-up fast.
     from fedsim.checkpoint import latest_checkpoint
 
     found = latest_checkpoint(run_dir) if run_dir.is_dir() else None
@@ -181,6 +193,7 @@ def compare(
     ] = False,
 ) -> None:
     """Run several algorithms on the same scenario and seeds; write a mean ± std table and plots."""
+    # Imported on use: keeps `fedsim` start-up fast.
     from fedsim.algorithms.registry import comparable
     from fedsim.compare import compare as run_compare
     from fedsim.models.backbone import BackboneError
@@ -230,6 +243,7 @@ def sweep(
 ) -> None:
     """Tune every algorithm with the same budget on the validation split, then compare the
     selected settings over the test seeds: mean ± std, paired 95 % CIs, plots."""
+    # Imported on use: keeps `fedsim` start-up fast.
     from fedsim.models.backbone import BackboneError
     from fedsim.sweep import load_spec
     from fedsim.sweep import sweep as run_sweep
@@ -255,6 +269,7 @@ def plot(
     title: Annotated[Optional[str], typer.Option(help="Figure title.")] = None,
 ) -> None:
     """Plot training loss and held-out metrics against the round for one or more runs."""
+    # Imported on use: keeps `fedsim` start-up fast.
     from fedsim.plots import plot_runs
 
     for r in runs:
@@ -276,6 +291,25 @@ def _ints(flag: str, text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         _fail(f"{flag} {text!r}: expected comma-separated positive integers")
     return values
+
+
+def _bench_sections(text: str) -> tuple[str, ...]:
+    """``--sections``: some of the bench sections, comma-separated."""
+    # Imported on use: keeps `fedsim` start-up fast.
+    from fedsim.bench import SECTIONS
+
+    chosen = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in chosen if x not in SECTIONS]
+    if bad or not chosen:
+        _fail(f"--sections {text!r}: use some of {', '.join(SECTIONS)}")
+    return chosen
+
+
+def _check_positive(**flags: int) -> None:
+    """Each flag (``memory_cohort`` is ``--memory-cohort``) at least 1, checked in order."""
+    for name, value in flags.items():
+        if value < 1:
+            _fail(f"--{name.replace('_', '-')} {value}: must be >= 1")
 
 
 @app.command()
@@ -318,25 +352,21 @@ def bench(
     memory_rounds: Annotated[int, typer.Option(help="Memory: rounds per run.")] = 3,
 ) -> None:
     """Measure client updates/s, swap time, aggregation time and memory; ratios to baselines."""
-    from fedsim.bench import SECTIONS, BenchSettings, run_bench
+    # Imported on use: keeps `fedsim` start-up fast.
+    from fedsim.bench import BenchSettings, run_bench
     from fedsim.config import load_config
     from fedsim.models.backbone import BackboneError
 
-    chosen = tuple(x.strip() for x in sections.split(",") if x.strip())
-    bad = [x for x in chosen if x not in SECTIONS]
-    if bad or not chosen:
-        _fail(f"--sections {sections!r}: use some of {', '.join(SECTIONS)}")
-    for flag, value in (
-        ("--clients", clients),
-        ("--steps", steps),
-        ("--batch", batch),
-        ("--repeats", repeats),
-        ("--threads", threads),
-        ("--memory-cohort", memory_cohort),
-        ("--memory-rounds", memory_rounds),
-    ):
-        if value < 1:
-            _fail(f"{flag} {value}: must be >= 1")
+    chosen = _bench_sections(sections)
+    _check_positive(
+        clients=clients,
+        steps=steps,
+        batch=batch,
+        repeats=repeats,
+        threads=threads,
+        memory_cohort=memory_cohort,
+        memory_rounds=memory_rounds,
+    )
     if device != "cpu" and not device.startswith("cuda"):
         _fail(f"--device {device!r}: use cpu or cuda")
     settings = BenchSettings(
@@ -382,6 +412,7 @@ def export(
     ] = None,
 ) -> None:
     """Write the run's backbone with its projector as an HF LLaVA checkpoint (transformers, vLLM)."""
+    # Imported on use: keeps `fedsim` start-up fast.
     from fedsim.export import ExportError, export_checkpoint
     from fedsim.models.backbone import BackboneError
 
@@ -419,10 +450,12 @@ def backbones_build(
     """
     if kind != "toy":
         _fail(f"backbones build: unknown backbone {kind!r} (known: toy)")
+    # Imported on use: keeps `fedsim` start-up fast.
     import json
 
     import torch
 
+    from fedsim.eval.toy import score_toy_warmup
     from fedsim.models.toy import ToyBuildConfig, ToyBuildError, build_toy_backbone
     from fedsim.models.toy_reference import REFERENCE_DIR
     from fedsim.progress import build_reporter, make_progress
@@ -441,6 +474,7 @@ def backbones_build(
                 cache_dir=cache_dir,
                 report=build_reporter(progress),
                 force=force,
+                score=score_toy_warmup,
             )
     except ToyBuildError as e:
         _fail(str(e))
@@ -469,6 +503,7 @@ def backbones_build(
 @algorithms_app.command("list")
 def algorithms_list() -> None:
     """Registered algorithms: name, paper, parameters."""
+    # Imported on use: keeps `fedsim` start-up fast.
     from rich.table import Table
 
     from fedsim.algorithms.registry import available, parameters
@@ -496,6 +531,7 @@ def algorithms_list() -> None:
 @scenarios_app.command("list")
 def scenarios_list() -> None:
     """Scenario presets shipped with fedsim: clients, partition, and what each one is."""
+    # Imported on use: keeps `fedsim` start-up fast.
     from rich.table import Table
 
     from fedsim.configtools import read_yaml
@@ -543,6 +579,7 @@ def scenarios_show(
 ) -> None:
     """Per-client statistics of a scenario's partition: a table and a PNG of the heterogeneity,
     with each client's noisy-silo flag and caption style when the scenario transforms captions."""
+    # Imported on use: keeps `fedsim` start-up fast.
     from fedsim.config import load_config
     from fedsim.runio import check_writable
     from fedsim.scenario_stats import plot_stats, scenario_stats, stats_table

@@ -41,6 +41,37 @@ JudgeKeyEnv = Annotated[
         "--judge-key-env", help="Environment variable holding the judge's API key."
     ),
 ]
+# `eval run`'s longer options.
+Benchmarks = Annotated[
+    str,
+    typer.Option(
+        "--benchmarks", "-b", help="Comma-separated: pope,mme,mmbench,seed,mmvp,..."
+    ),
+]
+DataRoot = Annotated[
+    str,
+    typer.Option(
+        "--data-root",
+        help="Benchmark data in LLaVA's playground/data/eval layout, or 'toy' for the toy suite.",
+    ),
+]
+RunMatching = Annotated[
+    Optional[str],
+    typer.Option(
+        "--matching",
+        help="MMBench/MMVP option matching: VLMEvalKit's rules as of commit a67ace50 "
+        "or aca64dbb (before c3371551); default a67ace50, aca64dbb on the toy suite "
+        "(its answers are captions); recorded in the scores.",
+    ),
+]
+VllmArgs = Annotated[
+    Optional[str],
+    typer.Option(
+        "--vllm-args",
+        help="vllm.LLM engine arguments as a YAML mapping, over the run's eval.vllm_args "
+        "(e.g. '{gpu_memory_utilization: 0.15}').",
+    ),
+]
 
 
 def _fail(message: str) -> None:
@@ -59,6 +90,7 @@ def _judge(url: str | None, model: str | None, key_env: str) -> Any:
         return None
     if not (url and model):
         _fail("--judge-url and --judge-model go together")
+    # Imported on use: keeps `fedsim` start-up fast.
     from fedsim.eval.judge import JudgeConfig
 
     return JudgeConfig(base_url=url, model=model, api_key_env=key_env)
@@ -112,6 +144,7 @@ def score(
     matching: Matching = "a67ace50",
 ) -> None:
     """Score an existing predictions file with the benchmark's official rules (no generation)."""
+    # Imported on use: keeps `fedsim` start-up fast.
     from fedsim.eval import suite
     from fedsim.eval.benchmark import BenchmarkError, check_answered
     from fedsim.eval.judge import JudgeError
@@ -144,19 +177,8 @@ def score(
 @eval_app.command("run")
 def run(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
-    benchmarks: Annotated[
-        str,
-        typer.Option(
-            "--benchmarks", "-b", help="Comma-separated: pope,mme,mmbench,seed,mmvp,..."
-        ),
-    ] = "pope,mme,mmbench,mmvp",
-    data_root: Annotated[
-        str,
-        typer.Option(
-            "--data-root",
-            help="Benchmark data in LLaVA's playground/data/eval layout, or 'toy' for the toy suite.",
-        ),
-    ] = "toy",
+    benchmarks: Benchmarks = "pope,mme,mmbench,mmvp",
+    data_root: DataRoot = "toy",
     backend: Annotated[
         str, typer.Option("--backend", help="hf (transformers) or vllm.")
     ] = "hf",
@@ -178,38 +200,60 @@ def run(
     judge_url: JudgeURL = None,
     judge_model: JudgeModel = None,
     judge_key_env: JudgeKeyEnv = "OPENAI_API_KEY",
-    matching: Annotated[
-        Optional[str],
-        typer.Option(
-            "--matching",
-            help="MMBench/MMVP option matching: VLMEvalKit's rules as of commit a67ace50 "
-            "or aca64dbb (before c3371551); default a67ace50, aca64dbb on the toy suite "
-            "(its answers are captions); recorded in the scores.",
-        ),
-    ] = None,
-    vllm_args: Annotated[
-        Optional[str],
-        typer.Option(
-            "--vllm-args",
-            help="vllm.LLM engine arguments as a YAML mapping, over the run's eval.vllm_args "
-            "(e.g. '{gpu_memory_utilization: 0.15}').",
-        ),
-    ] = None,
+    matching: RunMatching = None,
+    vllm_args: VllmArgs = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object.")
     ] = False,
 ) -> None:
     """Generate the run's answers to each benchmark, save them, and score them."""
-    from rich.progress import Progress
-
+    # Imported on use: keeps `fedsim` start-up fast.
     from fedsim.config import ConfigError
     from fedsim.eval.benchmark import BenchmarkError
-    from fedsim.evaluate import check_request, evaluate_run
+    from fedsim.evaluate import check_request
     from fedsim.export import ExportError
     from fedsim.models.backbone import BackboneError
 
     if not (run_dir / "config.yaml").is_file():
         _fail(f"{run_dir}: not a run folder (no config.yaml)")
+    engine_args = _engine_args(vllm_args)
+    # Imported on use: keeps `fedsim` start-up fast.
+    from fedsim.eval.mmbench import DEFAULT_RULES, matching_label
+    from fedsim.eval.toy_suite import TOY_MATCHING
+
+    if matching is None:
+        matching = TOY_MATCHING if data_root == "toy" else DEFAULT_RULES
+    names = [b for b in benchmarks.split(",") if b.strip()]
+    try:
+        matching_label(matching)
+        judge = _judge(judge_url, judge_model, judge_key_env)
+        # Names, backend, limit, judge and the projector (its shapes against the backbone's
+        # config) before the data root is read or built and before the backbone loads.
+        check_request(run_dir, names, backend, limit, judge, projector, client)
+        root = _data_root(run_dir, data_root)
+        results = _evaluate(
+            run_dir,
+            names,
+            root,
+            backend=backend,
+            projector=projector,
+            client=client,
+            limit=limit,
+            batch_size=batch_size,
+            judge=judge,
+            vllm_args=engine_args,
+            matching=matching,
+        )
+    except typer.Exit:  # a RuntimeError too: already reported by _fail
+        raise
+    except (BenchmarkError, ExportError, ConfigError, BackboneError, RuntimeError) as e:
+        _fail(str(e))
+        return
+    _print_results(run_dir, results, as_json)
+
+
+def _engine_args(vllm_args: str | None) -> dict[str, Any]:
+    """``--vllm-args``: a YAML mapping of vLLM engine arguments (empty when not given)."""
     engine_args: dict[str, Any] = {}
     if vllm_args:
         import yaml
@@ -222,53 +266,32 @@ def run(
             _fail(f"--vllm-args {vllm_args!r}: not valid YAML{where}")
         if not isinstance(engine_args, dict):
             _fail(f"--vllm-args: {vllm_args!r} is not a mapping")
-    from fedsim.eval.mmbench import DEFAULT_RULES, matching_label
-    from fedsim.eval.toy_suite import TOY_MATCHING
+    return engine_args
 
-    if matching is None:
-        matching = TOY_MATCHING if data_root == "toy" else DEFAULT_RULES
-    try:
-        matching_label(matching)
-        judge = _judge(judge_url, judge_model, judge_key_env)
-        # Names, backend, limit, judge and the projector (its shapes against the backbone's
-        # config) before the data root is read or built and before the backbone loads.
-        check_request(
-            run_dir,
-            [b for b in benchmarks.split(",") if b.strip()],
-            backend,
-            limit,
-            judge,
-            projector,
-            client,
-        )
-        root = _data_root(run_dir, data_root)
-        with Progress(console=console, transient=True) as progress:
-            tasks: dict[str, Any] = {}
 
-            def report(bench: str, done: int, total: int) -> None:
-                if bench not in tasks:
-                    tasks[bench] = progress.add_task(bench, total=total)
-                progress.update(tasks[bench], completed=done)
+def _evaluate(
+    run_dir: Path, names: list[str], root: Path, **options: Any
+) -> dict[str, Any]:
+    """``evaluate_run`` with a transient progress bar per benchmark (``options``: its
+    keyword arguments but ``progress``)."""
+    # Imported on use: keeps `fedsim` start-up fast.
+    from rich.progress import Progress
 
-            results = evaluate_run(
-                run_dir,
-                [b for b in benchmarks.split(",") if b.strip()],
-                root,
-                backend=backend,
-                projector=projector,
-                client=client,
-                limit=limit,
-                batch_size=batch_size,
-                judge=judge,
-                progress=report,
-                vllm_args=engine_args,
-                matching=matching,
-            )
-    except typer.Exit:  # a RuntimeError too: already reported by _fail
-        raise
-    except (BenchmarkError, ExportError, ConfigError, BackboneError, RuntimeError) as e:
-        _fail(str(e))
-        return
+    from fedsim.evaluate import evaluate_run
+
+    with Progress(console=console, transient=True) as progress:
+        tasks: dict[str, Any] = {}
+
+        def report(bench: str, done: int, total: int) -> None:
+            if bench not in tasks:
+                tasks[bench] = progress.add_task(bench, total=total)
+            progress.update(tasks[bench], completed=done)
+
+        return evaluate_run(run_dir, names, root, progress=report, **options)
+
+
+def _print_results(run_dir: Path, results: dict[str, Any], as_json: bool) -> None:
+    """The scores: one JSON object, or a table per benchmark and where the files are."""
     if as_json:
         print(json.dumps(results))
         return
@@ -284,6 +307,7 @@ def _data_root(run_dir: Path, data_root: str) -> Path:
         if not path.is_dir():
             _fail(f"--data-root: {path} is not a folder")
         return path
+    # Imported on use: keeps `fedsim` start-up fast.
     from fedsim.config import is_toy, load_config
     from fedsim.eval.toy_suite import ensure_toy_suite
     from fedsim.prepare import cache_root

@@ -34,9 +34,24 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from fedsim.algorithms import build_algorithm
+from fedsim.checkpoint import find_checkpoint
 from fedsim.config import Config, load_config
 from fedsim.configtools import ConfigError
-from fedsim.runio import MetricsLog, RunDirError, RunLock, check_writable, write_text
+from fedsim.driver import run
+from fedsim.eval.run import headline
+from fedsim.plots import PANELS
+from fedsim.pool import ActorPool
+from fedsim.prepare import check_inputs, connect_ray
+from fedsim.resources import check_before_ray
+from fedsim.runio import (
+    MetricsLog,
+    RunDirError,
+    RunError,
+    RunLock,
+    check_writable,
+    write_text,
+)
 
 METRICS = [
     ("attr_mean", "attr. acc."),
@@ -80,8 +95,6 @@ def _finished(run_dir: Path) -> dict[str, float] | None:
 
 def _resumable(run_dir: Path, cfg: Config) -> bool:
     """Whether ``run_dir`` holds an interrupted run of ``cfg`` with a usable checkpoint."""
-    from fedsim.checkpoint import find_checkpoint
-    from fedsim.runio import RunError
 
     if not (run_dir / "config.yaml").exists():
         return False
@@ -147,13 +160,28 @@ def split_pooled(
 ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """(runs of pooled algorithms — centralized, on Ray Train, run first and one at a time —,
     the other runs), each in the given order."""
-    from fedsim.algorithms import build_algorithm
 
     def pooled(j: tuple[str, int]) -> bool:
         algo = build_algorithm(configs[j].algorithm.name, configs[j].algorithm.params)
         return bool(getattr(algo, "pooled", False))
 
     return [j for j in jobs if pooled(j)], [j for j in jobs if not pooled(j)]
+
+
+def load_configs(
+    config: str | None,
+    overrides: Sequence[str],
+    pairs: Sequence[tuple[str, int]],
+    *extra: str,
+) -> dict[tuple[str, int], Config]:
+    """The config of every (algorithm, seed) pair, in order: ``config`` with ``overrides``,
+    then the pair's algorithm and seed, then ``extra`` overrides."""
+    return {
+        (algo, seed): load_config(
+            config, [*overrides, f"algorithm.name={algo}", f"seed={seed}", *extra]
+        )
+        for algo, seed in pairs
+    }
 
 
 def compare(
@@ -176,18 +204,12 @@ def compare(
     (tested bit for bit), so lanes change wall time only. Centralized runs (Ray Train over
     ``ray.workers`` workers) always go first, one at a time, on one worker group.
     """
-    from fedsim.prepare import check_inputs, connect_ray
-    from fedsim.resources import check_before_ray
 
     console = console or Console()
     out_dir = Path(out_dir)
     # Validate every config before any run starts.
-    configs: dict[tuple[str, int], Config] = {}
-    for algo in algorithms:
-        for seed in seeds:
-            configs[(algo, seed)] = load_config(
-                config, [*overrides, f"algorithm.name={algo}", f"seed={seed}"]
-            )
+    pairs = [(algo, seed) for algo in algorithms for seed in seeds]
+    configs = load_configs(config, overrides, pairs)
     first = next(iter(configs.values()))
     if lanes is not None and lanes < 1:
         raise ConfigError(f"--lanes: must be >= 1, got {lanes}")
@@ -209,25 +231,16 @@ def compare(
         n_lanes = min(n_lanes, max(len(laned), 1))
         if n_lanes > 1:
             # Each lane has one BackboneWorker (results do not depend on the worker count).
-            for algo, seed in laned:
-                configs[(algo, seed)] = load_config(
-                    config,
-                    [
-                        *overrides,
-                        f"algorithm.name={algo}",
-                        f"seed={seed}",
-                        "ray.workers=1",
-                    ],
-                )
+            configs.update(load_configs(config, overrides, laned, "ray.workers=1"))
         import ray
 
         started = connect_ray(first)
         try:
-            with _progress(console, show_progress, len(todo)) as bar:
+            with run_progress(console, show_progress, len(todo)) as bar:
                 if pooled:
-                    _run_lanes(pooled, configs, run_dirs, finals, bar, 1, resumes)
+                    run_lanes(pooled, configs, run_dirs, finals, bar, 1, resumes)
                 if laned:
-                    _run_lanes(laned, configs, run_dirs, finals, bar, n_lanes, resumes)
+                    run_lanes(laned, configs, run_dirs, finals, bar, n_lanes, resumes)
         finally:
             if started:
                 ray.shutdown()
@@ -242,7 +255,7 @@ def compare(
         lock.close()
 
 
-class _Bar:
+class RunsBar:
     """Compare's progress: one line per finished run and a bar over all of them."""
 
     def __init__(self, console: Console, progress: Progress | None, total: int) -> None:
@@ -263,9 +276,10 @@ class _Bar:
 
 
 @contextmanager
-def _progress(console: Console, show: bool, total: int) -> Iterator[_Bar]:
+def run_progress(console: Console, show: bool, total: int) -> Iterator[RunsBar]:
+    """The bar over ``total`` runs, live when ``show`` (else finished runs' lines only)."""
     if not show:
-        yield _Bar(console, None, total)
+        yield RunsBar(console, None, total)
         return
     with Progress(
         TextColumn("{task.description}"),
@@ -274,7 +288,7 @@ def _progress(console: Console, show: bool, total: int) -> Iterator[_Bar]:
         TimeElapsedColumn(),
         console=console,
     ) as progress:
-        yield _Bar(console, progress, total)
+        yield RunsBar(console, progress, total)
 
 
 def _lane(
@@ -282,14 +296,12 @@ def _lane(
     configs: dict[tuple[str, int], Config],
     run_dirs: dict[str, dict[int, Path]],
     finals: dict[str, dict[int, dict[str, float]]],
-    bar: _Bar,
+    bar: RunsBar,
     stop: threading.Event,
     resumes: set[tuple[str, int]],
 ) -> None:
     """Take runs from ``jobs`` until it is empty (or ``stop``), on one actor pool; the pairs in
     ``resumes`` go on from their newest checkpoint."""
-    from fedsim.driver import run
-    from fedsim.pool import ActorPool
 
     pool = ActorPool()
     quiet = Console(quiet=True)
@@ -315,12 +327,12 @@ def _lane(
         pool.close()
 
 
-def _run_lanes(
+def run_lanes(
     jobs: Sequence[tuple[str, int]],
     configs: dict[tuple[str, int], Config],
     run_dirs: dict[str, dict[int, Path]],
     finals: dict[str, dict[int, dict[str, float]]],
-    bar: _Bar,
+    bar: RunsBar,
     lanes: int,
     resumes: set[tuple[str, int]],
 ) -> None:
@@ -353,7 +365,8 @@ def _run_lanes(
         raise errors[0]
 
 
-def _fmt(mean: float, std: float) -> str:
+def fmt_mean_std(mean: float, std: float) -> str:
+    """A table cell: ``mean ± std`` to three decimals."""
     return f"{mean:.3f} ± {std:.3f}"
 
 
@@ -364,7 +377,7 @@ def result_table(result: Comparison) -> Table:
     for _, label in METRICS[:4]:
         table.add_column(label, justify="right")
     for algo, row in result.summary().items():
-        table.add_row(algo, *[_fmt(*row[k]) for k, _ in METRICS[:4]])
+        table.add_row(algo, *[fmt_mean_std(*row[k]) for k, _ in METRICS[:4]])
     return table
 
 
@@ -399,7 +412,7 @@ def write_outputs(result: Comparison, cfg: Config) -> None:
     for algo, row in summary.items():
         cells = []
         for k, _ in METRICS:
-            cell = _fmt(*row[k])
+            cell = fmt_mean_std(*row[k])
             cells.append(f"**{cell}**" if math.isclose(row[k][0], best[k]) else cell)
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
     lines += benchmark_lines(result)
@@ -416,7 +429,6 @@ def benchmark_lines(result: Comparison) -> list[str]:
     Read from each run's ``eval.json``; algorithms without scores (``local``: no global
     projector) are left out. Empty when no run scored the suite.
     """
-    from fedsim.eval.run import headline
 
     rows: dict[str, dict[str, list[float]]] = {}
     columns: list[str] = []
@@ -448,7 +460,7 @@ def benchmark_lines(result: Comparison) -> list[str]:
         for col in columns:
             vals = np.array(cols.get(col, []), dtype=float)
             std = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-            cells.append(_fmt(float(vals.mean()), std) if len(vals) else "–")
+            cells.append(fmt_mean_std(float(vals.mean()), std) if len(vals) else "–")
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
     return lines
 
@@ -469,8 +481,6 @@ def plot_comparison(result: Comparison, path: Path, title: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from fedsim.plots import PANELS
 
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5.2 * len(PANELS), 4.0))
     colours = plt.get_cmap("tab10").colors

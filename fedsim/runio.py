@@ -59,6 +59,12 @@ def check_writable(path: Path, flag: str = "--out", folder: bool = True) -> None
         )
 
 
+def default_cache_dir() -> Path:
+    """$FEDSIM_CACHE, else ~/.cache/fedsim."""
+    env = os.environ.get("FEDSIM_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "fedsim"
+
+
 def cache_folder(configured: str | Path | None, flag: str = "cache_dir") -> Path:
     """The cache fedsim builds into: ``configured``, else $FEDSIM_CACHE, else ~/.cache/fedsim.
 
@@ -66,8 +72,6 @@ def cache_folder(configured: str | Path | None, flag: str = "cache_dir") -> Path
     a file named as the cache, or a file on the way to it, is a one-line RunDirError before
     anything is built, instead of a NotADirectoryError deep inside a build.
     """
-    from fedsim.models.toy import default_cache_dir
-
     if configured:
         path = Path(configured).expanduser()
     else:

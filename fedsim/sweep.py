@@ -43,16 +43,18 @@ from rich.console import Console
 from fedsim.compare import (
     METRICS,
     Comparison,
-    _fmt,
-    _progress,
-    _run_lanes,
     check_compare_dir,
+    fmt_mean_std,
     plot_comparison,
+    run_lanes,
+    run_progress,
     schedule_runs,
     split_pooled,
 )
 from fedsim.config import Config, load_config
 from fedsim.configtools import ConfigError, read_user_text, safe_load
+from fedsim.prepare import check_inputs, connect_ray
+from fedsim.resources import check_before_ray
 from fedsim.runio import RunLock, write_text
 
 # Student's t quantile t_{0.975, df} for df = 1..30 (two-sided 95 %); beyond, the normal 1.96
@@ -153,6 +155,45 @@ def load_spec(path: str | Path) -> SweepSpec:
     """Read and check a sweep spec; every error is one line naming the file and the field."""
     p = Path(path)
     name = f"sweep spec {str(p)!r}"
+    data = _read_spec(p, name)
+    budget = data.get("budget")
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise ConfigError(f"{name}: budget: expected an integer >= 1, got {budget!r}")
+    overrides = data.get("set", [])
+    if not isinstance(overrides, list) or not all(
+        isinstance(s, str) for s in overrides
+    ):
+        raise ConfigError(f"{name}: set: expected a list of 'key=value' strings")
+    algos = data.get("algorithms")
+    if not isinstance(algos, dict) or not algos:
+        raise ConfigError(f"{name}: algorithms: expected a mapping of entries")
+    entries = [
+        _entry(f"{name}: algorithms.{label}", label, body, budget)
+        for label, body in algos.items()
+    ]
+    metric = data.get("metric", "attr_mean")
+    if metric not in {k for k, _ in METRICS}:
+        raise ConfigError(
+            f"{name}: metric: {metric!r} is not one of {[k for k, _ in METRICS]}"
+        )
+    reference = data.get("reference", entries[0].label)
+    if reference not in {e.label for e in entries}:
+        raise ConfigError(f"{name}: reference: {reference!r} is not an entry label")
+    return SweepSpec(
+        str(p),
+        _spec_config(data.get("config"), p, name),
+        tuple(overrides),
+        budget,
+        _seeds(data.get("select_seeds", [0]), f"{name}: select_seeds"),
+        _seeds(data.get("test_seeds", [0, 1, 2, 3, 4]), f"{name}: test_seeds"),
+        metric,
+        reference,
+        tuple(entries),
+    )
+
+
+def _read_spec(p: Path, name: str) -> dict[str, Any]:
+    """The spec file's top-level mapping, its fields all known ones."""
     try:
         text = read_user_text(p, "sweep spec")
     except OSError as e:
@@ -168,55 +209,43 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise ConfigError(
             f"{name}: unknown field(s) {unknown} (known: {sorted(_SPEC_KEYS)})"
         )
-    budget = data.get("budget")
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise ConfigError(f"{name}: budget: expected an integer >= 1, got {budget!r}")
-    overrides = data.get("set", [])
-    if not isinstance(overrides, list) or not all(
-        isinstance(s, str) for s in overrides
-    ):
-        raise ConfigError(f"{name}: set: expected a list of 'key=value' strings")
-    algos = data.get("algorithms")
-    if not isinstance(algos, dict) or not algos:
-        raise ConfigError(f"{name}: algorithms: expected a mapping of entries")
-    entries = []
-    for label, body in algos.items():
-        where = f"{name}: algorithms.{label}"
-        body = body or {}
-        if not isinstance(body, dict) or set(body) - _ENTRY_KEYS:
-            raise ConfigError(
-                f"{where}: expected a mapping with {sorted(_ENTRY_KEYS)}, got {body!r}"
-            )
-        grid = body.get("grid") or {}
-        if not isinstance(grid, dict) or not all(
-            isinstance(v, list) and v for v in grid.values()
-        ):
-            raise ConfigError(f"{where}.grid: expected key: [values, ...] lists")
-        for key in grid:
-            if key in ("seed", "algorithm.name") or key.startswith("data.eval_split"):
-                raise ConfigError(
-                    f"{where}.grid: {key!r} is set by the sweep itself, not a hyper-parameter"
-                )
-        params = body.get("params") or {}
-        if not isinstance(params, dict):
-            raise ConfigError(f"{where}.params: expected a mapping")
-        entry = Entry(str(label), str(body.get("algorithm", label)), params, grid)
-        size = math.prod(len(v) for v in grid.values())
-        if size < budget:
-            raise ConfigError(
-                f"{where}.grid: {size} configuration(s), fewer than budget {budget}: every "
-                "algorithm gets the same number of configurations"
-            )
-        entries.append(entry)
-    metric = data.get("metric", "attr_mean")
-    if metric not in {k for k, _ in METRICS}:
+    return data
+
+
+def _entry(where: str, label: Any, body: Any, budget: int) -> Entry:
+    """One ``algorithms`` entry, its grid checked: hyper-parameters only, and at least
+    ``budget`` configurations (every algorithm gets the same number)."""
+    body = body or {}
+    if not isinstance(body, dict) or set(body) - _ENTRY_KEYS:
         raise ConfigError(
-            f"{name}: metric: {metric!r} is not one of {[k for k, _ in METRICS]}"
+            f"{where}: expected a mapping with {sorted(_ENTRY_KEYS)}, got {body!r}"
         )
-    reference = data.get("reference", entries[0].label)
-    if reference not in {e.label for e in entries}:
-        raise ConfigError(f"{name}: reference: {reference!r} is not an entry label")
-    config = data.get("config")
+    grid = body.get("grid") or {}
+    if not isinstance(grid, dict) or not all(
+        isinstance(v, list) and v for v in grid.values()
+    ):
+        raise ConfigError(f"{where}.grid: expected key: [values, ...] lists")
+    for key in grid:
+        if key in ("seed", "algorithm.name") or key.startswith("data.eval_split"):
+            raise ConfigError(
+                f"{where}.grid: {key!r} is set by the sweep itself, not a hyper-parameter"
+            )
+    params = body.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}.params: expected a mapping")
+    entry = Entry(str(label), str(body.get("algorithm", label)), params, grid)
+    size = math.prod(len(v) for v in grid.values())
+    if size < budget:
+        raise ConfigError(
+            f"{where}.grid: {size} configuration(s), fewer than budget {budget}: every "
+            "algorithm gets the same number of configurations"
+        )
+    return entry
+
+
+def _spec_config(config: Any, p: Path, name: str) -> str | None:
+    """The spec's ``config``: a preset name, or a YAML path (relative: to the spec's folder
+    when the file is there)."""
     if config is not None and not isinstance(config, str):
         raise ConfigError(f"{name}: config: expected a preset name or YAML path")
     if (
@@ -227,17 +256,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         # A relative YAML path is relative to the spec's folder, so specs travel with it.
         near = p.parent / config
         config = str(near) if near.exists() else config
-    return SweepSpec(
-        str(p),
-        config,
-        tuple(overrides),
-        budget,
-        _seeds(data.get("select_seeds", [0]), f"{name}: select_seeds"),
-        _seeds(data.get("test_seeds", [0, 1, 2, 3, 4]), f"{name}: test_seeds"),
-        metric,
-        reference,
-        tuple(entries),
-    )
+    return config
 
 
 def _overrides(
@@ -280,29 +299,11 @@ def sweep(
     show_progress: bool = True,
 ) -> SweepResult:
     """Run the selection phase, then the test phase, then write the outputs."""
-    from fedsim.prepare import check_inputs, connect_ray
-    from fedsim.resources import check_before_ray
 
     console = console or Console()
     out_dir = Path(out_dir)
-    select_cfgs: dict[tuple[str, int], Config] = {}
-    select_dirs: dict[str, dict[int, Path]] = {}
-    points: dict[str, list[dict[str, Any]]] = {}
-    for entry in spec.entries:
-        points[entry.label] = entry.points(spec.budget)
-        for i, point in enumerate(points[entry.label]):
-            key = f"{entry.label}/p{i:02d}"
-            select_dirs[key] = {}
-            for seed in spec.select_seeds:
-                select_cfgs[(key, seed)] = load_config(
-                    spec.config,
-                    [
-                        *_overrides(spec, entry, point, seed),
-                        "data.eval_split=validation",
-                        "eval.benchmarks=[]",
-                    ],
-                )
-                select_dirs[key][seed] = out_dir / "select" / key / f"seed-{seed}"
+    points = {e.label: e.points(spec.budget) for e in spec.entries}
+    select_cfgs, select_dirs = _selection_runs(spec, points, out_dir)
     first = next(iter(select_cfgs.values()))
     check_compare_dir(out_dir)
     for cfg in select_cfgs.values():
@@ -319,41 +320,9 @@ def sweep(
             t0 = time.perf_counter()
             select_finals = _run_phase(select_cfgs, select_dirs, console, show_progress)
             seconds["selection"] = time.perf_counter() - t0
-            selection: dict[str, list[tuple[dict[str, Any], list[float]]]] = {}
-            chosen: dict[str, int] = {}
-            for entry in spec.entries:
-                rows = []
-                for i, point in enumerate(points[entry.label]):
-                    key = f"{entry.label}/p{i:02d}"
-                    rows.append(
-                        (
-                            point,
-                            [
-                                select_finals[key][s][spec.metric]
-                                for s in spec.select_seeds
-                            ],
-                        )
-                    )
-                selection[entry.label] = rows
-                chosen[entry.label] = select([r[1] for r in rows])
-                console.print(
-                    f"{entry.label}: selected {_describe(rows[chosen[entry.label]][0])} "
-                    f"(validation {spec.metric} "
-                    f"{np.mean(rows[chosen[entry.label]][1]):.4f})"
-                )
+            selection, chosen = _select_points(spec, points, select_finals, console)
             # The test phase: configs are built only now, from the selection.
-            test_cfgs: dict[tuple[str, int], Config] = {}
-            test_dirs: dict[str, dict[int, Path]] = {}
-            for entry in spec.entries:
-                point = points[entry.label][chosen[entry.label]]
-                test_dirs[entry.label] = {}
-                for seed in spec.test_seeds:
-                    test_cfgs[(entry.label, seed)] = load_config(
-                        spec.config, _overrides(spec, entry, point, seed)
-                    )
-                    test_dirs[entry.label][seed] = (
-                        out_dir / "test" / entry.label / f"seed-{seed}"
-                    )
+            test_cfgs, test_dirs = _test_runs(spec, points, chosen, out_dir)
             t0 = time.perf_counter()
             test_finals = _run_phase(test_cfgs, test_dirs, console, show_progress)
             seconds["test"] = time.perf_counter() - t0
@@ -376,6 +345,80 @@ def sweep(
         lock.close()
 
 
+def _selection_runs(
+    spec: SweepSpec, points: Mapping[str, list[dict[str, Any]]], out_dir: Path
+) -> tuple[dict[tuple[str, int], Config], dict[str, dict[int, Path]]]:
+    """Configs and folders of the selection phase: every grid point of every entry with
+    every ``select_seeds`` seed, on the validation split and without the benchmark suite."""
+    select_cfgs: dict[tuple[str, int], Config] = {}
+    select_dirs: dict[str, dict[int, Path]] = {}
+    for entry in spec.entries:
+        for i, point in enumerate(points[entry.label]):
+            key = f"{entry.label}/p{i:02d}"
+            select_dirs[key] = {}
+            for seed in spec.select_seeds:
+                select_cfgs[(key, seed)] = load_config(
+                    spec.config,
+                    [
+                        *_overrides(spec, entry, point, seed),
+                        "data.eval_split=validation",
+                        "eval.benchmarks=[]",
+                    ],
+                )
+                select_dirs[key][seed] = out_dir / "select" / key / f"seed-{seed}"
+    return select_cfgs, select_dirs
+
+
+def _select_points(
+    spec: SweepSpec,
+    points: Mapping[str, list[dict[str, Any]]],
+    select_finals: Mapping[str, Mapping[int, Mapping[str, float]]],
+    console: Console,
+) -> tuple[dict[str, list[tuple[dict[str, Any], list[float]]]], dict[str, int]]:
+    """Each entry's points with their validation ``metric`` per seed, and the index of the
+    one :func:`select` picks (printed)."""
+    selection: dict[str, list[tuple[dict[str, Any], list[float]]]] = {}
+    chosen: dict[str, int] = {}
+    for entry in spec.entries:
+        rows = []
+        for i, point in enumerate(points[entry.label]):
+            key = f"{entry.label}/p{i:02d}"
+            rows.append(
+                (point, [select_finals[key][s][spec.metric] for s in spec.select_seeds])
+            )
+        selection[entry.label] = rows
+        chosen[entry.label] = select([r[1] for r in rows])
+        console.print(
+            f"{entry.label}: selected {_describe(rows[chosen[entry.label]][0])} "
+            f"(validation {spec.metric} "
+            f"{np.mean(rows[chosen[entry.label]][1]):.4f})"
+        )
+    return selection, chosen
+
+
+def _test_runs(
+    spec: SweepSpec,
+    points: Mapping[str, list[dict[str, Any]]],
+    chosen: Mapping[str, int],
+    out_dir: Path,
+) -> tuple[dict[tuple[str, int], Config], dict[str, dict[int, Path]]]:
+    """Configs and folders of the test phase: each entry's selected point with every
+    ``test_seeds`` seed, on the test split."""
+    test_cfgs: dict[tuple[str, int], Config] = {}
+    test_dirs: dict[str, dict[int, Path]] = {}
+    for entry in spec.entries:
+        point = points[entry.label][chosen[entry.label]]
+        test_dirs[entry.label] = {}
+        for seed in spec.test_seeds:
+            test_cfgs[(entry.label, seed)] = load_config(
+                spec.config, _overrides(spec, entry, point, seed)
+            )
+            test_dirs[entry.label][seed] = (
+                out_dir / "test" / entry.label / f"seed-{seed}"
+            )
+    return test_cfgs, test_dirs
+
+
 def _run_phase(
     configs: dict[tuple[str, int], Config],
     run_dirs: dict[str, dict[int, Path]],
@@ -386,17 +429,30 @@ def _run_phase(
     finals: dict[str, dict[int, dict[str, float]]] = {k: {} for k in run_dirs}
     todo, resumes = schedule_runs(configs, run_dirs, finals, console)
     pooled, rest = split_pooled(todo, configs)
-    with _progress(console, show_progress, len(todo)) as bar:
+    with run_progress(console, show_progress, len(todo)) as bar:
         for jobs in (pooled, rest):
             if jobs:
-                _run_lanes(jobs, configs, run_dirs, finals, bar, 1, resumes)
+                run_lanes(jobs, configs, run_dirs, finals, bar, 1, resumes)
     return finals
 
 
 def write_sweep(result: SweepResult, spec: SweepSpec, cfg: Config) -> None:
     """selection.csv, sweep.csv, sweep.md and sweep.png."""
     out = result.out_dir
-    with open(out / "selection.csv", "w", newline="") as f:
+    _write_selection_csv(out / "selection.csv", result, spec)
+    diffs = _paired_diffs(result, spec)
+    _write_test_csv(out / "sweep.csv", result, spec, diffs)
+    write_text(out / "sweep.md", "\n".join(_markdown(result, spec, cfg, diffs)))
+    plot_sweep(result, spec, diffs, out / "sweep.png", cfg.scenario.name)
+
+
+# entry → metric → (mean, low, high): the paired difference against the reference, 95 % CI.
+Diffs = dict[str, dict[str, tuple[float, float, float]]]
+
+
+def _write_selection_csv(path: Path, result: SweepResult, spec: SweepSpec) -> None:
+    """Every configuration's validation scores, per seed and mean, the winners marked."""
+    with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
             ["entry", "point", "settings", *[f"seed_{s}" for s in spec.select_seeds],
@@ -409,10 +465,14 @@ def write_sweep(result: SweepResult, spec: SweepSpec, cfg: Config) -> None:
                      *[f"{s:.6f}" for s in scores], f"{np.mean(scores):.6f}",
                      int(i == result.chosen[label])]
                 )  # fmt: skip
-    summary = result.test.summary()
+
+
+def _paired_diffs(result: SweepResult, spec: SweepSpec) -> Diffs:
+    """entry → metric → the paired difference against the reference (mean, 95 % CI) on
+    the test seeds; empty with fewer than two seeds."""
     seeds = list(spec.test_seeds)
     ref = result.test.finals[spec.reference]
-    diffs: dict[str, dict[str, tuple[float, float, float]]] = {}
+    diffs: Diffs = {}
     if len(seeds) >= 2:
         for label, by_seed in result.test.finals.items():
             if label == spec.reference:
@@ -421,7 +481,17 @@ def write_sweep(result: SweepResult, spec: SweepSpec, cfg: Config) -> None:
                 k: paired_ci([by_seed[s][k] - ref[s][k] for s in seeds])
                 for k, _ in METRICS[:4]
             }
-    with open(out / "sweep.csv", "w", newline="") as f:
+    return diffs
+
+
+def _write_test_csv(
+    path: Path, result: SweepResult, spec: SweepSpec, diffs: Diffs
+) -> None:
+    """The test table: each entry's selected settings, mean and std of every metric, and
+    the paired differences (blank for the reference)."""
+    summary = result.test.summary()
+    seeds = list(spec.test_seeds)
+    with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
             ["entry", "algorithm", "settings", "seeds",
@@ -438,6 +508,14 @@ def write_sweep(result: SweepResult, spec: SweepSpec, cfg: Config) -> None:
                  *([f"{v:.6f}" for k, _ in METRICS[:4] for v in d[k]] if d
                    else [""] * 12)]
             )  # fmt: skip
+
+
+def _markdown(
+    result: SweepResult, spec: SweepSpec, cfg: Config, diffs: Diffs
+) -> list[str]:
+    """sweep.md's lines: the protocol and its cost, the test table, the paired differences."""
+    summary = result.test.summary()
+    seeds = list(spec.test_seeds)
     lines = [
         f"# Tuned comparison on {cfg.scenario.name}",
         "",
@@ -460,7 +538,7 @@ def write_sweep(result: SweepResult, spec: SweepSpec, cfg: Config) -> None:
         lines.append(
             f"| {entry.label} | {_describe({**entry.params, **point})} | "
             f"{np.mean(scores):.3f} | "
-            + " | ".join(_fmt(*row[k]) for k, _ in METRICS[:4])
+            + " | ".join(fmt_mean_std(*row[k]) for k, _ in METRICS[:4])
             + " |"
         )
     if diffs:
@@ -481,8 +559,7 @@ def write_sweep(result: SweepResult, spec: SweepSpec, cfg: Config) -> None:
                 cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]{star}")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
-    write_text(out / "sweep.md", "\n".join(lines))
-    plot_sweep(result, spec, diffs, out / "sweep.png", cfg.scenario.name)
+    return lines
 
 
 def plot_sweep(

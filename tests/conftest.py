@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     """The user's fedsim cache (so a backbone built by `make run` is reused, and vice versa)."""
-    from fedsim.models.toy import default_cache_dir
+    from fedsim.runio import default_cache_dir
 
     path = default_cache_dir()
     path.mkdir(parents=True, exist_ok=True)

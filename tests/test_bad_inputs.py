@@ -101,7 +101,7 @@ def old_run(s: Sandbox) -> None:
 def _run_folder(s: Sandbox, name: str, weights: dict) -> None:
     from safetensors.torch import save_file
 
-    from fedsim.models.toy import default_cache_dir
+    from fedsim.runio import default_cache_dir
 
     # The cache_dir fixture's folder (data caches of the run).
     cache = default_cache_dir()

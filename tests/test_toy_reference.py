@@ -116,12 +116,15 @@ def test_the_recipe_builds_a_backbone_that_passes_its_gates(tmp_path):
     """
     import torch
 
+    from fedsim.eval.toy import score_toy_warmup
     from fedsim.models.toy import ToyBuildConfig, build_toy_backbone
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        path = build_toy_backbone(ToyBuildConfig(seed=0), cache_dir=tmp_path)
+        path = build_toy_backbone(
+            ToyBuildConfig(seed=0), cache_dir=tmp_path, score=score_toy_warmup
+        )
     finally:
         torch.set_num_threads(threads)
     manifest = json.loads((path / "fedsim.json").read_text())
@@ -169,6 +172,8 @@ def test_a_build_that_misses_a_gate_caches_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(toy, "pretrain_lm", lm_at_chance)
     monkeypatch.setattr(toy, "pretrain_vision", never)
     with pytest.raises(toy.ToyBuildError, match="lm_context_qa 0.490 < 0.9"):
-        toy.build_toy_backbone(toy.ToyBuildConfig(seed=5), cache_dir=tmp_path)
+        toy.build_toy_backbone(
+            toy.ToyBuildConfig(seed=5), cache_dir=tmp_path, score=never
+        )
     left = [p.name for p in (tmp_path / "backbones").iterdir()]
     assert all(name.startswith(".") and name.endswith(".lock") for name in left), left

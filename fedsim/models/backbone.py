@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -274,12 +275,39 @@ def _assemble_pair(
         raise BackboneError(
             f"model.lm: the tokenizer in {str(lm_path)!r} has no {image_token!r} token; add it before pairing"
         )
-    from fedsim.models.toy import (
-        assemble_llava,
-    )  # local import: toy imports this module's users
-
     model = assemble_llava(vision, lm, tokenizer.convert_tokens_to_ids(image_token))
     return model.to(dtype), tokenizer, image_processor
+
+
+def assemble_llava(
+    vision: Any,
+    lm: Any,
+    image_token_id: int,
+    projector_act: str = "gelu",
+) -> LlavaForConditionalGeneration:
+    """A LlavaForConditionalGeneration holding ``vision`` (a CLIP vision model) and ``lm`` (a
+    causal LM), projector freshly initialised: how a vision + LM pair and the toy are assembled.
+
+    Uses every patch and CLS (strategy "full") from the last encoder layer (-1): the toy encoder was
+    pre-trained with exactly that many layers, and CLS carries its attribute summary.
+    """
+    lcfg = LlavaConfig(
+        vision_config=vision.config.to_dict(),
+        text_config=lm.config.to_dict(),
+        image_token_id=image_token_id,
+        projector_hidden_act=projector_act,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_seq_length=(vision.config.image_size // vision.config.patch_size) ** 2
+        + 1,
+        tie_word_embeddings=False,
+        multimodal_projector_bias=True,
+    )
+    model = LlavaForConditionalGeneration(lcfg)
+    model.model.vision_tower.load_state_dict(vision.state_dict())
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------

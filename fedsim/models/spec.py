@@ -19,6 +19,7 @@ import torch
 
 from fedsim.config import Config
 from fedsim.configtools import ConfigError
+from fedsim.eval.toy import score_toy_warmup
 from fedsim.models.backbone import check_backbone_source, load_backbone
 from fedsim.models.toy import (
     ToyBuildConfig,
@@ -75,11 +76,13 @@ def resolve_backbone(
     if cfg.model.backbone == "toy":
         path = toy_reference_path()
     elif cfg.model.backbone == "toy-recipe":
-        # The recipe's build (the toy's whole pre-training) loads only when it is asked for.
-
+        # The recipe scores its warm-up with the toy evaluation (eval/ is passed in, never
+        # imported by the recipe: models/toy.py stays below eval/).
         try:
             path = build_toy_backbone(
-                cache_dir=cache_folder(cfg.cache_dir), report=report
+                cache_dir=cache_folder(cfg.cache_dir),
+                report=report,
+                score=score_toy_warmup,
             )
         except ToyBuildError as e:
             raise RunError(str(e)) from None

@@ -30,12 +30,13 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,12 +51,12 @@ from transformers import (
     CLIPVisionModel,
     LlamaConfig,
     LlamaForCausalLM,
-    LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 
+from fedsim.data.collate import training_batch
 from fedsim.data.scenes_dataset import spec_to_dict
 from fedsim.data.synthetic import (
     COLOURS,
@@ -71,6 +72,8 @@ from fedsim.data.synthetic import (
 )
 from fedsim.losses import per_example_loss
 from fedsim.machine import machine_info
+from fedsim.models.backbone import Backbone, assemble_llava
+from fedsim.runio import default_cache_dir
 from fedsim.schedule import lr_at
 
 RECIPE_VERSION = 3
@@ -84,6 +87,10 @@ STREAM_PRETRAIN_LM = 102
 STREAM_PROBE = 103
 STREAM_JOINT = 104
 ATTRIBUTES = ("shape", "colour", "size", "position", "count")
+# How the build scores its warm-up model: (backbone, probe scene columns) → scores with
+# ``attr_mean`` and ``yesno_acc`` among them. Given by the caller (the recipe's is
+# ``score_toy_warmup`` in eval/toy.py), so that the models do not depend on the evaluation.
+ToyScore = Callable[[Backbone, dict[str, list]], dict[str, float]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,6 +276,64 @@ def _lm_attempt(
 ) -> tuple[LlamaForCausalLM, dict[str, float]]:
     """One LM pre-training attempt: a cosine cycle, then extensions while the gate is missed."""
     key = [cfg.seed, STREAM_PRETRAIN_LM] + ([attempt] if attempt else [])
+    lm = _init_lm(cfg, tokenizer, key, attempt)
+    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lm_lr, weight_decay=0.01)
+    rng, indices = np.random.default_rng(key), itertools.count()
+
+    def loss_on(n: int) -> torch.Tensor:
+        """The loss on the attempt's next ``n`` examples (one stream, drawn in order)."""
+        examples = [
+            lm_example(rng, cfg.scene, next(indices), cfg.seed, cfg.lm_mix)
+            for _ in range(n)
+        ]
+        input_ids, mask, labels = lm_batch(tokenizer, examples)
+        return per_example_loss(
+            lm(input_ids=input_ids, attention_mask=mask).logits, labels
+        )
+
+    def train(steps: int, lr: float, stage: str) -> None:
+        """One cosine cycle of ``steps`` AdamW steps peaking at ``lr``."""
+        _cosine_cycle(
+            lm,
+            opt,
+            list(lm.parameters()),
+            steps,
+            lambda g: lr,
+            lambda: loss_on(cfg.lm_batch),
+            stage,
+            report,
+        )
+
+    stage = f"lm (restart {attempt})" if attempt else "lm"
+    train(cfg.lm_steps, cfg.lm_lr, stage)
+    qa, extensions = context_qa_accuracy(lm, tokenizer, cfg), 0
+    # The in-context yes/no skill forms abruptly, late in the cycle (≈ step 500–700 of 1600 at
+    # lr 3e-3); a cycle that decays before it forms leaves it at chance on shape questions.
+    while qa < cfg.gate_lm_context_qa and extensions < cfg.max_extensions:
+        extensions += 1
+        train(
+            cfg.lm_steps // 2,
+            cfg.lm_lr * cfg.extension_lr_scale,
+            f"{stage}+{extensions}",
+        )
+        qa = context_qa_accuracy(lm, tokenizer, cfg)
+    with torch.no_grad():
+        held_out = loss_on(512).item()
+    return lm, {
+        "lm_loss": held_out,
+        "lm_context_qa": qa,
+        "lm_extensions": extensions,
+    }
+
+
+def _init_lm(
+    cfg: ToyBuildConfig,
+    tokenizer: PreTrainedTokenizerFast,
+    key: list[int],
+    attempt: int,
+) -> LlamaForCausalLM:
+    """The attempt's freshly initialised LM: torch seeded with ``cfg.seed`` on the first
+    attempt, with a draw keyed by ``key`` (seed, stream, attempt) on a restart."""
     torch.manual_seed(
         cfg.seed
         if attempt == 0
@@ -287,80 +352,69 @@ def _lm_attempt(
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    lm = LlamaForCausalLM(lm_cfg)
-    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lm_lr, weight_decay=0.01)
-    rng = np.random.default_rng(key)
-    index = 0
+    return LlamaForCausalLM(lm_cfg)
 
-    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """input_ids, attention_mask, labels ``[n, L]`` (labels on the target and EOS only)."""
-        nonlocal index
-        rows = []
-        for _ in range(n):
-            context, prompt, target = lm_example(
-                rng, cfg.scene, index, cfg.seed, cfg.lm_mix
-            )
-            index += 1
-            words = (context or []) + prompt.split()
-            head = [tokenizer.bos_token_id, *tokenizer.convert_tokens_to_ids(words)]
-            tail = [
-                *tokenizer.convert_tokens_to_ids(target.split()),
-                tokenizer.eos_token_id,
-            ]
-            rows.append((head, tail))
-        width = max(len(h) + len(t) for h, t in rows)
-        input_ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((n, width), -100, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, (head, tail) in enumerate(rows):
-            ids = torch.tensor(head + tail)
-            input_ids[i, : len(ids)] = ids
-            mask[i, : len(ids)] = 1
-            labels[i, len(head) : len(ids)] = ids[len(head) :]
-        return input_ids, mask, labels
 
-    def train(steps: int, lr: float, stage: str) -> None:
-        """One cosine cycle of ``steps`` AdamW steps peaking at ``lr``."""
-        lm.train()
-        loss_val = float("nan")
-        for step in range(steps):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, steps, lr)
-            input_ids, mask, labels = batch(cfg.lm_batch)
-            loss = per_example_loss(
-                lm(input_ids=input_ids, attention_mask=mask).logits, labels
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-            opt.step()
-            loss_val = 0.98 * loss_val + 0.02 * loss.item() if step else loss.item()
-            report(stage, step + 1, steps, loss_val)
-        lm.eval()
+def lm_batch(
+    tokenizer: PreTrainedTokenizerFast,
+    examples: Sequence[tuple[list[str] | None, str, str]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask, labels ``[n, L]`` of :func:`lm_example` triples, right-padded.
 
-    stage = f"lm (restart {attempt})" if attempt else "lm"
-    train(cfg.lm_steps, cfg.lm_lr, stage)
-    qa, extensions = context_qa_accuracy(lm, tokenizer, cfg), 0
-    # The in-context yes/no skill forms abruptly, late in the cycle (≈ step 500–700 of 1600 at
-    # lr 3e-3); a cycle that decays before it forms leaves it at chance on shape questions.
-    while qa < cfg.gate_lm_context_qa and extensions < cfg.max_extensions:
-        extensions += 1
-        train(
-            cfg.lm_steps // 2,
-            cfg.lm_lr * cfg.extension_lr_scale,
-            f"{stage}+{extensions}",
-        )
-        qa = context_qa_accuracy(lm, tokenizer, cfg)
-    with torch.no_grad():
-        input_ids, mask, labels = batch(512)
-        held_out = per_example_loss(
-            lm(input_ids=input_ids, attention_mask=mask).logits, labels
-        ).item()
-    return lm, {
-        "lm_loss": held_out,
-        "lm_context_qa": qa,
-        "lm_extensions": extensions,
-    }
+    A row is BOS, the context words and the prompt, then the target and EOS; the labels cover
+    the target and EOS only (-100 elsewhere).
+    """
+    rows = []
+    for context, prompt, target in examples:
+        words = (context or []) + prompt.split()
+        head = [tokenizer.bos_token_id, *tokenizer.convert_tokens_to_ids(words)]
+        tail = [
+            *tokenizer.convert_tokens_to_ids(target.split()),
+            tokenizer.eos_token_id,
+        ]
+        rows.append((head, tail))
+    n = len(rows)
+    width = max(len(h) + len(t) for h, t in rows)
+    input_ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((n, width), -100, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, (head, tail) in enumerate(rows):
+        ids = torch.tensor(head + tail)
+        input_ids[i, : len(ids)] = ids
+        mask[i, : len(ids)] = 1
+        labels[i, len(head) : len(ids)] = ids[len(head) :]
+    return input_ids, mask, labels
+
+
+def _cosine_cycle(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    steps: int,
+    peak: Callable[[dict[str, Any]], float],
+    step_loss: Callable[[], torch.Tensor],
+    stage: str,
+    report: Callable[[str, int, int, float], None],
+) -> None:
+    """One cosine cycle of ``steps`` optimizer steps, every stage's training loop.
+
+    ``peak(group)`` is a parameter group's peak learning rate; ``step_loss()`` draws the step's
+    batch and returns its loss. Gradients are clipped to norm 1 over ``params``; ``report`` gets
+    the loss's running average (0.98). ``model`` trains, then is left in eval mode.
+    """
+    model.train()
+    loss_val = float("nan")
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, peak(g))
+        loss = step_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        loss_val = 0.98 * loss_val + 0.02 * loss.item() if step else loss.item()
+        report(stage, step + 1, steps, loss_val)
+    model.eval()
 
 
 def context_qa_accuracy(
@@ -470,23 +524,25 @@ def pretrain_vision(
     probe_scenes, probe_images = render_scenes(spec, cfg.seed, STREAM_PROBE, 1000)
     probe_px, probe_t = normalise(probe_images), _attribute_targets(probe_scenes, spec)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
-    enc.train()
-    loss_val = float("nan")
-    for step in range(cfg.vision_steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.vision_steps, cfg.vision_lr)
+
+    def step_loss() -> torch.Tensor:
+        """Summed attribute losses on a batch drawn with replacement."""
         idx = torch.randint(0, len(scenes), (cfg.vision_batch,), generator=gen)
         pooled = enc(pixel_values=pixels[idx]).pooler_output  # [B, hidden]
-        loss = sum(
+        return sum(  # type: ignore[return-value]
             F.cross_entropy(heads[a](pooled), targets[a][idx]) for a in ATTRIBUTES
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[union-attr]
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        loss_val = 0.98 * loss_val + 0.02 * loss.item() if step else loss.item()
-        report("vision", step + 1, cfg.vision_steps, loss_val)
-    enc.eval()
+
+    _cosine_cycle(
+        enc,
+        opt,
+        params,
+        cfg.vision_steps,
+        lambda g: cfg.vision_lr,
+        step_loss,
+        "vision",
+        report,
+    )
     with torch.no_grad():
         pooled = enc(pixel_values=probe_px).pooler_output
         probe = {
@@ -511,37 +567,21 @@ def joint_warmup(
     scenes: list,
     images: np.ndarray,
     report: Callable[[str, int, int, float], None],
+    score: ToyScore,
 ) -> tuple[LlamaForCausalLM, dict[str, float]]:
     """Train the LM together with a throwaway projector on image captions and questions.
 
     The vision encoder stays frozen. Afterwards the LM knows how to read projected image tokens
     (as a large pre-trained LLM does from its scale); the projector is discarded, so a run's
     projector starts from scratch and alignment is learnt, not inherited. Returns the updated LM
-    and the warm-up model's scores on held-out probe scenes (what a trained projector can reach).
+    and the warm-up model's scores on held-out probe scenes (what a trained projector can reach),
+    as ``score`` gives them.
     """
-    from PIL import Image
-
-    from fedsim.data.collate import training_batch
-    from fedsim.eval.generation import HFBackend
-    from fedsim.eval.toy import evaluate_toy
-    from fedsim.models.backbone import Backbone
-
     torch.manual_seed(cfg.seed + 5)
     model = assemble_llava(vision, lm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     for name, p in model.named_parameters():
         p.requires_grad_("vision_tower" not in name)
-    processor = toy_processor(tokenizer, cfg.scene, cfg.patch_size)
-    bb = Backbone(
-        model=model,
-        tokenizer=tokenizer,
-        image_processor=processor.image_processor,
-        caption_prompt=f"{IMAGE_TOKEN} {CAPTION_PROMPT}",
-        qa_prompt=f"{IMAGE_TOKEN} {QA_PROMPT}",
-        image_seq_length=model.config.image_seq_length,
-        image_token_id=model.config.image_token_id,
-        source="toy-build",
-        manifest={},
-    )
+    bb = _warmup_backbone(model, tokenizer, cfg)
     projector = [p for n, p in model.named_parameters() if "multi_modal_projector" in n]
     language = [
         p
@@ -557,60 +597,95 @@ def joint_warmup(
     )
     rng = np.random.default_rng([cfg.seed, STREAM_JOINT])
 
+    def step_loss() -> torch.Tensor:
+        """The loss on a batch of captions and questions drawn from ``rng``."""
+        batch = _joint_batch(cfg, bb, scenes, images, rng)
+        labels = batch.pop("labels")
+        return per_example_loss(model(**batch).logits, labels)
+
     def train(steps: int, lr_scale: float, stage: str) -> None:
         """One cosine cycle of ``steps`` steps at ``lr_scale`` times the base rates."""
-        model.train()
-        loss_val = float("nan")
-        for step in range(steps):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, steps, g["base"] * lr_scale)
-            idx = rng.integers(0, len(scenes), cfg.joint_batch)
-            qa = rng.random(cfg.joint_batch) < cfg.joint_qa_fraction
-            batch_scenes = [scenes[i] for i in idx]
-            prompts = [
-                bb.qa_prompt.format(question=s.question) if q else bb.caption_prompt
-                for s, q in zip(batch_scenes, qa)
-            ]
-            targets = [s.answer if q else s.caption for s, q in zip(batch_scenes, qa)]
-            batch = training_batch(
-                bb, [Image.fromarray(images[i]) for i in idx], prompts, targets
-            )
-            labels = batch.pop("labels")
-            loss = per_example_loss(model(**batch).logits, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(projector + language, 1.0)
-            opt.step()
-            loss_val = 0.98 * loss_val + 0.02 * loss.item() if step else loss.item()
-            report(stage, step + 1, steps, loss_val)
-        model.eval()
-
-    probe_scenes, probe_images = render_scenes(cfg.scene, cfg.seed, STREAM_PROBE, 500)
-    columns = {
-        "image": [Image.fromarray(x) for x in probe_images],
-        **{
-            a: [getattr(s, a) for s in probe_scenes]
-            for a in ("caption", "question", "answer", *ATTRIBUTES)
-        },
-    }
-
-    def skills() -> dict[str, float]:
-        """Held-out scores of the warm-up model (its throwaway projector included)."""
-        return evaluate_toy(
-            HFBackend(bb, 100), columns, bb.caption_prompt, bb.qa_prompt
+        _cosine_cycle(
+            model,
+            opt,
+            projector + language,
+            steps,
+            lambda g: g["base"] * lr_scale,
+            step_loss,
+            stage,
+            report,
         )
 
+    columns = _probe_columns(cfg)
     train(cfg.joint_steps, 1.0, "joint")
-    scores, extensions = skills(), 0
+    scores, extensions = score(bb, columns), 0
     while missed_gates(cfg, scores) and extensions < cfg.max_extensions:
         extensions += 1
         train(cfg.joint_steps // 2, cfg.extension_lr_scale, f"joint+{extensions}")
-        scores = skills()
+        scores = score(bb, columns)
     lm.model.load_state_dict(model.model.language_model.state_dict())
     lm.lm_head.load_state_dict(model.lm_head.state_dict())
     return lm, {
         **{f"joint_{k}": v for k, v in scores.items()},
         "joint_extensions": extensions,
+    }
+
+
+def _warmup_backbone(
+    model: LlavaForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerFast,
+    cfg: ToyBuildConfig,
+) -> Backbone:
+    """The warm-up model as a :class:`~fedsim.models.backbone.Backbone` (the toy's prompts)."""
+    processor = toy_processor(tokenizer, cfg.scene, cfg.patch_size)
+    return Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        image_processor=processor.image_processor,
+        caption_prompt=f"{IMAGE_TOKEN} {CAPTION_PROMPT}",
+        qa_prompt=f"{IMAGE_TOKEN} {QA_PROMPT}",
+        image_seq_length=model.config.image_seq_length,
+        image_token_id=model.config.image_token_id,
+        source="toy-build",
+        manifest={},
+    )
+
+
+def _joint_batch(
+    cfg: ToyBuildConfig,
+    bb: Backbone,
+    scenes: list,
+    images: np.ndarray,
+    rng: np.random.Generator,
+) -> dict[str, torch.Tensor]:
+    """A training batch of ``cfg.joint_batch`` scenes drawn from ``rng``, each a question
+    (share ``joint_qa_fraction``) or a caption; the labels under ``"labels"``."""
+    from PIL import Image
+
+    idx = rng.integers(0, len(scenes), cfg.joint_batch)
+    qa = rng.random(cfg.joint_batch) < cfg.joint_qa_fraction
+    batch_scenes = [scenes[i] for i in idx]
+    prompts = [
+        bb.qa_prompt.format(question=s.question) if q else bb.caption_prompt
+        for s, q in zip(batch_scenes, qa)
+    ]
+    targets = [s.answer if q else s.caption for s, q in zip(batch_scenes, qa)]
+    return training_batch(
+        bb, [Image.fromarray(images[i]) for i in idx], prompts, targets
+    )
+
+
+def _probe_columns(cfg: ToyBuildConfig) -> dict[str, list]:
+    """The held-out probe scenes the warm-up is scored on, as columns (``image``: PIL)."""
+    from PIL import Image
+
+    probe_scenes, probe_images = render_scenes(cfg.scene, cfg.seed, STREAM_PROBE, 500)
+    return {
+        "image": [Image.fromarray(x) for x in probe_images],
+        **{
+            a: [getattr(s, a) for s in probe_scenes]
+            for a in ("caption", "question", "answer", *ATTRIBUTES)
+        },
     }
 
 
@@ -633,36 +708,6 @@ def missed_gates(cfg: ToyBuildConfig, scores: dict[str, float]) -> list[str]:
 # Assembly and cache
 
 
-def assemble_llava(
-    vision: CLIPVisionModel,
-    lm: LlamaForCausalLM,
-    image_token_id: int,
-    projector_act: str = "gelu",
-) -> LlavaForConditionalGeneration:
-    """A LlavaForConditionalGeneration holding ``vision`` and ``lm`` (projector freshly initialised).
-
-    Uses every patch and CLS (strategy "full") from the last encoder layer (-1): the toy encoder was
-    pre-trained with exactly that many layers, and CLS carries its attribute summary.
-    """
-    lcfg = LlavaConfig(
-        vision_config=vision.config.to_dict(),
-        text_config=lm.config.to_dict(),
-        image_token_id=image_token_id,
-        projector_hidden_act=projector_act,
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-        image_seq_length=(vision.config.image_size // vision.config.patch_size) ** 2
-        + 1,
-        tie_word_embeddings=False,
-        multimodal_projector_bias=True,
-    )
-    model = LlavaForConditionalGeneration(lcfg)
-    model.model.vision_tower.load_state_dict(vision.state_dict())
-    model.model.language_model.load_state_dict(lm.model.state_dict())
-    model.lm_head.load_state_dict(lm.lm_head.state_dict())
-    return model.eval()
-
-
 def toy_processor(
     tokenizer: PreTrainedTokenizerFast, spec: SceneSpec, patch_size: int
 ) -> LlavaProcessor:
@@ -682,11 +727,6 @@ def toy_processor(
         num_additional_image_tokens=1,
         image_token=IMAGE_TOKEN,
     )
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("FEDSIM_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "fedsim"
 
 
 class ToyBuildError(RuntimeError):
@@ -737,12 +777,15 @@ def build_toy_backbone(
     cache_dir: Path | None = None,
     report: Callable[[str, int, int, float], None] | None = None,
     force: bool = False,
+    *,
+    score: ToyScore,
 ) -> Path:
     """Build (or find in the cache) the toy LLaVA checkpoint and return its folder.
 
     The folder holds ``config.json``, ``model.safetensors``, the processor files, ``vision/`` and
     ``lm/`` (the two pre-trained parts on their own, for the vision + LM pair loading path) and
     ``fedsim.json`` (prompts, build metrics, recipe). Concurrent builders serialise on a file lock.
+    ``score`` scores the joint warm-up for its gates (:data:`ToyScore`).
     """
     cfg = cfg or ToyBuildConfig()
     report = report or (lambda stage, step, total, loss: None)
@@ -756,13 +799,16 @@ def build_toy_backbone(
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return _build(cfg, final, report)
+            return _build(cfg, final, report, score)
         finally:
             torch.set_num_threads(threads)
 
 
 def _build(
-    cfg: ToyBuildConfig, final: Path, report: Callable[[str, int, int, float], None]
+    cfg: ToyBuildConfig,
+    final: Path,
+    report: Callable[[str, int, int, float], None],
+    score: ToyScore,
 ) -> Path:
     """The recipe's stages, the gates, and the folder written under a temp name then renamed."""
     t0 = time.perf_counter()
@@ -776,7 +822,9 @@ def _build(
     )
     vision, vision_metrics = pretrain_vision(cfg, scenes, images, report)
     t_vision = time.perf_counter() - t0 - t_lm
-    lm, joint_metrics = joint_warmup(cfg, vision, lm, tokenizer, scenes, images, report)
+    lm, joint_metrics = joint_warmup(
+        cfg, vision, lm, tokenizer, scenes, images, report, score
+    )
     t_joint = time.perf_counter() - t0 - t_lm - t_vision
     gates = check_gates(cfg, lm_metrics, joint_metrics)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)

@@ -197,15 +197,27 @@ def save_checkpoint(run_dir: Path, state: RoundState, digest: str, keep: int) ->
         )
         _fsync_dir(tmp)
         if final.exists():  # the same round again (a resumed run): replace it
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
         _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def _discard(checkpoint: Path) -> None:
+    """Remove a checkpoint folder: renamed to a temporary name first (atomic), then deleted.
+
+    A kill in the middle of the deletion then leaves a ``.round-*.tmp-*`` folder, which
+    :func:`remove_temp_leftovers` takes away on resume, never a half-deleted ``round-*`` folder
+    without its state.json that nothing would list or remove again.
+    """
+    doomed = checkpoint.parent / f".{checkpoint.name}.tmp-old-{os.getpid()}"
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_checkpoint(

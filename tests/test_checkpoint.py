@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,9 @@ from fedsim.checkpoint import (
     config_digest,
     latest_checkpoint,
     load_checkpoint,
+    remove_temp_leftovers,
     save_checkpoint,
+    temp_leftovers,
 )
 from fedsim.data.streams import Cursor
 from fedsim.runio import MetricsLog
@@ -95,6 +98,30 @@ def test_crash_mid_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert latest_checkpoint(tmp_path).name == "round-000001"
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["round-000001"]
     _equal(load_checkpoint(latest_checkpoint(tmp_path), "d"), _state(1))
+
+
+def test_a_kill_while_pruning_leaves_nothing_that_stays(tmp_path, monkeypatch):
+    """Killed while the oldest checkpoint is being deleted (state.json already gone): what is
+    left is a temporary that resume removes, never a round folder nothing lists again (seen
+    once in the SIGKILL resume test)."""
+    import shutil
+
+    save_checkpoint(tmp_path, _state(1), "d", keep=1)
+    real = shutil.rmtree
+
+    def killed(path, ignore_errors=False):
+        (Path(path) / "state.json").unlink()  # the deletion had begun …
+        raise KeyboardInterrupt  # … when the process was stopped
+
+    monkeypatch.setattr(ck.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, _state(2), "d", keep=1)
+    monkeypatch.setattr(ck.shutil, "rmtree", real)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["round-000002"]
+    leftovers = temp_leftovers(tmp_path)
+    assert [p.name for p in leftovers] == [f".round-000001.tmp-old-{os.getpid()}"]
+    remove_temp_leftovers(tmp_path)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["round-000002"]
 
 
 def test_half_written_folder_of_a_killed_process_is_not_a_checkpoint(tmp_path):

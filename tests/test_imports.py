@@ -72,3 +72,17 @@ def test_a_circle_is_shown_as_a_closed_path():
     ]
     assert circles(edges, {"a", "b", "c", "d"}) == [["a", "b", "c", "a"]]
     assert circles(edges[:2] + edges[3:], {"a", "b", "c", "d"}) == []
+
+
+def test_no_function_is_over_80_lines(mods):
+    """Issue 19's bound on the engine's readability: every function, nested ones included."""
+    import ast
+
+    long = [
+        f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+        for name, src in mods.items()
+        for node in ast.walk(ast.parse(src))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > 80
+    ]
+    assert long == []

@@ -145,9 +145,8 @@ def bench_training(cfg: Config, s: BenchSettings, console: Console) -> dict[str,
     tasks = _tasks(prep.shards, s, cfg.seed)
     w0 = init_projector(backbone, cfg.seed)
     local = LocalTraining()
-    settings = train_settings(
-        cfg
-    )  # the config's optimizer, clipping and loss, as a run has
+    # the config's optimizer, clipping, loss and caption transforms, as a run has
+    settings = train_settings(cfg, prep.shards)
     one_at_a_time, cohort, fresh_per_task = _training_ways(
         load, backbone, reader, tasks, w0, local, settings
     )

@@ -185,17 +185,21 @@ class ScenarioConfig:
         stragglers, dropped from the round. Null: no deadline. Each round's simulated time
         (the slowest reporting client, or the deadline) is ``sim_seconds`` in metrics.jsonl.
     noisy_clients:
-        Low-quality silos: the share of clients that are noisy, a seeded set of
-        round(share × ``num_clients``) clients; 0 = none. Synthetic scenes only.
+        Low-quality silos: the share of clients that are noisy; 0 = none. round(share ×
+        ``num_clients``) clients, one from each band of clients by size, picked so that the
+        noisy silos hold ≈ share of the rows on every seed (``fedsim.scenarios.silos.
+        noisy_set``). Synthetic scenes only.
     caption_noise:
         Share of each noisy client's rows (each row drawn on its own, keyed by seed, client
         and row) whose caption is replaced by a wrong but well-formed one (count, size,
         colour, shape and position all redrawn to values other than the scene's) and whose
         yes/no answer is flipped.
     caption_styles:
-        Silo styles: number of caption styles among the clients (1 = off). Each client has a
-        seeded style id (as many clients per style as can be); style 0 is the canonical
-        caption, the others reorder its words (``fedsim.data.synthetic.CAPTION_STYLES``).
+        Silo styles: number of caption styles among the clients (1 = off). Styles are dealt
+        largest client first, each to the style holding the fewest rows so far, so every style
+        holds ≈ 1/styles of the rows (``fedsim.scenarios.silos.client_styles``); style 0 is
+        the canonical caption, the others reorder its words
+        (``fedsim.data.synthetic.CAPTION_STYLES``).
         Synthetic scenes only. The transforms change what clients train on, never the
         evaluation data (``fedsim.scenarios.silos``).
     """

@@ -46,6 +46,7 @@ from fedsim.runio import (
     prepare_run_dir,
     write_yaml,
 )
+from fedsim.scenarios.silos import describe as describe_silos
 
 __all__ = ["RunError", "RunResult", "resume_run", "run"]
 
@@ -165,7 +166,9 @@ def _run_locked(
             if started_ray:
                 ray.shutdown()
     wall = time.perf_counter() - t_start
-    return result, wall, lock, corpus_summary(prep.train_path)
+    about = corpus_summary(prep.train_path)
+    about["silos"] = describe_silos(cfg, [len(s) for s in prep.shards])
+    return result, wall, lock, about
 
 
 def _rounds(ctx: RunContext, algorithm: Any, restored: RoundState | None) -> RunResult:

@@ -97,7 +97,7 @@ def pooled_plan(
     trains on the very text the clients train on (``fedsim.pooled.pooled_task``).
     """
     steps = federated_steps(cfg, prep.shards, w0)
-    settings = train_settings(cfg)
+    settings = train_settings(cfg, prep.shards)
     rows = np.concatenate(prep.shards)
     return PooledPlan(
         model=prep.model,

@@ -10,7 +10,7 @@ joins the cluster ``ray.address`` names.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +181,9 @@ def participation_spec(cfg: Config) -> ParticipationSpec:
     return ParticipationSpec.of(cfg.scenario)
 
 
-def train_settings(cfg: Config) -> TrainSettings:
+def train_settings(cfg: Config, shards: Sequence[np.ndarray]) -> TrainSettings:
+    """How every client trains: the config's optimizer, clipping and loss, and the caption
+    transforms of the scenario's silos (which depend on the clients' sizes)."""
     return TrainSettings(
         optimizer=cfg.train.optimizer,
         weight_decay=cfg.train.weight_decay,
@@ -189,7 +191,7 @@ def train_settings(cfg: Config) -> TrainSettings:
         loss=cfg.train.loss,
         qa_fraction=cfg.data.qa_fraction,
         max_update_norm=cfg.validation.max_update_norm,
-        captions=caption_transform(cfg),
+        captions=caption_transform(cfg, [len(s) for s in shards]),
     )
 
 

@@ -20,7 +20,6 @@ from fedsim.models.toy_reference import reference_digest
 from fedsim.plots import plot_runs
 from fedsim.prepare import eval_stream
 from fedsim.runio import write_json, write_text
-from fedsim.scenarios.silos import describe as describe_silos
 
 # Metrics shown in the final table, with their labels.
 HEADLINE = [
@@ -103,7 +102,7 @@ def data_lines(
         split += f" by {cfg.scenario.label}"
     if not cfg.data.corpora:
         return [f"- data: {cfg.data.num_scenes} generated scenes, {split}"] + [
-            f"- {line}" for line in describe_silos(cfg)
+            f"- {line}" for line in corpus.get("silos", [])
         ]
     names = [c.name or c.format for c in cfg.data.corpora]
     lines = [

@@ -328,7 +328,7 @@ class FederatedRun:
         self.sizes = np.array([len(s) for s in prep.shards])
         self.participation = participation_spec(cfg)
         self.upload_bytes = sum(v.numel() * 4 for v in self.w0.values())  # fp32 delta
-        self.settings = train_settings(cfg)
+        self.settings = train_settings(cfg, prep.shards)
         self.cost = TokenCost(prep.model, prep.train_path, cfg.data.qa_fraction)
         self.store = MemoryStore()
         self.cursors = [Cursor() for _ in prep.shards]

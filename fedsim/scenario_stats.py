@@ -118,14 +118,14 @@ def scenario_stats(cfg: Config) -> ScenarioStats:
     # A key with one value everywhere (one corpus's "dataset") says nothing about the split.
     views = [v for v in views if len(v.values) > 1 or v.key == cfg.scenario.label]
     sizes = np.array([len(rows) for rows in shards], dtype=np.int64)
-    t = caption_transform(cfg)
+    t = caption_transform(cfg, sizes)
     return ScenarioStats(
         cfg.scenario.name,
         sizes,
         views,
         noisy=t.noisy if t is not None else frozenset(),
         styles=t.styles if t is not None and cfg.scenario.caption_styles > 1 else None,
-        silos=tuple(describe(cfg)),
+        silos=tuple(describe(cfg, sizes)),
     )
 
 

@@ -10,8 +10,10 @@ values are one-line errors; and toy-hard runs end to end.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
+import re
 import subprocess
 import sys
 
@@ -34,11 +36,14 @@ from fedsim.data.synthetic import (
     read_caption,
 )
 from fedsim.scenarios import presets
+from fedsim.scenarios.partition import power_law_sizes
 from fedsim.scenarios.silos import (
+    STYLE_STREAM,
     CaptionTransform,
     caption_transform,
     client_styles,
     noisy_set,
+    size_order,
     wrong_attributes,
 )
 
@@ -69,6 +74,20 @@ SMALL_HARD = [
 ]
 
 
+def _sizes(shards):
+    return [len(s) for s in shards]
+
+
+def _equal_shards(cfg):
+    """Ten rows a client: the transforms' on/off does not depend on the sizes."""
+    return [np.arange(10 * k, 10 * k + 10) for k in range(cfg.scenario.num_clients)]
+
+
+def _small_hard_sizes():
+    """SMALL_HARD's client sizes: the power-law sizes its partition gives 2 000 rows."""
+    return power_law_sizes(2000, 20, 1.0, seed=0)
+
+
 def _transform(noisy, q, styles=(0,) * 10, seed=0) -> CaptionTransform:
     return CaptionTransform(
         seed=seed,
@@ -93,30 +112,133 @@ def scenes(cache_dir):
 # --- the noisy set and the noisy rows ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k", [7, 20, 100, 1000])
-@pytest.mark.parametrize("share", [0.0, 0.05, 0.2, 0.5, 1.0])
-def test_noisy_set_is_seeded_and_has_the_share_up_to_rounding(k, share):
-    a, b = noisy_set(k, share, seed=3), noisy_set(k, share, seed=3)
-    assert a == b and a <= set(range(k))
-    # round(share · K) clients exactly, so the realised share is off by rounding only: ≤ 1/(2K).
-    assert abs(len(a) / k - share) <= 1 / (2 * k)
-    if 0 < len(a) < k:
-        # Another seed gives the same m-of-K set with probability 1 / C(K, m) ≤ 1/7 (K = 7,
-        # m = 1); six other seeds all giving it: ≤ 7⁻⁶ ≈ 8.5e-6.
-        others = {noisy_set(k, share, seed=s) for s in range(4, 10)}
-        assert others != {a}
+def _size_cases():
+    """Client sizes of several shapes: equal, power-law (toy-hard's 1/r), random integers."""
+    rng = np.random.default_rng(11)
+    yield np.full(20, 50)
+    yield power_law_sizes(40_000, 100, 1.0, seed=0)
+    yield power_law_sizes(2_000, 20, 1.0, seed=3)
+    yield power_law_sizes(9_999, 37, 2.0, seed=1)
+    for k in (7, 50, 1000):
+        yield rng.integers(1, 500, size=k)
 
 
-def test_client_styles_are_seeded_and_balanced():
-    styles = client_styles(100, 4, seed=0)
-    assert styles == client_styles(100, 4, seed=0) != client_styles(100, 4, seed=1)
-    assert np.bincount(styles).tolist() == [25, 25, 25, 25]
-    assert np.bincount(client_styles(10, 3, seed=0)).tolist() in (
-        [4, 3, 3],
-        [3, 4, 3],
-        [3, 3, 4],
+def _band_bound(sizes, m):
+    """Half the largest gap between neighbouring sizes inside one of the m size bands."""
+    desc = np.sort(np.asarray(sizes))[::-1]
+    return (
+        max(
+            (float(np.max(-np.diff(band))) if len(band) > 1 else 0.0)
+            for band in np.array_split(desc, m)
+        )
+        / 2
     )
-    assert set(client_styles(50, 1, seed=0)) == {0}
+
+
+@pytest.mark.parametrize("share", [0.0, 0.05, 0.2, 0.5, 1.0])
+def test_noisy_set_has_the_count_and_tracks_the_band_means(share):
+    """The count is round(share · K) exactly, and the noisy rows are within half the largest
+    within-band gap of Σ_b mean(band b).
+
+    Why the bound holds: let e_b be the noisy rows minus the band means after band b (e_0 = 0).
+    Band b's target is t = mean_b − e_{b−1}. If t lies in [min_b, max_b], the member nearest t
+    is picked and |e_b| ≤ half the largest gap in band b. If t < min_b, then e_{b−1} > mean_b −
+    min_b ≥ 0 and picking min_b gives e_b = e_{b−1} − (mean_b − min_b) ∈ [0, e_{b−1}]; t > max_b
+    is the mirror case. So |e_b| ≤ max(|e_{b−1}|, gap_b / 2), and by induction the final error is
+    at most the largest half-gap of any band. Sizes are integers: the check is exact arithmetic
+    up to float64 sums of ≤ 40 000 (exact)."""
+    for sizes in _size_cases():
+        k = len(sizes)
+        a, b = noisy_set(sizes, share, seed=3), noisy_set(sizes, share, seed=3)
+        assert a == b and a <= set(range(k))
+        m = int(np.floor(share * k + 0.5))
+        assert len(a) == m and abs(len(a) / k - share) <= 1 / (2 * k)
+        if m == 0:
+            continue
+        desc = np.sort(sizes)[::-1]
+        target = sum(float(band.mean()) for band in np.array_split(desc, m))
+        rows = float(np.asarray(sizes)[sorted(a)].sum())
+        assert abs(rows - target) <= _band_bound(sizes, m) + 1e-9
+
+
+def test_noisy_set_of_equal_sizes_is_a_seeded_draw():
+    sizes = np.full(20, 50)
+    a = noisy_set(sizes, 0.2, seed=3)
+    # Equal sizes: every band is a tie, broken by the seeded order. Another seed giving the
+    # same 4-of-20 set: here one band per 5 clients, so probability (1/5)⁴ = 1/625 per seed;
+    # six other seeds all giving it: ≤ 625⁻⁶.
+    assert {noisy_set(sizes, 0.2, seed=s) for s in range(4, 10)} != {a}
+
+
+def test_toy_hard_noisy_silos_hold_a_fifth_of_the_rows_on_every_seed():
+    """toy-hard's sizes (40 000 rows, 100 clients, n ∝ 1/r): 20 noisy silos holding the same rows
+    on every seed (the pick depends on the sorted sizes alone, and those are a function of the
+    rank), within the band bound of a fifth of the rows (bands of 5: Σ band means = rows / 5)."""
+    totals, sets = set(), set()
+    for seed in range(10):
+        sizes = power_law_sizes(40_000, 100, 1.0, seed)
+        noisy = noisy_set(sizes, 0.2, seed)
+        assert len(noisy) == 20
+        rows = int(sizes[sorted(noisy)].sum())
+        assert abs(rows - 8_000) <= _band_bound(sizes, 20)
+        totals.add(rows)
+        sets.add(noisy)
+    assert len(totals) == 1
+    assert len(sets) > 1  # which clients: seeded (the ranks are a permutation)
+
+
+def _loads(sizes, styles, n):
+    return np.bincount(np.asarray(styles), weights=np.asarray(sizes), minlength=n)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_client_styles_balance_rows(n):
+    """Greedy list scheduling, largest client first, to the style with the fewest rows.
+
+    Why the bound holds: let j be the last client given to the style that ends fullest. When j
+    was placed, that style held the fewest rows, so its rows then were ≤ every other style's
+    rows then ≤ their final rows; nothing was added to it after j. So max − min ≤ size(j)."""
+    for sizes in _size_cases():
+        styles = client_styles(sizes, n, seed=0)
+        assert styles == client_styles(sizes, n, seed=0)
+        assert set(styles) <= set(range(n))
+        load = _loads(sizes, styles, n)
+        full = int(np.argmax(load))
+        order = size_order(sizes, 0, STYLE_STREAM)
+        last = [k for k in order if styles[k] == full][-1]
+        assert load.max() - load.min() <= sizes[last]
+        assert (
+            styles[int(order[0])] == 0
+        )  # the largest client writes the canonical caption
+    assert set(client_styles(np.full(50, 3), 1, seed=0)) == {0}
+
+
+def test_client_styles_of_equal_sizes_are_dealt_round_robin_over_a_seeded_order():
+    sizes = np.full(100, 40)
+    styles = client_styles(sizes, 4, seed=0)
+    assert styles != client_styles(sizes, 4, seed=1)
+    assert np.bincount(styles).tolist() == [25, 25, 25, 25]
+    assert sorted(np.bincount(client_styles(np.full(10, 4), 3, seed=0))) == [3, 3, 4]
+
+
+def test_toy_hard_styles_hold_a_quarter_of_the_rows_on_every_seed():
+    """toy-hard: each style's rows differ from the mean (a quarter) by at most max − min ≤ the
+    size of the last client placed on the fullest style (the bound above); under 1/r sizes that
+    client is a small one, so the bound is a few hundred rows of 40 000, not the largest
+    client's fifth. The loads are the same on every seed (the sorted sizes are)."""
+    loads = set()
+    for seed in range(10):
+        sizes = power_law_sizes(40_000, 100, 1.0, seed)
+        styles = client_styles(sizes, 4, seed)
+        load = _loads(sizes, styles, 4)
+        order = size_order(sizes, seed, STYLE_STREAM)
+        last = [k for k in order if styles[k] == int(np.argmax(load))][-1]
+        assert (
+            sizes[last] < sizes.max() / 10
+        )  # not the bound a uniform deal would leave
+        assert np.all(np.abs(load - 10_000) <= sizes[last]), load
+        loads.add(tuple(load.tolist()))
+    assert len(loads) == 1
 
 
 @pytest.mark.parametrize("q", [0.1, 0.5, 0.9])
@@ -150,9 +272,9 @@ def test_toy_hard_noisy_rows_come_in_the_configured_shares(scenes):
 
     path, _ = scenes
     cfg = load_config("toy-hard", ["data.num_scenes=2000"])
-    t = caption_transform(cfg)
-    assert t is not None and len(t.noisy) == 20  # 0.2 × 100 clients exactly
     shards = partition(cfg, path)
+    t = caption_transform(cfg, _sizes(shards))
+    assert t is not None and len(t.noisy) == 20  # 0.2 × 100 clients exactly
     hits = [t.is_noisy(k, int(r)) for k in sorted(t.noisy) for r in shards[k]]
     n, q = len(hits), cfg.scenario.caption_noise
     # Binomial(n, q) again (n is the noisy silos' rows, a few hundred): within 5σ.
@@ -271,8 +393,9 @@ def test_transforms_off_build_nothing(overrides):
     from fedsim.prepare import train_settings
 
     cfg = load_config(None, overrides)
-    assert caption_transform(cfg) is None
-    assert train_settings(cfg).captions is None
+    shards = _equal_shards(cfg)
+    assert caption_transform(cfg, _sizes(shards)) is None
+    assert train_settings(cfg, shards).captions is None
 
 
 def test_every_existing_preset_reads_the_dataset_bytes(scenes):
@@ -299,11 +422,12 @@ def test_every_existing_preset_reads_the_dataset_bytes(scenes):
             cfg.scenario.caption_noise,
             cfg.scenario.caption_styles,
         ) == (0.0, 0.0, 1), name
-        settings = train_settings(cfg)
+        settings = train_settings(cfg, _equal_shards(cfg))
         assert settings.captions is None, name
         task = ClientTask(5, 1, cfg.seed, rows, (1e-3,), len(rows))
         assert training_text(data, task, np.arange(len(rows)), settings) is data
-    assert caption_transform(load_config("toy-hard")) is not None
+    hard = load_config("toy-hard")
+    assert caption_transform(hard, _sizes(_equal_shards(hard))) is not None
 
 
 def test_style_zero_clean_clients_keep_their_rows_and_training_bits(toy, scenes):
@@ -315,10 +439,13 @@ def test_style_zero_clean_clients_keep_their_rows_and_training_bits(toy, scenes)
 
     _, reader = scenes
     cfg = load_config("toy-hard", SMALL_HARD)
-    t = caption_transform(cfg)
+    t = caption_transform(cfg, _small_hard_sizes())
     assert t is not None
-    plain = next(k for k in range(20) if k not in t.noisy and t.styles[k] == 0)
-    styled = next(k for k in range(20) if k not in t.noisy and t.styles[k] != 0)
+    # Style 0 may hold only the largest client (balanced by rows), which may be noisy: the
+    # two clients compared are made clean here, the rest of the transform kept.
+    plain = t.styles.index(0)
+    styled = next(k for k in range(20) if t.styles[k] != 0)
+    t = dataclasses.replace(t, noisy=t.noisy - {plain, styled})
     rows = np.arange(100, 112)
     off, on = TrainSettings(optimizer="sgd"), TrainSettings(optimizer="sgd", captions=t)
     data = reader.text[rows.tolist()]
@@ -359,7 +486,7 @@ def test_pooled_stream_transforms_each_row_as_its_owner_does(toy_path, scenes):
     model = ModelSpec(str(toy_path), None, "mlp2x_gelu", "float32", "cpu")
     plan = pooled_plan(cfg, Prepared(model, path, path, shards), {})
     assert sorted(plan.rows.tolist()) == sorted(owner_of)
-    fed = train_settings(cfg)
+    fed = train_settings(cfg, shards)
     changed = seen = 0
     cursor = Cursor()
     for rnd in range(1, cfg.rounds + 1):
@@ -394,7 +521,7 @@ def test_pooled_task_with_owners_trains_to_the_owners_bits(toy, scenes):
     from fedsim.training import ClientTask, TrainSettings, train_client
 
     _, reader = scenes
-    t = caption_transform(load_config("toy-hard", SMALL_HARD))
+    t = caption_transform(load_config("toy-hard", SMALL_HARD), _small_hard_sizes())
     assert t is not None
     k = next(k for k in range(1, 20) if k in t.noisy and t.styles[k] != 0)
     rows = np.arange(300, 312)
@@ -480,9 +607,27 @@ def test_scenarios_show_describes_noise_and_styles(tmp_path, cache_dir):
     assert "probability 0.5 (scenario.caption_noise)" in out
     assert "caption styles: 4" in out
     example = dict(count=2, size="small", colour="red", shape="triangle")
+    clients, shares = [], []
     for s in range(4):
         text = caption_text(**example, position="top left", style=s)
-        assert f"{s}: {text!r} (25 clients)" in out
+        found = re.search(
+            rf"{s}: {re.escape(repr(text))} \((\d+) clients, ([\d.]+)% of rows\)", out
+        )
+        assert found, out
+        clients.append(int(found[1]))
+        shares.append(float(found[2]))
+    # The numbers are those of the partition's sizes (2 000 rows, 1/r over 100 clients); that
+    # they are balanced is the property test's business (test_client_styles_balance_rows).
+    sizes = power_law_sizes(2000, 100, 1.0, seed=0)
+    styles = client_styles(sizes, 4, seed=0)
+    assert clients == np.bincount(styles, minlength=4).tolist()
+    want = np.bincount(styles, weights=sizes, minlength=4) / 2000 * 100
+    assert shares == [float(f"{x:.1f}") for x in want]
+    held = re.search(
+        r"20 of 100 clients \(scenario.noisy_clients 0.2\) holding ([\d.]+)%", out
+    )
+    noisy = sorted(noisy_set(sizes, 0.2, seed=0))
+    assert held and float(held[1]) == float(f"{sizes[noisy].sum() / 2000 * 100:.1f}")
     assert "noisy" in r.stdout and "caption style" in r.stdout  # the per-client columns
     assert (tmp_path / "hard.png").exists()
 

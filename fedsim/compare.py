@@ -22,8 +22,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -35,9 +37,9 @@ from rich.progress import (
 from rich.table import Table
 
 from fedsim.algorithms import build_algorithm
-from fedsim.checkpoint import find_checkpoint
-from fedsim.config import Config, load_config
-from fedsim.configtools import ConfigError
+from fedsim.checkpoint import accepted_digests, config_digest, find_checkpoint
+from fedsim.config import Config, config_to_yaml_data, load_config
+from fedsim.configtools import ConfigError, safe_load
 from fedsim.driver import run
 from fedsim.eval.run import headline
 from fedsim.plots import PANELS
@@ -86,11 +88,54 @@ class Comparison:
         return out
 
 
-def _finished(run_dir: Path) -> dict[str, float] | None:
+def _finished(run_dir: Path, cfg: Config) -> dict[str, float] | None:
+    """The final evaluation of a finished run of ``cfg`` in ``run_dir``, or None if none is
+    there; a finished run of another config is an error (reusing it would put another
+    setting's score in the table, silently)."""
     path = run_dir / "eval.json"
     if not path.exists():
         return None
-    return json.loads(path.read_text()).get("final") or None
+    final = json.loads(path.read_text()).get("final") or None
+    if final is not None:
+        check_same_config(run_dir, cfg)
+    return final
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A config's YAML mapping as dotted keys (``train.lr``) → values."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        out.update(_flat(v, f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}"))
+    return out
+
+
+def check_same_config(run_dir: Path, cfg: Config) -> None:
+    """Refuse a finished run whose config.yaml is not ``cfg`` up to where it ran (cache_dir,
+    ray.*: ``fedsim.checkpoint.config_digest``), naming the fields that differ."""
+    stored_path = run_dir / "config.yaml"
+    try:
+        stored = safe_load(stored_path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(
+            f"{stored_path}: cannot read the finished run's config ({type(e).__name__})"
+        ) from None
+    want = json.loads(
+        json.dumps(config_to_yaml_data(cfg))
+    )  # tuples as lists, like YAML
+    if isinstance(stored, dict) and config_digest(stored) in accepted_digests(want):
+        return
+    a, b = _flat(stored if isinstance(stored, dict) else {}), _flat(want)
+    skip = ("ray.", "cache_dir")
+    diff = sorted(
+        k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(skip)
+    )
+    shown = ", ".join(f"{k} {a.get(k, '–')} ≠ {b.get(k, '–')}" for k in diff[:3])
+    raise ConfigError(
+        f"{run_dir}: holds a finished run of another config ({shown or 'differs'}"
+        f"{', …' if len(diff) > 3 else ''}); give another --out, or move that folder away"
+    )
 
 
 def _resumable(run_dir: Path, cfg: Config) -> bool:
@@ -133,7 +178,7 @@ def schedule_runs(
     resumes: set[tuple[str, int]] = set()
     for algo, seed in configs:
         run_dir = run_dirs[algo][seed]
-        done = _finished(run_dir)
+        done = _finished(run_dir, configs[(algo, seed)])
         if done is not None:
             console.print(f"{algo}, seed {seed}: reusing finished run in {run_dir}")
             finals[algo][seed] = done

@@ -55,7 +55,7 @@ from fedsim.config import Config, load_config
 from fedsim.configtools import ConfigError, read_user_text, safe_load
 from fedsim.prepare import check_inputs, connect_ray
 from fedsim.resources import check_before_ray
-from fedsim.runio import RunLock, write_text
+from fedsim.runio import MetricsLog, RunLock, write_text
 
 # Student's t quantile t_{0.975, df} for df = 1..30 (two-sided 95 %); beyond, the normal 1.96
 # is within 0.04 of it. Standard table values (e.g. NIST/SEMATECH e-Handbook, Table 1.3.6.7.2).
@@ -523,9 +523,7 @@ def _markdown(
         f"algorithm, selected on the validation split by final `{spec.metric}` (mean over "
         f"seeds {list(spec.select_seeds)}); the selected settings then ran with seeds {seeds} "
         f"on the test split. {cfg.rounds} rounds, {cfg.scenario.num_clients} clients, "
-        f"{cfg.scenario.cohort_size} per round. Cost: selection "
-        f"{result.seconds.get('selection', 0):.0f} s, test {result.seconds.get('test', 0):.0f} s "
-        "(reused runs cost nothing).",
+        f"{cfg.scenario.cohort_size} per round. Cost: {_cost_text(result)}.",
         "",
         "| entry | selected settings | validation | "
         + " | ".join(label for _, label in METRICS[:4])
@@ -558,8 +556,102 @@ def _markdown(
                 star = "*" if low > 0 or high < 0 else ""
                 cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]{star}")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += _diagnostic_lines(result, spec)
     lines.append("")
     return lines
+
+
+def rounds_seconds(run_dir: Path) -> float:
+    """The wall seconds of a run's rounds and evaluations (``wall_seconds`` of its records):
+    counted once per round even when the run was interrupted and resumed, without the
+    per-run start-up (Ray actors, data) that the sweep's own clock adds."""
+    return sum(
+        float(r.get("wall_seconds", 0.0))
+        for r in MetricsLog(run_dir / "metrics.jsonl").read()
+    )
+
+
+def _cost_text(result: SweepResult) -> str:
+    """What the table cost: the runs' round time per phase, summed over every run whether
+    this invocation ran it or reused it, and this invocation's own wall time."""
+    select_dirs = [
+        d
+        for d in sorted((result.out_dir / "select").glob("*/p*/seed-*"))
+        if d.name.removeprefix("seed-").isdigit()  # not a folder moved aside
+    ]
+    phases = {
+        "selection": sum(rounds_seconds(d) for d in select_dirs),
+        "test": sum(
+            rounds_seconds(d)
+            for by_seed in result.test.run_dirs.values()
+            for d in by_seed.values()
+        ),
+    }
+    runs = len(select_dirs) + sum(len(v) for v in result.test.run_dirs.values())
+    here = sum(result.seconds.values())
+    return (
+        f"{runs} runs; their rounds took {phases['selection']:.0f} s (selection) and "
+        f"{phases['test']:.0f} s (test) of wall time on this machine, start-up of each run "
+        f"not included; this invocation of the sweep took {here:.0f} s (reused runs cost "
+        "it nothing)"
+    )
+
+
+#: The per-round diagnostics sweep.md summarises (``fedsim.algorithms.diagnostics``): key, header.
+DIAGNOSTICS = (
+    ("step_cos_prev", "cos(step, previous step)"),
+    ("client_cos_mean", "client cos"),
+    ("client_cos_neg_share", "opposed pairs"),
+    ("sign_conflict", "sign conflict"),
+    ("drift", "drift"),
+    ("client_eff_rank", "eff. rank of deltas"),
+)
+
+
+def run_diagnostics(run_dir: Path) -> dict[str, float]:
+    """A run's diagnostics, each the mean over its rounds (the round-0 record has none), and
+    its mean ``update_norm``; empty for a run without them (pooled runs, diagnostics off)."""
+    sums: dict[str, list[float]] = {}
+    for rec in MetricsLog(run_dir / "metrics.jsonl").read():
+        diag = rec.get("diagnostics") or {}
+        for key, _ in DIAGNOSTICS:
+            if key in diag:
+                sums.setdefault(key, []).append(float(diag[key]))
+        if diag and "update_norm" in rec:
+            sums.setdefault("update_norm", []).append(float(rec["update_norm"]))
+    return {k: float(np.mean(v)) for k, v in sums.items()}
+
+
+def _diagnostic_lines(result: SweepResult, spec: SweepSpec) -> list[str]:
+    """A table of the tuned runs' round diagnostics (mean over rounds, then over the test
+    seeds), for the entries whose runs recorded them; none if no run did."""
+    rows = []
+    for entry in spec.entries:
+        per_seed = [
+            run_diagnostics(result.test.run_dirs[entry.label][s])
+            for s in spec.test_seeds
+        ]
+        if not any(per_seed):
+            continue
+        cells = []
+        for key in [k for k, _ in DIAGNOSTICS] + ["update_norm"]:
+            vals = [d[key] for d in per_seed if key in d]
+            cells.append(f"{np.mean(vals):.3f}" if vals else "–")
+        rows.append(f"| {entry.label} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "",
+        "Round diagnostics of the tuned test runs (`train.diagnostics`; each the mean over "
+        "rounds, then over seeds): oscillation (cosine between successive global steps), "
+        "interference (mean pairwise cosine of client deltas, share of opposed pairs, "
+        "p-weighted sign conflict), client drift, effective rank of the stacked deltas, and "
+        "the global step's norm:",
+        "",
+        "| entry | " + " | ".join(h for _, h in DIAGNOSTICS) + " | step norm |",
+        "|---|" + "---:|" * (len(DIAGNOSTICS) + 1),
+        *rows,
+    ]
 
 
 def plot_sweep(

@@ -111,3 +111,50 @@ def test_compare_table_matches_the_runs(tmp_path, toy_path, cache_dir, ray_sessi
     fresh = run(cfg, tmp_path / "fresh", console=quiet, show_progress=False)
     reused = load_weights(out / "fedcmp" / "seed-1" / "final" / "projector.safetensors")
     assert all(torch.equal(fresh.weights[k], reused[k]) for k in fresh.weights)
+
+
+def _finished_run(run_dir, cfg):
+    from fedsim.config import config_to_yaml_data
+    from fedsim.runio import write_json, write_yaml
+
+    run_dir.mkdir(parents=True)
+    write_yaml(run_dir / "config.yaml", config_to_yaml_data(cfg))
+    write_json(run_dir / "eval.json", {"final": {"attr_mean": 0.5}})
+
+
+def test_a_finished_run_is_reused_only_for_its_own_config(tmp_path):
+    """Reusing a finished run of another setting would put its score in the table under this
+    one's name: an error naming the run folder and the fields that differ."""
+    from fedsim.compare import schedule_runs
+    from fedsim.config import load_config
+    from fedsim.configtools import ConfigError
+
+    quiet = Console(quiet=True)
+    cfg = load_config(None, ["train.lr=0.003", "seed=0"])
+    run_dir = tmp_path / "fedavg" / "seed-0"
+    _finished_run(run_dir, cfg)
+    dirs = {"fedavg": {0: run_dir}}
+
+    def schedule(c):
+        finals = {"fedavg": {}}
+        todo, _ = schedule_runs({("fedavg", 0): c}, dirs, finals, quiet)
+        return todo, finals
+
+    # The same config, and the same up to where it runs (cache, Ray workers): reused.
+    assert schedule(cfg) == ([], {"fedavg": {0: {"attr_mean": 0.5}}})
+    where = load_config(
+        None, ["train.lr=0.003", "seed=0", "ray.workers=1", "cache_dir=/x"]
+    )
+    assert schedule(where)[0] == []
+    # Another learning rate: refused, one line, naming the folder and the field.
+    other = load_config(None, ["train.lr=0.01", "seed=0"])
+    with pytest.raises(ConfigError) as e:
+        schedule(other)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(run_dir))
+    assert "train.lr 0.003 ≠ 0.01" in msg
+    # A config.yaml that is not YAML: one line too, nothing moved or deleted.
+    (run_dir / "config.yaml").write_text("a: [\n")
+    with pytest.raises(ConfigError, match="cannot read the finished run's config"):
+        schedule(cfg)
+    assert (run_dir / "eval.json").exists()

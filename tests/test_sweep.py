@@ -6,7 +6,9 @@ are exact in float64); the protocol is checked on a tiny real sweep.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,7 +151,8 @@ def test_sweep_selects_on_validation_only_and_reproduces_its_selection(
         mine = [r.split(",") for r in rows if r.startswith(label + ",")]
         best = max(range(len(mine)), key=lambda i: (float(mine[i][-2]), -i))
         assert mine[best][-1] == "1" and result.chosen[label] == best
-    assert "Paired differences against fedavg" in (out / "sweep.md").read_text()
+    md = (out / "sweep.md").read_text()
+    assert "Paired differences against fedavg" in md
     assert (out / "sweep.png").stat().st_size > 0
     # Rerun: everything is reused, the same selection comes out.
     before = (out / "selection.csv").read_bytes()
@@ -160,3 +163,46 @@ def test_sweep_selects_on_validation_only_and_reproduces_its_selection(
     assert [
         c for c in calls if c != "phase"
     ] == []  # no run started, no scenes asked for
+    # The cost is the runs' own round time: the same when every run was reused.
+    cost = re.compile(
+        r"(\d+) runs; their rounds took (\d+) s \(selection\) and (\d+) s"
+    )
+    first, second = cost.search(md), cost.search((out / "sweep.md").read_text())
+    assert (
+        first and second and first[1] == "8"
+    )  # 2 entries × 2 points × 1 seed + 2 × 2 seeds
+    assert first.groups() == second.groups()
+
+
+def _metrics(run_dir, records):
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records)
+    )
+    return run_dir
+
+
+def test_run_diagnostics_and_round_seconds_are_means_and_sums_of_the_records(tmp_path):
+    from fedsim.sweep import rounds_seconds, run_diagnostics
+
+    run = _metrics(
+        tmp_path / "a",
+        [
+            {"round": 0, "wall_seconds": 1.5, "eval": {"attr_mean": 0.3}},
+            {"round": 1, "wall_seconds": 2.0, "update_norm": 4.0,
+             "diagnostics": {"step_cos_prev": 0.5, "drift": 1.0}},
+            {"round": 2, "wall_seconds": 3.0, "update_norm": 2.0,
+             "diagnostics": {"step_cos_prev": -0.25, "drift": 3.0, "client_cos_mean": 0.1}},
+        ],
+    )  # fmt: skip
+    assert rounds_seconds(run) == 6.5
+    d = run_diagnostics(run)
+    assert d == {
+        "step_cos_prev": 0.125,
+        "drift": 2.0,
+        "client_cos_mean": 0.1,
+        "update_norm": 3.0,  # rounds with diagnostics only
+    }
+    # A pooled run (no diagnostics): nothing to summarise.
+    plain = _metrics(tmp_path / "b", [{"round": 1, "wall_seconds": 1.0, "loss": 2.0}])
+    assert run_diagnostics(plain) == {} and rounds_seconds(plain) == 1.0

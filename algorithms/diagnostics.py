@@ -35,12 +35,34 @@ from fedsim.algorithms.base import ClientUpdate, Weights, sample_weights, sorted
 
 def update_gram(deltas: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
     """G_ij = ⟨Δ_i, Δ_j⟩ over all keys (sorted), float64, ``[K, K]``."""
+    return _gram_and_signs(deltas, None)[0]
+
+
+def _gram_and_signs(
+    deltas: Sequence[Mapping[str, torch.Tensor]], p: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gram matrix and, with weights ``p``, each client's sign-conflict share, from one
+    float64 stack of the deltas per key (keys sorted).
+
+    Sign conflict: the share of a client's nonzero coordinates whose sign disagrees with the
+    p-weighted mean delta's (coordinates where the mean is 0 do not count); 0 without any.
+    """
     k = len(deltas)
     gram = torch.zeros(k, k, dtype=torch.float64)
+    conflict = torch.zeros(k, dtype=torch.float64)
+    counted = torch.zeros(k, dtype=torch.float64)
     for key in sorted(deltas[0]):
         flat = torch.stack([d[key].reshape(-1).to(torch.float64) for d in deltas])
         gram += flat @ flat.T
-    return gram
+        if p is None:
+            continue
+        mean_sign = torch.sign(p @ flat)  # [D]
+        signs = torch.sign(flat)  # [K, D]
+        live = (signs != 0) & (mean_sign != 0)[None, :]
+        conflict += ((signs != mean_sign[None, :]) & live).sum(1).to(torch.float64)
+        counted += live.sum(1).to(torch.float64)
+    share = torch.where(counted > 0, conflict / counted.clamp_min(1.0), 0.0)
+    return gram, share
 
 
 def effective_rank(eigenvalues: torch.Tensor) -> float:
@@ -84,7 +106,7 @@ def round_diagnostics(
     p = torch.tensor(sample_weights(ordered), dtype=torch.float64)
     deltas = [u.delta for u in ordered]
     k = len(deltas)
-    gram = update_gram(deltas)
+    gram, conflict_share = _gram_and_signs(deltas, p)
     out: dict[str, float] = {"clients": float(k)}
 
     norms = gram.diagonal().clamp_min(0.0).sqrt()
@@ -108,18 +130,7 @@ def round_diagnostics(
         torch.linalg.eigvalsh(sq[:, None] * gram * sq[None, :])
     )
 
-    # Sign conflict: coordinates where a client's sign disagrees with the mean delta's.
-    conflict = torch.zeros(k, dtype=torch.float64)
-    counted = torch.zeros(k, dtype=torch.float64)
-    for key in sorted(deltas[0]):
-        stack = torch.stack([d[key].reshape(-1).to(torch.float64) for d in deltas])
-        mean_sign = torch.sign(p @ stack)  # [D]
-        signs = torch.sign(stack)  # [K, D]
-        live = (signs != 0) & (mean_sign != 0)[None, :]
-        conflict += ((signs != mean_sign[None, :]) & live).sum(1).to(torch.float64)
-        counted += live.sum(1).to(torch.float64)
-    share = torch.where(counted > 0, conflict / counted.clamp_min(1.0), 0.0)
-    out["sign_conflict"] = float((p * share).sum())
+    out["sign_conflict"] = float((p * conflict_share).sum())
 
     pl = p.tolist()
     for key in sorted(deltas[0]):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +80,10 @@ class RunContext:
     console: Console
     pool: ActorPool
 
-    @property
+    @cached_property
     def digest(self) -> str:
-        """The config digest every checkpoint of the run carries."""
+        """The config digest every checkpoint of the run carries (the config does not change
+        during a run: computed once)."""
         return config_digest(config_to_yaml_data(self.cfg))
 
 

@@ -170,6 +170,9 @@ class ScenarioConfig:
     availability:
         ``always``, or ``diurnal``: client k is online ``diurnal_on`` of every
         ``diurnal_period``-round day at its own seeded phase; only online clients are sampled.
+    diurnal_period, diurnal_on:
+        ``diurnal`` availability: the length of a client's day in rounds, and the share of it
+        the client is online.
     dropout:
         Probability that a sampled client drops out of the round (keyed by seed, round, client).
     tier_speeds, tier_shares, tier_upload_mbps:
@@ -367,6 +370,13 @@ class AlgorithmConfig:
 
     In YAML the parameters sit beside the name (``algorithm: {name: fedavgm, momentum: 0.9}``);
     the algorithm's dataclass validates them.
+
+    Attributes
+    ----------
+    name:
+        A registered algorithm (``fedsim algorithms list``; plug-ins through entry points).
+    params:
+        The algorithm's own parameters, by name (``--set algorithm.<param>=<value>``).
     """
 
     name: str = "fedavg"
@@ -500,6 +510,8 @@ class RayConfig:
         Evaluator reserves ``eval.vllm_gpus``.
     dashboard:
         Start the Ray dashboard (local Ray only), bound to ``dashboard_host``.
+    dashboard_host:
+        The interface the dashboard listens on (loopback unless you change it).
     task_retries:
         How often one group of client tasks is sent again after the worker (or node) running it
         died; each retry goes to a live worker, and a replacement worker is started. A group's

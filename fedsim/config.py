@@ -552,6 +552,53 @@ class RayConfig:
                     )
 
 
+#: The tracker backends ``tracking.backends`` may name, and the package each needs.
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    """Where each round's record is streamed besides ``metrics.jsonl`` (fedsim.tracking).
+
+    Trackers never change a run: ``metrics.jsonl`` stays the source of truth, a tracker that
+    fails gives one warning and the run goes on without it, and ``tracking.*`` may change on
+    ``--resume``.
+
+    Attributes
+    ----------
+    backends:
+        Trackers to stream to: ``tensorboard`` (event files in ``<run>/tracking/tensorboard``),
+        ``mlflow`` (one MLflow run per fedsim run); empty = none. Each is an optional extra:
+        ``pip install fedsim[tensorboard]``, ``fedsim[mlflow]``.
+    mlflow_uri:
+        MLflow tracking URI (``http://host:5000``, ``https://…`` or ``file:/path``); null = a
+        local file store in ``<run>/tracking/mlruns`` (``fedsim compare``: in the comparison's
+        folder, one experiment for all its runs).
+    """
+
+    backends: tuple[str, ...] = ()
+    mlflow_uri: str | None = None
+
+    def __post_init__(self) -> None:
+        import importlib.util
+
+        for name in self.backends:
+            if name not in TRACKERS:
+                raise ConfigError(
+                    f"tracking.backends: {name!r} is not one of {', '.join(TRACKERS)}"
+                )
+            if importlib.util.find_spec(TRACKERS[name]) is None:
+                raise ConfigError(
+                    f"tracking.backends: {name!r} needs its package: "
+                    f"pip install 'fedsim[{name}]'"
+                )
+        uri = self.mlflow_uri
+        if uri is not None and not re.match(r"(https?://[^/\s]+|file:)", uri):
+            raise ConfigError(
+                f"tracking.mlflow_uri: {uri!r} is not an http(s):// or file: URI"
+            )
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """A whole run.
@@ -589,6 +636,7 @@ class Config:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:

@@ -553,7 +553,7 @@ class RayConfig:
 
 
 #: The tracker backends ``tracking.backends`` may name, and the package each needs.
-TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -568,8 +568,9 @@ class TrackingConfig:
     ----------
     backends:
         Trackers to stream to: ``tensorboard`` (event files in ``<run>/tracking/tensorboard``),
-        ``mlflow`` (one MLflow run per fedsim run); empty = none. Each is an optional extra:
-        ``pip install fedsim[tensorboard]``, ``fedsim[mlflow]``.
+        ``mlflow`` (one MLflow run per fedsim run), ``wandb`` (Weights & Biases, offline, in
+        ``<run>/tracking/wandb``); empty = none. Each is an optional extra:
+        ``pip install fedsim[tensorboard]``, ``fedsim[mlflow]``, ``fedsim[wandb]``.
     mlflow_uri:
         MLflow tracking URI (``http://host:5000``, ``https://…`` or ``file:/path``); null = a
         local file store in ``<run>/tracking/mlruns`` (``fedsim compare``: in the comparison's

@@ -1,4 +1,4 @@
-"""Stream a run's round records to experiment trackers: TensorBoard and MLflow.
+"""Stream a run's round records to experiment trackers: TensorBoard, MLflow, W&B (offline).
 
 ``metrics.jsonl`` stays the source of truth. :class:`TrackedLog` is the run's metrics log with
 trackers behind it: every record it appends (both round loops write through it) also goes, as
@@ -268,6 +268,58 @@ class MLflow:
         pass
 
 
+class WandB:
+    """Weights & Biases in offline mode: ``<run>/tracking/wandb/offline-run-*`` (``wandb sync``
+    uploads it later). A resume continues the same run id, skipping the steps already logged."""
+
+    name = "wandb"
+
+    def __init__(self, run_dir: Path, cfg: Config, group: Group | None) -> None:
+        import wandb
+
+        home = run_dir / "tracking"
+        home.mkdir(parents=True, exist_ok=True)
+        self.id_file = home / "wandb-run.json"
+        saved = json.loads(self.id_file.read_text()) if self.id_file.is_file() else {}
+        self.done = int(saved.get("last_step", -1))
+        quiet = wandb.Settings(
+            silent=True, console="off", x_disable_stats=True, disable_git=True
+        )
+        self.run = wandb.init(
+            mode="offline",
+            dir=str(home),
+            project="fedsim",
+            id=saved.get("run_id"),
+            resume="allow" if saved else None,
+            name=f"{cfg.algorithm.name}/seed-{cfg.seed}",
+            group=group.experiment if group else None,
+            tags=[cfg.algorithm.name, f"seed-{cfg.seed}", cfg.scenario.name],
+            config=params(cfg),
+            reinit="create_new",
+            settings=quiet,
+        )
+        self._save(self.done)
+
+    def _save(self, step: int) -> None:
+        self.done = step
+        self.id_file.write_text(json.dumps({"run_id": self.run.id, "last_step": step}))
+
+    def log_round(self, step: int, values: dict[str, float]) -> None:
+        if step <= self.done:
+            return
+        self.run.log(values, step=step)
+        self._save(step)
+
+    def finish(self, run_dir: Path, cfg: Config, final: dict[str, float]) -> None:
+        for rel in _FINAL_FILES:
+            if (run_dir / rel).is_file():
+                self.run.save(str(run_dir / rel), base_path=str(run_dir), policy="now")
+        self.run.summary.update({f"final/{k}": v for k, v in final.items()})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class Trackers:
     """The run's trackers, opened at the first record (the run folder exists by then)."""
 
@@ -297,6 +349,8 @@ class Trackers:
             self.backends.append(TensorBoard(self.run_dir, self.cfg, self.purge_step))
         elif name == "mlflow":
             self.backends.append(MLflow(self.run_dir, self.cfg, self.group))
+        elif name == "wandb":
+            self.backends.append(WandB(self.run_dir, self.cfg, self.group))
 
     def _call(self, name: str, fn: Any, *args: Any) -> None:
         """``fn(*args)``; on failure, one warning and the backend is dropped."""

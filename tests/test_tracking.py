@@ -197,3 +197,90 @@ def test_a_run_streams_every_round_and_a_failing_tracker_changes_no_bit(
     proj = "final/projector.safetensors"
     digest = weights_digest(load_weights(failing / proj))
     assert digest == weights_digest(load_weights(tracked / proj))
+
+
+def test_compare_groups_its_runs_in_one_experiment_tagged(tmp_path):
+    from fedsim.tracking import grouped
+
+    cmp_dir = tmp_path / "cmp"
+    with grouped(cmp_dir):
+        for algo in ("fedavg", "fedprox"):
+            for seed in (0, 1):
+                cfg = _cfg(
+                    tmp_path,
+                    f"algorithm.name={algo}",
+                    f"seed={seed}",
+                    "tracking.backends=[mlflow]",
+                )
+                run_dir = cmp_dir / algo / f"seed-{seed}"
+                run_dir.mkdir(parents=True)
+                trackers = Trackers(cfg, run_dir, None)
+                trackers.log(_records(1)[1])
+                trackers.finish({})
+    client, _ = _mlflow(cmp_dir / "fedavg" / "seed-0")
+    assert client.tracking_uri.startswith((cmp_dir / "tracking" / "mlruns").as_uri())
+    exp = client.get_experiment_by_name("fedsim compare cmp")
+    runs = client.search_runs([exp.experiment_id])
+    tags = sorted((r.data.tags["algorithm"], r.data.tags["seed"]) for r in runs)
+    assert tags == [
+        ("fedavg", "0"),
+        ("fedavg", "1"),
+        ("fedprox", "0"),
+        ("fedprox", "1"),
+    ]
+    assert {r.info.run_name for r in runs} >= {"fedavg/seed-0", "fedprox/seed-1"}
+
+
+def _wandb_records(path: Path) -> list:
+    """The protobuf records of an offline ``.wandb`` file: a 7-byte W&B header, then the
+    LevelDB log format (32 KiB blocks; records FULL, or FIRST/MIDDLE.../LAST pieces)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    raw, pos, out, piece = path.read_bytes(), 7, [], b""
+    while pos + 7 <= len(raw):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left  # zero padding at a block's end
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        chunk, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # FULL, LAST
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(piece + chunk)
+            out.append(rec)
+            piece = b""
+        elif kind in (2, 3):  # FIRST, MIDDLE
+            piece += chunk
+    return out
+
+
+def test_wandb_offline_holds_every_round_once_across_a_resume(tmp_path):
+    pytest.importorskip("wandb")
+    cfg = _cfg(tmp_path, "tracking.backends=[wandb]")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    records = _records(3)
+    first = Trackers(cfg, run_dir, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrackingWarning)
+        for rec in records[:3]:
+            first.log(rec)
+        first.close()
+        again = Trackers(cfg, run_dir, 2)  # resumed after round 1's checkpoint
+        for rec in records[2:]:
+            again.log(rec)
+        again.finish({"attr_mean": 0.9})
+    losses = {}
+    for f in sorted((run_dir / "tracking" / "wandb").glob("offline-run-*/run-*.wandb")):
+        for rec in _wandb_records(f):
+            if rec.WhichOneof("record_type") == "history":
+                row = {
+                    i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                    for i in rec.history.item
+                }
+                if "loss" in row:
+                    assert row["_step"] not in losses, "a step logged twice"
+                    losses[row["_step"]] = row["loss"]
+    assert losses == {r: 2.0 / r for r in (1, 2, 3)}

@@ -26,7 +26,12 @@ from fedsim.docgen import (
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # Commands of the pages that take seconds on the toy, run as written (first words of a line).
-QUICK = ("fedsim --help", "fedsim scenarios list", "fedsim algorithms list")
+QUICK = (
+    "fedsim --help",
+    "fedsim run --help",
+    "fedsim scenarios list",
+    "fedsim algorithms list",
+)
 
 
 def _mkdocs(root: Path, site: Path) -> subprocess.CompletedProcess[str]:

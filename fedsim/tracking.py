@@ -232,9 +232,17 @@ class MLflow:
 
     def _start(self, experiment: str, cfg: Config) -> str:
         found = self.client.get_experiment_by_name(experiment)
-        exp_id = (
-            found.experiment_id if found else self.client.create_experiment(experiment)
-        )
+        try:
+            exp_id = (
+                found.experiment_id
+                if found
+                else self.client.create_experiment(experiment)
+            )
+        except Exception:  # another lane of the comparison created it just now
+            found = self.client.get_experiment_by_name(experiment)
+            if found is None:
+                raise
+            exp_id = found.experiment_id
         tags = {
             "algorithm": cfg.algorithm.name,
             "seed": str(cfg.seed),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -268,6 +269,9 @@ def test_wandb_offline_holds_every_round_once_across_a_resume(tmp_path):
         for rec in records[:3]:
             first.log(rec)
         first.close()
+        # W&B names an offline segment by the second it starts: a real resume (a new process,
+        # Ray started again) is seconds later; here, wait so the two segments differ.
+        time.sleep(1.1)
         again = Trackers(cfg, run_dir, 2)  # resumed after round 1's checkpoint
         for rec in records[2:]:
             again.log(rec)

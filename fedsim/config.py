@@ -583,7 +583,9 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         import importlib.util
 
-        for name in self.backends:
+        for i, name in enumerate(self.backends):
+            if name in self.backends[:i]:
+                raise ConfigError(f"tracking.backends: {name!r} is listed twice")
             if name not in TRACKERS:
                 raise ConfigError(
                     f"tracking.backends: {name!r} is not one of {', '.join(TRACKERS)}"

@@ -336,6 +336,8 @@ SETUPS: dict[str, Callable[[Sandbox], None]] = {
     "out-under-a-file": a_file,
     "out-holds-a-run": old_run,
     "caption-noise": nothing,
+    "tracking-unknown-backend": nothing,
+    "tracking-uri-not-a-uri": nothing,
     "compare-out-holds-a-run": old_run,
     "compare-out-under-a-file": a_file,
     "compare-bad-seeds": nothing,

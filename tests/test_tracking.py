@@ -81,6 +81,10 @@ def test_scalars_flatten_the_record():
             "tracking.backends: 'tensorbord' is not one of",
         ),
         ("tracking.backends=tensorboard", "tracking.backends"),
+        (
+            "tracking.backends=[mlflow, mlflow]",
+            "tracking.backends: 'mlflow' is listed twice",
+        ),
         ("tracking.mlflow_uri=5", "tracking.mlflow_uri"),
         (
             "tracking.mlflow_uri=ftp://x",

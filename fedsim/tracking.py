@@ -147,8 +147,10 @@ class TensorBoard:
             return  # a resume: the config is in the events of round 0 already
         hp = {k: v for k, v in params(cfg).items() if len(v) <= 256}
         metrics = {"eval/attr_mean": 0.0, "eval/yesno_acc": 0.0, "loss": 0.0}
+        events = self.writer.file_writer
+        assert events is not None  # made by SummaryWriter.__init__
         for summary in hparams(hp, metrics):
-            self.writer.file_writer.add_summary(summary)
+            events.add_summary(summary)
         self.writer.add_text(
             "config", "```\n" + json.dumps(params(cfg), indent=1) + "\n```"
         )
@@ -207,9 +209,11 @@ class MLflow:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
         self.id_file = run_dir / "tracking" / "mlflow-run.json"
-        self.run_id, self.done = self._continued(uri)
-        if self.run_id is None:
-            self.run_id = self._start(group.experiment if group else "fedsim", cfg)
+        continued, self.done = self._continued(uri)
+        self.run_id: str = continued or self._start(
+            group.experiment if group else "fedsim", cfg
+        )
+        if continued is None:
             items = [Param(k, v[:6000]) for k, v in params(cfg).items()]
             for i in range(0, len(items), 100):
                 self.client.log_batch(self.run_id, params=items[i : i + 100])

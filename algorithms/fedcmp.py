@@ -2,7 +2,7 @@
 
 Xiong et al., "A Step Toward Federated Pretraining of Multimodal Large Language Models", 2026,
 arXiv 2603.26786. Only the paper's abstract is public; it names the two parts and the Fed-MA task.
-The equations below are fedsim's formalisation of that abstract (README, section "Fed-CMP"),
+The equations below are fedsim's formalisation of that abstract (docs/explanation/fedcmp.md),
 grounded in published methods: truncated Tucker-2 / HOSVD of the stacked client deltas
 (De Lathauwer et al. 2000), orthogonal-Procrustes gauge fixing (Schönemann 1966), leave-one-out
 agreement and shrinkage (FedPA, arXiv 2010.05273; positive-part James–Stein), TIES-style sign
@@ -35,7 +35,7 @@ in brackets:
 6. W_{t+1} = W_t + η (U_t m̂ V_tᵀ + λ_res Σ w_k E_k).
 
 ``fedcmp-v1`` is the first formalisation (gauge basis, wiener shrinkage, residual kept whole);
-README, "Revisions", gives the measurement behind each change.
+docs/explanation/fedcmp.md, "Revisions", gives the measurement behind each change.
 """
 
 from __future__ import annotations

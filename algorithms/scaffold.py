@@ -14,8 +14,8 @@ Option I's g_i(x) is estimated on the minibatch of the first local step — the 
 so it costs nothing extra (the paper evaluates it on the client's data at x). It is the default:
 option II's (x − y)/Σ η estimates a gradient only for plain local SGD; under AdamW (fedsim's
 default optimiser) a step moves each coordinate by ≈ η, so that quotient is of order 0.1–1 per
-coordinate, far above the gradients it should correct, and training breaks down (README, the
-all-algorithms table). Option II with ``train.optimizer=sgd`` is the paper's cheaper variant.
+coordinate, far above the gradients it should correct, and training breaks down
+(docs/tutorials/comparing-algorithms.md, the all-algorithms table). Option II with ``train.optimizer=sgd`` is the paper's cheaper variant.
 """
 
 from __future__ import annotations

@@ -86,11 +86,13 @@ class RoundState:
 def config_digest(config_yaml: dict[str, Any]) -> str:
     """A digest of what fixes the result: the resolved config minus where it runs.
 
-    Left out: ``cache_dir`` (where inputs are cached) and ``ray.*`` (where the actors run), all
-    free to change on resume; but ``ray.threads_per_worker`` stays in, as torch's thread count
-    changes float reduction order and so the bits.
+    Left out: ``cache_dir`` (where inputs are cached), ``ray.*`` (where the actors run) and
+    ``tracking.*`` (where records are streamed besides metrics.jsonl), all free to change on
+    resume; but ``ray.threads_per_worker`` stays in, as torch's thread count changes float
+    reduction order and so the bits.
     """
-    data = {k: v for k, v in config_yaml.items() if k not in ("ray", "cache_dir")}
+    free = ("ray", "cache_dir", "tracking")
+    data = {k: v for k, v in config_yaml.items() if k not in free}
     ray = config_yaml.get("ray") or {}
     if "threads_per_worker" in ray:
         data["ray.threads_per_worker"] = ray["threads_per_worker"]
@@ -129,7 +131,7 @@ def accepted_digests(config_yaml: dict[str, Any]) -> set[str]:
     for data in (config_yaml, _without_added(config_yaml)):
         if data is None:
             continue
-        legacy = {k: v for k, v in data.items() if k != "ray"}
+        legacy = {k: v for k, v in data.items() if k not in ("ray", "tracking")}
         out |= {config_digest(data), _sha256_json(legacy)}
     return out
 

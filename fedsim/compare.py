@@ -54,6 +54,7 @@ from fedsim.runio import (
     check_writable,
     write_text,
 )
+from fedsim.tracking import grouped
 
 METRICS = [
     ("attr_mean", "attr. acc."),
@@ -281,7 +282,11 @@ def compare(
 
         started = connect_ray(first)
         try:
-            with run_progress(console, show_progress, len(todo)) as bar:
+            # One tracker experiment for the comparison's runs (tagged algorithm, seed).
+            with (
+                grouped(out_dir),
+                run_progress(console, show_progress, len(todo)) as bar,
+            ):
                 if pooled:
                     run_lanes(pooled, configs, run_dirs, finals, bar, 1, resumes)
                 if laned:

@@ -170,6 +170,9 @@ class ScenarioConfig:
     availability:
         ``always``, or ``diurnal``: client k is online ``diurnal_on`` of every
         ``diurnal_period``-round day at its own seeded phase; only online clients are sampled.
+    diurnal_period, diurnal_on:
+        ``diurnal`` availability: the length of a client's day in rounds, and the share of it
+        the client is online.
     dropout:
         Probability that a sampled client drops out of the round (keyed by seed, round, client).
     tier_speeds, tier_shares, tier_upload_mbps:
@@ -367,6 +370,13 @@ class AlgorithmConfig:
 
     In YAML the parameters sit beside the name (``algorithm: {name: fedavgm, momentum: 0.9}``);
     the algorithm's dataclass validates them.
+
+    Attributes
+    ----------
+    name:
+        A registered algorithm (``fedsim algorithms list``; plug-ins through entry points).
+    params:
+        The algorithm's own parameters, by name (``--set algorithm.<param>=<value>``).
     """
 
     name: str = "fedavg"
@@ -500,6 +510,8 @@ class RayConfig:
         Evaluator reserves ``eval.vllm_gpus``.
     dashboard:
         Start the Ray dashboard (local Ray only), bound to ``dashboard_host``.
+    dashboard_host:
+        The interface the dashboard listens on (loopback unless you change it).
     task_retries:
         How often one group of client tasks is sent again after the worker (or node) running it
         died; each retry goes to a live worker, and a replacement worker is started. A group's
@@ -540,6 +552,56 @@ class RayConfig:
                     )
 
 
+#: The tracker backends ``tracking.backends`` may name, and the package each needs.
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    """Where each round's record is streamed besides ``metrics.jsonl`` (fedsim.tracking).
+
+    Trackers never change a run: ``metrics.jsonl`` stays the source of truth, a tracker that
+    fails gives one warning and the run goes on without it, and ``tracking.*`` may change on
+    ``--resume``.
+
+    Attributes
+    ----------
+    backends:
+        Trackers to stream to: ``tensorboard`` (event files in ``<run>/tracking/tensorboard``),
+        ``mlflow`` (one MLflow run per fedsim run), ``wandb`` (Weights & Biases, offline, in
+        ``<run>/tracking/wandb``); empty = none. Each is an optional extra:
+        ``pip install fedsim[tensorboard]``, ``fedsim[mlflow]``, ``fedsim[wandb]``.
+    mlflow_uri:
+        MLflow tracking URI (``http://host:5000``, ``https://…`` or ``file:/path``); null = a
+        local file store in ``<run>/tracking/mlruns`` (``fedsim compare``: in the comparison's
+        folder, one experiment for all its runs).
+    """
+
+    backends: tuple[str, ...] = ()
+    mlflow_uri: str | None = None
+
+    def __post_init__(self) -> None:
+        import importlib.util
+
+        for i, name in enumerate(self.backends):
+            if name in self.backends[:i]:
+                raise ConfigError(f"tracking.backends: {name!r} is listed twice")
+            if name not in TRACKERS:
+                raise ConfigError(
+                    f"tracking.backends: {name!r} is not one of {', '.join(TRACKERS)}"
+                )
+            if importlib.util.find_spec(TRACKERS[name]) is None:
+                raise ConfigError(
+                    f"tracking.backends: {name!r} needs its package: "
+                    f"pip install 'fedsim[{name}]'"
+                )
+        uri = self.mlflow_uri
+        if uri is not None and not re.match(r"(https?://[^/\s]+|file:)", uri):
+            raise ConfigError(
+                f"tracking.mlflow_uri: {uri!r} is not an http(s):// or file: URI"
+            )
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """A whole run.
@@ -577,6 +639,7 @@ class Config:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:

@@ -38,7 +38,6 @@ from fedsim.report import RunResult, corpus_summary, report_run
 from fedsim.resources import check_before_ray, check_feasible
 from fedsim.rounds import FederatedRun, RunContext, run_pooled
 from fedsim.runio import (
-    MetricsLog,
     RunError,
     RunLock,
     check_run_dir,
@@ -47,6 +46,7 @@ from fedsim.runio import (
     write_yaml,
 )
 from fedsim.scenarios.silos import describe as describe_silos
+from fedsim.tracking import TrackedLog, Trackers
 
 __all__ = ["RunError", "RunResult", "resume_run", "run"]
 
@@ -75,12 +75,14 @@ def run(
     check_before_ray(cfg)
     out_dir = Path(out_dir)
     lock = None
+    trackers = None
     if resume:
         # One writer: lock first, then verify, then change (a live run is never resumed).
         check_resumable(out_dir)
         lock = RunLock(out_dir, "--resume")
     try:
         restored = find_checkpoint(cfg, out_dir, console) if resume else None
+        trackers = Trackers.for_run(cfg, out_dir, restored, resume)
         if not resume:
             check_run_dir(out_dir)
             check_writable(out_dir)
@@ -102,10 +104,14 @@ def run(
             resume,
             restored,
             lock,
+            trackers,
         )
         # summary.md: still locked
         report_run(cfg, out_dir, console, result, wall, plot, corpus)
+        trackers.finish(result.final_eval)
     finally:
+        if trackers is not None:
+            trackers.close()
         if lock is not None:
             lock.close()
     return result
@@ -121,6 +127,7 @@ def _run_locked(
     resume: bool,
     restored: RoundState | None,
     lock: RunLock | None,
+    trackers: Trackers,
 ) -> tuple[RunResult, float, RunLock | None, dict[str, Any]]:
     """Prepare inputs and Ray, then (a new run) create and lock the folder, then the rounds.
 
@@ -128,7 +135,7 @@ def _run_locked(
     folder exists; what fails after leaves a folder holding only config.yaml, which a retry
     with the same --out takes again.
     """
-    metrics = MetricsLog(out_dir / "metrics.jsonl")
+    metrics = TrackedLog(out_dir / "metrics.jsonl", trackers)
     t_start = time.perf_counter()
     progress = make_progress(console, disable=not show_progress)
     with progress:
@@ -216,16 +223,17 @@ def resume_run(
     """Go on with the interrupted run in ``run_dir`` from its newest checkpoint.
 
     The run's own ``config.yaml`` is the config; ``overrides`` may change only where it runs
-    (``ray.*`` but ``ray.threads_per_worker``) and ``cache_dir``, which do not change its result.
+    (``ray.*`` but ``ray.threads_per_worker``), ``tracking.*`` and ``cache_dir``, which do not
+    change its result.
     """
     run_dir = Path(run_dir)
     for o in overrides or []:
         key = o.split("=", 1)[0].strip()
-        free = key.startswith("ray.") or key == "cache_dir"
+        free = key.startswith(("ray.", "tracking.")) or key == "cache_dir"
         if not free or key == "ray.threads_per_worker":
             raise ConfigError(
                 f"--resume: --set {key} would change the run; only ray.* (but "
-                "ray.threads_per_worker) and cache_dir may change on resume"
+                "ray.threads_per_worker), tracking.* and cache_dir may change on resume"
             )
     if not (run_dir / "config.yaml").is_file():
         raise RunError(f"--resume {str(run_dir)!r}: not a run folder (no config.yaml)")

@@ -291,8 +291,8 @@ def loopback_only() -> Iterator[None]:
 
     Ray binds GCS, the raylet, every worker's gRPC server and its agents to the node IP, which
     on Linux is the outward address (or all interfaces). In its single-machine mode the node IP
-    is 127.0.0.1, and every one of them binds there (``ss -ltnp`` during a run; README, *Safe
-    defaults*). The driver reads the switch at import time (``ray_constants``), the processes
+    is 127.0.0.1, and every one of them binds there (``ss -ltnp`` during a run;
+    docs/explanation/safe-defaults.md). The driver reads the switch at import time (``ray_constants``), the processes
     Ray starts read it from the environment: both are set for the length of ``ray.init`` only.
     """
     from ray._private import ray_constants

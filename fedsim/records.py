@@ -2,8 +2,8 @@
 
 :class:`RoundRecord` is the schema (a ``TypedDict``: the line is the JSON object as written, so
 records round-trip through ``json`` unchanged); :data:`FIELDS` says what each key holds and which
-runs write it — README's metrics reference is :func:`reference_markdown` (a test keeps them
-equal), and :func:`check_record` refuses a key the schema does not declare (tests run it on every
+runs write it — the docs' metrics reference is :func:`reference_markdown` (the site's build
+fills it in), and :func:`check_record` refuses a key the schema does not declare (tests run it on every
 line real runs write).
 """
 
@@ -118,7 +118,7 @@ def check_record(record: dict[str, Any], where: str = "record") -> None:
 
 
 def reference_markdown() -> str:
-    """README's metrics reference: one table row per key, in schema order."""
+    """The docs' metrics reference (docs/reference/metrics.md): a row per key, in schema order."""
     rows = ["| key | written | holds |", "|---|---|---|"]
     for key in RoundRecord.__annotations__:
         when, what = FIELDS[key]

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv if missing and install fedsim into it, editable, with its test tools.
+# Create .venv if missing and install fedsim into it, editable, with its test tools, the docs site
+# (mkdocs) and the trackers (tensorboard, mlflow-skinny) that tests/test_docs.py and
+# tests/test_tracking.py use: the `dev` extra of pyproject.toml.
 # No GPU: torch==2.13.0 (the CPU wheel these machines hold locally) goes in first, so nothing pulls a
 # multi-GB CUDA build. With an NVIDIA GPU: the normal torch build. Re-runs are no-ops until
 # pyproject.toml or this script changes.

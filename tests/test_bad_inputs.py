@@ -1,6 +1,6 @@
-"""The README's bad-input table, row by row.
+"""The bad-input table (docs/reference/bad-inputs.md), row by row.
 
-README.md holds the table between ``<!-- bad-inputs:start -->`` and ``<!-- bad-inputs:end -->``:
+docs/reference/bad-inputs.md holds the table between ``<!-- bad-inputs:start -->`` and ``<!-- bad-inputs:end -->``:
 an id, the command as a user types it (run in a fresh folder, paths relative to it) and the
 message fragment they see. Each row is one test: its setup writes the files the command needs,
 the command runs in-process (the ``fedsim`` entry point, ``fedsim.cli.main``) and must end with exit
@@ -23,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+TABLE_PAGE = (
+    Path(__file__).resolve().parents[1] / "docs" / "reference" / "bad-inputs.md"
+)
 START, END = "<!-- bad-inputs:start -->", "<!-- bad-inputs:end -->"
 
 
@@ -41,8 +43,8 @@ def _cell(text: str) -> str:
     return m.group(1) if m else text
 
 
-def read_table(path: Path = README) -> list[Row]:
-    """The rows of the README's bad-input table (header and separator left out)."""
+def read_table(path: Path = TABLE_PAGE) -> list[Row]:
+    """The rows of the docs' bad-input table (header and separator left out)."""
     text = path.read_text(encoding="utf-8")
     assert START in text and END in text, f"{path.name}: no bad-input table markers"
     block = text.split(START, 1)[1].split(END, 1)[0]
@@ -334,6 +336,8 @@ SETUPS: dict[str, Callable[[Sandbox], None]] = {
     "out-under-a-file": a_file,
     "out-holds-a-run": old_run,
     "caption-noise": nothing,
+    "tracking-unknown-backend": nothing,
+    "tracking-uri-not-a-uri": nothing,
     "compare-out-holds-a-run": old_run,
     "compare-out-under-a-file": a_file,
     "compare-bad-seeds": nothing,
@@ -442,7 +446,7 @@ def tripwires(monkeypatch):
 
 def test_table_has_rows_and_every_row_a_setup():
     ids = [r.id for r in ROWS]
-    assert len(ids) >= 15, f"only {len(ids)} rows in README's bad-input table"
+    assert len(ids) >= 15, f"only {len(ids)} rows in the bad-input table"
     assert len(set(ids)) == len(ids), "a row id is used twice"
     assert set(ids) == set(SETUPS), (
         f"rows without a setup: {sorted(set(ids) - set(SETUPS))}; "

@@ -337,6 +337,9 @@ def test_checkpoints_of_the_old_digest_still_resume():
     ).hexdigest()
     assert old in accepted_digests(data)
     assert config_digest(data) in accepted_digests(data)
+    # A section added later and left out of the digest (tracking.*) changes neither.
+    tracked = {**data, "tracking": {"backends": ["mlflow"], "mlflow_uri": None}}
+    assert accepted_digests(tracked) == accepted_digests(data)
 
 
 def test_equal_tensors_have_one_weights_digest_whatever_the_file(tmp_path):

@@ -5,7 +5,7 @@ exclusive ``mkdir``. Two processes started into one new folder: exactly one gets
 run's folder is refused to a second ``run`` and to ``--resume``, naming the holder's pid.
 
 The network: a default ``fedsim run`` (``ray.address`` null) in a subprocess, with RAY_ADDRESS
-pointing nowhere; every TCP socket its processes listen on is checked against README's table
+pointing nowhere; every TCP socket its processes listen on is checked against the table of docs/explanation/safe-defaults.md
 of listening sockets (between ``<!-- listening:start -->`` and ``<!-- listening:end -->``).
 """
 
@@ -27,7 +27,9 @@ from small_runs import NO_EVAL, SMALL, cli_run_args
 
 from fedsim.runio import RunDirError, RunLock, check_run_dir, prepare_run_dir
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+LISTEN_PAGE = (
+    Path(__file__).resolve().parents[1] / "docs" / "explanation" / "safe-defaults.md"
+)
 
 # A child that waits for the go file, then tries to become the run folder's writer.
 CONTENDER = """
@@ -120,8 +122,8 @@ LISTEN_START, LISTEN_END = "<!-- listening:start -->", "<!-- listening:end -->"
 
 
 def listening_table() -> dict[str, str]:
-    """README's table: process key (first code span) → interface (last column's code span)."""
-    block = README.read_text().split(LISTEN_START, 1)[1].split(LISTEN_END, 1)[0]
+    """The safe-defaults page's table: process key (first code span) → interface (last column's code span)."""
+    block = LISTEN_PAGE.read_text().split(LISTEN_START, 1)[1].split(LISTEN_END, 1)[0]
     rows = {}
     for line in block.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

@@ -6,7 +6,7 @@ with an offline word-level tokenizer and a ``LlavaProcessor``. The result is an 
 checkpoint folder, cached under a content hash of the build recipe; runs load it through the same
 code path as any local LLaVA checkpoint (``fedsim.models.backbone``).
 
-The recipe, and why (measured on 2 CPU cores; see README, "The toy backbone"):
+The recipe, and why (measured on 2 CPU cores; see docs/explanation/toy-backbone.md):
 
 1. LM, text only: bare captions (the language prior), and in-context captions and yes/no answers
    whose context is the scene's shuffled attribute words (the LM learns to read its context).

@@ -83,7 +83,11 @@ def imports(name: str, source: str, known: Iterable[str]) -> list[Import]:
 
 
 def _is_package(name: str, source: str) -> bool:
-    return name in PACKAGE_DIRS or name in {"fedsim.data", "fedsim.models"}
+    return name in PACKAGE_DIRS or name in {
+        "fedsim.data",
+        "fedsim.models",
+        "fedsim.privacy",
+    }
 
 
 def _absolute(node: ast.ImportFrom, package: str) -> str:
@@ -124,6 +128,12 @@ def violations(mods: Mapping[str, str]) -> list[str]:
                 out.append(f"{where}: eval/ holds benchmarks and scorers only")
         if _under(i.module, "fedsim.scenarios") and i.target in ENGINE | CLI:
             out.append(f"{where}: scenarios/ never imports the engine")
+        if _under(i.module, "fedsim.privacy") and (
+            _top(i.target) == "ray" or i.target in ENGINE | CLI
+        ):
+            out.append(
+                f"{where}: fedsim/privacy/ is a pure library (no Ray, no engine)"
+            )
     out += [f"import circle: {' -> '.join(c)}" for c in circles(edges, set(mods))]
     return out
 

@@ -3,8 +3,11 @@ state, the rejection of invalid updates and the per-round diagnostics."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import torch
 
 from fedsim.algorithms import build_algorithm
 from fedsim.algorithms.base import (
@@ -17,9 +20,13 @@ from fedsim.algorithms.base import (
 )
 from fedsim.algorithms.diagnostics import round_diagnostics, step_diagnostics, step_of
 from fedsim.machine import node_id, peak_rss_mb
+from fedsim.privacy.dp import central_release
+from fedsim.privacy.plan import PrivacyPlan
 
 # Server-state keys that hold the previous global step (diagnostics), not the algorithm's state.
 _PREVIOUS = "diagnostics/previous_step/"
+# Server-state key of the current clip C under adaptive clipping (privacy).
+_CLIP = "privacy/clip"
 
 
 class Aggregator:
@@ -53,6 +60,40 @@ class Aggregator:
         # ΔW_{t−1} for the oscillation diagnostic; saved with the server state so that a resumed
         # run reports the same values.
         self.previous_step: Weights | None = None
+        self.privacy: PrivacyPlan | None = None
+        self.seed = 0
+        self.clip = math.nan
+
+    def set_privacy(self, plan: PrivacyPlan | None, seed: int) -> None:
+        """Central DP for this run (after :meth:`reset`): clip, noise, fixed denominator."""
+        self.privacy, self.seed = plan, seed
+        self.clip = plan.clip if plan is not None else math.nan
+
+    def _private_update(
+        self, accepted: Sequence[ClientUpdate], server_round: int
+    ) -> tuple[ClientUpdate, dict[str, Any]]:
+        """The round's accepted updates as one: their clipped, noised, fixed-denominator
+        mean (:func:`fedsim.privacy.dp.central_release`); the server half sees only it."""
+        plan = self.privacy
+        assert plan is not None
+        release = central_release(
+            [u.delta for u in accepted],
+            clip=self.clip,
+            update_noise=plan.update_noise,
+            denominator=plan.denominator,
+            seed=self.seed,
+            server_round=server_round,
+            adaptive=plan.adaptive_clip,
+            target_quantile=plan.target_quantile,
+            clip_lr=plan.clip_lr,
+            count_noise=plan.count_noise,
+        )
+        self.clip = release.next_clip
+        shown: dict[str, Any] = {"clip": release.clip}
+        if release.fraction is not None:
+            shown["clipped_fraction_noised"] = release.fraction
+        mean = ClientUpdate(accepted[0].client_id, release.mean, 1, math.nan, 0)
+        return mean, {"privacy": shown}
 
     def _policy(
         self, weights: Weights, rejected: Sequence[dict[str, Any]], any_accepted: bool
@@ -84,12 +125,18 @@ class Aggregator:
             out.update(
                 {_PREVIOUS + k: v.contiguous() for k, v in self.previous_step.items()}
             )
+        if self.privacy is not None and self.privacy.adaptive_clip:
+            out[_CLIP] = torch.tensor([self.clip], dtype=torch.float64)
         return out
 
     def load_state(self, state: Weights) -> None:
         """Continue from a checkpoint's server state (after :meth:`reset`)."""
+        if _CLIP in state:
+            self.clip = float(state[_CLIP][0])
         self.state = {
-            k: v.clone() for k, v in state.items() if not k.startswith(_PREVIOUS)
+            k: v.clone()
+            for k, v in state.items()
+            if not k.startswith(_PREVIOUS) and k != _CLIP
         }
         previous = {
             k[len(_PREVIOUS) :]: v.clone()
@@ -133,6 +180,9 @@ class Aggregator:
         if stop is not None:
             return dict(weights), stop
         metrics: dict[str, Any] = {"rejected": rejected}
+        if self.privacy is not None:
+            mean, shown = self._private_update(accepted, server_round)
+            accepted, metrics = [mean], {**metrics, **shown}
         result = self.algorithm.aggregate(weights, accepted, self.state, server_round)
         self.state = result.state
         metrics.update(result.metrics)

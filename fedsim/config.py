@@ -24,6 +24,7 @@ from fedsim.data.loaders import CorpusSpec
 from fedsim.data.synthetic import CAPTION_STYLES, SceneSpec
 from fedsim.eval.benchmark import BenchmarkError
 from fedsim.eval.suite import TOY_SUITE, canonical
+from fedsim.privacy.options import PrivacyConfig
 from fedsim.scenarios import preset_path
 
 #: Names of the embedded toy backbones: the shipped reference and the one rebuilt from its recipe.
@@ -577,6 +578,7 @@ class Config:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:
@@ -641,8 +643,10 @@ def load_config(
     # Imported here, not at the top: the algorithms load torch (about 2 s), which the CLI's
     # start-up (`fedsim --help`, `fedsim scenarios list`) must not pay.
     from fedsim.algorithms import build_algorithm
+    from fedsim.privacy.plan import check_privacy
 
-    build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
+    algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
+    check_privacy(cfg, type(algorithm))
     return cfg
 
 

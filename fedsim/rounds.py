@@ -53,6 +53,7 @@ from fedsim.prepare import (
     round_lrs,
     train_settings,
 )
+from fedsim.privacy.plan import plan_privacy, record_epsilon
 from fedsim.records import RoundRecord
 from fedsim.report import RunResult, corpus_summary, loss_text, write_results
 from fedsim.runio import MetricsLog, RunError, save_weights
@@ -321,6 +322,11 @@ class FederatedRun:
             cfg.validation.on_reject,
             cfg.train.diagnostics,
         )
+        # Client-level DP (fedsim.privacy): z chosen here when privacy.target_epsilon is set.
+        self.privacy = plan_privacy(cfg, type(algorithm))
+        ray.get(self.aggregator.set_privacy.remote(self.privacy, cfg.seed))
+        if self.privacy is not None:
+            ctx.console.print(self.privacy.describe(cfg.rounds))
         self.models = PersonalModels(self.w0) if algorithm.personal else SharedModel()
         self.presum = (
             cfg.train.presum and algorithm.presummable and not algorithm.personal
@@ -518,7 +524,7 @@ class FederatedRun:
             sum(u.loss * u.num_samples for u in updates) / samples if samples else None
         )
         self.sim_clock += plan.sim_seconds
-        shown = ("update_norm", "rejected", "action", "diagnostics")
+        shown = ("update_norm", "rejected", "action", "diagnostics", "privacy")
         record: RoundRecord = {
             "round": rnd,
             "clients": plan.cohort,
@@ -530,6 +536,7 @@ class FederatedRun:
             "rejected": agg.get("rejected", []),
             "algorithm": {k: v for k, v in agg.items() if k not in shown},
             **{k: agg[k] for k in ("action", "diagnostics") if k in agg},
+            **self._privacy_fields(rnd, agg),
             "client_seconds_max": max((r.seconds for r in up.results), default=0.0),
             "cohorts": trained.groups,
             "retries": trained.sent.retries,
@@ -552,6 +559,20 @@ class FederatedRun:
         if any(n != self.cfg.train.local_steps for n in plan.steps.values()):
             record["local_steps"] = {str(c): n for c, n in plan.steps.items()}
         return record
+
+    def _privacy_fields(self, rnd: int, agg: dict[str, Any]) -> dict[str, Any]:
+        """ε(δ) after this round and the round's published privacy values (DP on only)."""
+        if self.privacy is None:
+            return {}
+        info = {
+            "delta": self.privacy.delta,
+            "noise_multiplier": self.privacy.noise_multiplier,
+            **agg.get("privacy", {}),
+        }
+        return {
+            "epsilon": record_epsilon(self.privacy.epsilon_after(rnd)),
+            "privacy": info,
+        }
 
     def evaluate(self, rnd: int, record: RoundRecord) -> None:
         """On the run's schedule as the algorithm keeps it: the global projector, or every

@@ -194,3 +194,63 @@ def adaptive_clip_step(
     return ClipStep(
         clip, fraction, clip * math.exp(-clip_lr * (fraction - target_quantile))
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# One round of central DP, as the server runs it
+
+
+@dataclass(frozen=True)
+class Release:
+    """A round's private mean and what may be published about it.
+
+    ``fraction`` is the noised share of clients under C (adaptive clipping only; None else):
+    it is part of the accounted release, unlike the clients' own norms, which are never
+    reported.
+    """
+
+    mean: Weights
+    clip: float
+    next_clip: float
+    fraction: float | None
+
+
+def central_release(
+    deltas: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    clip: float,
+    update_noise: float,
+    denominator: float,
+    seed: int,
+    server_round: int,
+    adaptive: bool = False,
+    target_quantile: float = 0.5,
+    clip_lr: float = 0.2,
+    count_noise: float = 0.0,
+) -> Release:
+    """(Σ_k clip_C(Δ_k) + N(0, (z_Δ C)² I)) / m over ``deltas`` (in client-id order).
+
+    With ``adaptive`` the clip also takes one geometric step from the noised count of clients
+    under C (:func:`adaptive_clip_step`; γ, η_C, σ_b from the keyword arguments).
+    """
+    clipped, norms = [], []
+    for d in deltas:
+        c, n = clip_update(d, clip)
+        clipped.append(c)
+        norms.append(n)
+    mean = noised_mean(
+        sum_updates(clipped), update_noise * clip, denominator, seed, server_round
+    )
+    if not adaptive:
+        return Release(mean, clip, clip, None)
+    step = adaptive_clip_step(
+        norms,
+        clip,
+        target_quantile,
+        clip_lr,
+        count_noise,
+        denominator,
+        seed,
+        server_round,
+    )
+    return Release(mean, clip, step.next_clip, step.fraction)

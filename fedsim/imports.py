@@ -25,7 +25,8 @@ ENGINE = frozenset(
     f"fedsim.{m}"
     for m in (
         "driver rounds prepare report evaluate actors pool pooled dispatch training "
-        "checkpoint compare sweep bench scenario_stats resources export plots"
+        "checkpoint compare sweep bench scenario_stats resources export plots "
+        "secure_round"
     ).split()
 )
 CLI = frozenset({"fedsim.cli", "fedsim.cli_eval"})

@@ -43,6 +43,7 @@ class RoundRecord(TypedDict, total=False):
     sim_seconds: float
     sim_clock: float
     epsilon: float | str
+    secagg: dict[str, Any]
     privacy: dict[str, Any]
     local_steps: dict[str, int]
     train_workers: int
@@ -104,6 +105,11 @@ FIELDS: dict[str, tuple[str, str]] = {
     "epsilon": (
         "`privacy.mechanism`",
         'ε(δ) of the projectors after this round (`"inf"` when z = 0)',
+    ),
+    "secagg": (
+        "`privacy.secure_aggregation`",
+        "threshold, survivors, clients that left after ShareKeys, failure (or null), "
+        "bytes each client sent (max, mean), server seconds",
     ),
     "privacy": (
         "`privacy.mechanism`",

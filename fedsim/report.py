@@ -139,10 +139,11 @@ def privacy_lines(history: list[dict[str, Any]]) -> list[str]:
     if last is None:
         return []
     p = last["privacy"]
+    clip = f", clip C = {p['clip']:.4g}" if "clip" in p else ""
     return [
         f"- client-level DP: ε = {last['epsilon']} at δ = {p['delta']:g} after round "
-        f"{last['round']} (noise multiplier z = {p['noise_multiplier']:.4g}, clip "
-        f"C = {p['clip']:.4g}); it covers the projectors, not the logged training losses"
+        f"{last['round']} (noise multiplier z = {p['noise_multiplier']:.4g}{clip}); it "
+        "covers the projectors, not the logged training losses"
     ]
 
 

@@ -30,18 +30,27 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-import dp_accounting
-from dp_accounting import dp_event
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
+try:  # the optional extra fedsim[privacy]; fedsim runs without it while privacy is off
+    import dp_accounting
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+except ImportError:  # pragma: no cover - exercised only where the extra is missing
+    dp_accounting = None
 
 Sampling = Literal["poisson", "fixed", "none"]
 AccountantName = Literal["rdp", "pld"]
-NeighborRel = dp_accounting.NeighboringRelation
 
 
 class PrivacyConfigError(ValueError):
     """A privacy setting that cannot be accounted for (one line, naming the field)."""
+
+
+def _require() -> None:
+    if dp_accounting is None:
+        raise PrivacyConfigError(
+            "privacy.mechanism: needs the dp-accounting package: pip install 'fedsim[privacy]'"
+        )
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,7 @@ class Participation:
 
 def round_event(z: float, part: Participation) -> dp_event.DpEvent:
     """One round's DpEvent: the Gaussian sum (multiplier z) under ``part``'s sampling."""
+    _require()
     if part.sampling == "poisson":
         return dp_event.PoissonSampledDpEvent(part.q, dp_event.GaussianDpEvent(z))
     if part.sampling == "fixed":
@@ -90,6 +100,8 @@ def make_accountant(
     name: AccountantName, part: Participation
 ) -> dp_accounting.PrivacyAccountant:
     """A fresh accountant for ``part``; PLD has no fixed-size sampling (refused)."""
+    _require()
+    rel = dp_accounting.NeighboringRelation
     if part.sampling == "fixed":
         if name != "rdp":
             raise PrivacyConfigError(
@@ -97,7 +109,7 @@ def make_accountant(
                 "(without replacement) sampling; use rdp, or poisson participation"
             )
         return rdp_privacy_accountant.RdpAccountant(
-            neighboring_relation=NeighborRel.REPLACE_ONE
+            neighboring_relation=rel.REPLACE_ONE
         )
     if name == "rdp":
         return rdp_privacy_accountant.RdpAccountant()

@@ -17,8 +17,11 @@ class PrivacyConfig:
     Attributes
     ----------
     mechanism:
-        ``none``; ``central``: the server clips each update to ``clip`` and adds
-        N(0, (zC)²) to the sum (the server is trusted with individual updates).
+        ``none``; ``central``: each update is clipped to ``clip`` and the server adds
+        N(0, (zC)²) to the sum (without secure aggregation the server clips, and is trusted
+        with individual updates; with it the clients clip and the server sees only the sum);
+        ``local``: each client clips and adds its share N(0, (zC)²/t) of the noise before
+        secure aggregation (t = ``secagg_threshold``; needs ``secure_aggregation``).
     clip:
         C, the ℓ2 bound of a client's whole projector delta (the initial C when adaptive).
     noise_multiplier:
@@ -43,9 +46,23 @@ class PrivacyConfig:
     count_noise:
         σ_b, the std of the noise on the count of clipped clients; null = m / 20 (the paper's
         suggestion, m the cohort size). Must exceed z / 2.
+    secure_aggregation:
+        Sum the updates with secure aggregation (Bonawitz et al. 2017): workers mask each
+        client's fixed-point update, the aggregator sees masked vectors and the sum only.
+    secagg_threshold:
+        t, the fewest clients whose masked inputs unmask a round; null = ⌊m/2⌋ + 1. Fewer
+        survivors fail the round (``validation.on_reject`` decides what the run does).
+    secagg_dropout:
+        Probability that a cohort client leaves after sharing its keys and before uploading
+        (the case the protocol's recovery exists for), keyed by (seed, round, client).
+    ring_bits:
+        k of the ring Z_{2^k}: 32 or 64.
+    frac_bits:
+        f, fraction bits of the fixed-point encoding (resolution 2^−f); null = the most that
+        fits the cohort's sum in the ring, at most 40.
     """
 
-    mechanism: Literal["none", "central"] = "none"
+    mechanism: Literal["none", "central", "local"] = "none"
     clip: float = 1.0
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
@@ -56,6 +73,11 @@ class PrivacyConfig:
     target_quantile: float = 0.5
     clip_lr: float = 0.2
     count_noise: float | None = None
+    secure_aggregation: bool = False
+    secagg_threshold: int | None = None
+    secagg_dropout: float = 0.0
+    ring_bits: int = 64
+    frac_bits: int | None = None
 
     def __post_init__(self) -> None:
         if not self.clip > 0:
@@ -79,6 +101,23 @@ class PrivacyConfig:
         if self.count_noise is not None and not self.count_noise > 0:
             raise ConfigError(
                 f"privacy.count_noise: must be > 0, got {self.count_noise!r}"
+            )
+        if not 0 <= self.secagg_dropout < 1:
+            raise ConfigError(
+                f"privacy.secagg_dropout: must be in [0, 1), got {self.secagg_dropout!r}"
+            )
+        if self.ring_bits not in (32, 64):
+            raise ConfigError(
+                f"privacy.ring_bits: must be 32 or 64, got {self.ring_bits!r}"
+            )
+        if self.frac_bits is not None and not 0 <= self.frac_bits < self.ring_bits - 1:
+            raise ConfigError(
+                f"privacy.frac_bits: must be in 0..{self.ring_bits - 2}, got {self.frac_bits!r}"
+            )
+        if self.mechanism == "local" and not self.secure_aggregation:
+            raise ConfigError(
+                "privacy.mechanism: local noise is for use under secure aggregation; set "
+                "privacy.secure_aggregation=true (or use central)"
             )
         self._check_mechanism()
 

@@ -48,22 +48,42 @@ def sampling_of(scenario: Any, accounting: str) -> Sampling:
     return "fixed"
 
 
-def check_algorithm(cls: type) -> None:
+def check_algorithm(cls: type, under: str = "privacy.mechanism") -> None:
     """Refuse an algorithm whose server half reads more than the sum of the updates."""
     name = getattr(cls, "name", cls.__name__)
     if getattr(cls, "pooled", False) or getattr(cls, "personal", False):
         kind = "trains on pooled data" if cls.pooled else "keeps per-client models"
         raise ConfigError(
-            f"algorithm.name: {name} {kind}; client-level DP covers federated averaging "
-            "of updates only (privacy.mechanism)"
+            f"algorithm.name: {name} {kind}; {under} covers federated averaging of "
+            "updates only"
         )
     if not getattr(cls, "presummable", False):
         why = getattr(cls, "reads_updates", None) or (
             "its server half is not declared to read the updates only through their sum"
         )
+        raise ConfigError(f"algorithm.name: {name} cannot run under {under}: {why}")
+
+
+def check_secure(cfg: Any) -> int:
+    """The secure-aggregation checks that need no ring: returns the threshold t."""
+    pc, m = cfg.privacy, cfg.scenario.cohort_size
+    t = pc.secagg_threshold if pc.secagg_threshold is not None else m // 2 + 1
+    if not m // 2 < t <= m:
         raise ConfigError(
-            f"algorithm.name: {name} cannot run under privacy.mechanism: {why}"
+            f"privacy.secagg_threshold: must be in {m // 2 + 1}..{m} (more than half of "
+            f"the cohort of {m}), got {t}"
         )
+    if pc.adaptive_clip:
+        raise ConfigError(
+            "privacy.adaptive_clip: not available under secure aggregation (the ring's "
+            "range would have to follow C)"
+        )
+    if pc.mechanism == "none" and cfg.validation.max_update_norm is None:
+        raise ConfigError(
+            "validation.max_update_norm: secure aggregation needs a bound on updates to "
+            "size its ring; set it"
+        )
+    return t
 
 
 @dataclass(frozen=True)
@@ -86,6 +106,7 @@ class PrivacyPlan:
     clip_lr: float
     count_noise: float
     chosen_for: float | None  # target ε when z was calibrated
+    mechanism: str = "central"
 
     def epsilon_after(self, rounds: int) -> float:
         """ε(δ) after ``rounds`` rounds (math.inf when z = 0)."""
@@ -110,7 +131,7 @@ class PrivacyPlan:
             z += f" (chosen for ε={self.chosen_for:g})"
         eps = self.epsilon_after(rounds)
         return (
-            f"privacy: central DP, clip C={self.clip:g}"
+            f"privacy: {self.mechanism} DP, clip C={self.clip:g}"
             f"{' (adaptive)' if self.adaptive_clip else ''}, {z}; ε={eps:.4g} at "
             f"δ={self.delta:g} after {rounds} rounds ({self.accountant}, {how})"
         )
@@ -121,14 +142,19 @@ def check_privacy(cfg: Any, algorithm_cls: type) -> Participation | None:
     field); the accountant's participation model, or None when privacy is off. Cheap: no
     calibration (``fedsim.config.load_config`` calls it)."""
     pc: PrivacyConfig = cfg.privacy
-    if pc.mechanism == "none":
+    if pc.mechanism == "none" and not pc.secure_aggregation:
         return None
-    check_algorithm(algorithm_cls)
+    under = "privacy.mechanism" if pc.mechanism != "none" else "secure aggregation"
+    check_algorithm(algorithm_cls, under)
     if cfg.train.presum:
         raise ConfigError(
-            "train.presum: under privacy.mechanism=central the server clips each update; "
-            "set train.presum=false"
+            f"train.presum: {under} replaces the workers' partial sums; set "
+            "train.presum=false"
         )
+    if pc.secure_aggregation:
+        check_secure(cfg)
+    if pc.mechanism == "none":
+        return None
     sc = cfg.scenario
     try:
         part = Participation(
@@ -179,6 +205,7 @@ def plan_privacy(cfg: Any, algorithm_cls: type) -> PrivacyPlan | None:
         clip_lr=pc.clip_lr,
         count_noise=count_noise,
         chosen_for=pc.target_epsilon,
+        mechanism=pc.mechanism,
     )
 
 

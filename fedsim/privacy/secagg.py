@@ -33,18 +33,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import (
-    X25519PrivateKey,
-    X25519PublicKey,
-)
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedsim.privacy import shamir
 
-RAW = serialization.Encoding.Raw
+try:  # the optional extra fedsim[privacy]
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    RAW = serialization.Encoding.Raw
+except ImportError:  # pragma: no cover - exercised only where the extra is missing
+    serialization = None
 KEY_BYTES = 32
 NONCE_BYTES = 12  # AES-GCM nonce
 TAG_BYTES = 16  # AES-GCM tag
@@ -152,6 +156,17 @@ def _key_of(value: int) -> X25519PrivateKey:
     return X25519PrivateKey.from_private_bytes(value.to_bytes(KEY_BYTES, "big"))
 
 
+def _fresh_key() -> bytes:
+    if serialization is None:
+        raise SecAggError(
+            "privacy.secure_aggregation: needs the cryptography package: pip install "
+            "'fedsim[privacy]'"
+        )
+    return X25519PrivateKey.generate().private_bytes(
+        RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+
+
 def _point(client_id: int) -> int:
     return client_id + 1  # Shamir evaluation point (never 0)
 
@@ -167,18 +182,30 @@ class Keys:
 
 @dataclass
 class SecAggClient:
-    """One client's side of the protocol; its input never leaves it unmasked."""
+    """One client's side of the protocol; its input never leaves it unmasked.
+
+    Plain data (keys as raw bytes), so a client's protocol state can travel with its training
+    task to the worker that masks its update.
+    """
 
     client_id: int
     threshold: int
     sent_bytes: int = 0
-    _c: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
-    _s: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+    _c_raw: bytes = field(default_factory=_fresh_key)
+    _s_raw: bytes = field(default_factory=_fresh_key)
     _b: bytes = field(default_factory=lambda: secrets.token_bytes(KEY_BYTES))
     _roster: dict[int, Keys] = field(default_factory=dict)
     _held: dict[int, tuple[int, int]] = field(
         default_factory=dict
     )  # i → (b share, s share)
+
+    @property
+    def _c(self) -> X25519PrivateKey:
+        return X25519PrivateKey.from_private_bytes(self._c_raw)
+
+    @property
+    def _s(self) -> X25519PrivateKey:
+        return X25519PrivateKey.from_private_bytes(self._s_raw)
 
     def advertise(self) -> Keys:
         self.sent_bytes += ID_BYTES + 2 * KEY_BYTES

@@ -141,9 +141,14 @@ class Aggregator:
         }
 
     def _step(
-        self, weights: Weights, updates: list[ClientUpdate], server_round: int
+        self,
+        weights: Weights,
+        updates: Sequence[ClientUpdate],
+        server_round: int,
+        per_client: bool = False,
     ) -> tuple[Weights, dict[str, Any]]:
-        """The algorithm's server half over ``updates``; its metrics and the step's norm."""
+        """The algorithm's server half over ``updates``; its metrics and the step's norm
+        (diagnostics over the clients' own updates when ``per_client``)."""
         result = self.algorithm.aggregate(weights, updates, self.state, server_round)
         self.state = result.state
         metrics: dict[str, Any] = dict(result.metrics)
@@ -151,7 +156,9 @@ class Aggregator:
             "update_norm",
             global_norm({k: result.weights[k] - weights[k] for k in weights}),
         )
-        self._diagnose(weights, result.weights, None, metrics)
+        self._diagnose(
+            weights, result.weights, updates if per_client else None, metrics
+        )
         return result.weights, metrics
 
     def _private_update(
@@ -268,15 +275,8 @@ class Aggregator:
         if self.privacy is not None:
             mean, shown = self._private_update(accepted, server_round)
             accepted, metrics = [mean], {**metrics, **shown}
-        result = self.algorithm.aggregate(weights, accepted, self.state, server_round)
-        self.state = result.state
-        metrics.update(result.metrics)
-        metrics.setdefault(
-            "update_norm",
-            global_norm({k: result.weights[k] - weights[k] for k in weights}),
-        )
-        self._diagnose(weights, result.weights, accepted, metrics)
-        return result.weights, metrics
+        new, step = self._step(weights, accepted, server_round, per_client=True)
+        return new, {**metrics, **step}
 
     def aggregate_partials(
         self,

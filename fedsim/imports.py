@@ -26,7 +26,7 @@ ENGINE = frozenset(
     for m in (
         "driver rounds prepare report evaluate actors pool pooled dispatch training "
         "checkpoint compare sweep bench scenario_stats resources export plots "
-        "secure_round"
+        "secure_round bench_secagg"
     ).split()
 )
 CLI = frozenset({"fedsim.cli", "fedsim.cli_eval"})

@@ -121,3 +121,24 @@ def test_shamir_any_t_shares_and_not_fewer():
     # two shares of a 3-threshold sharing interpolate (as a line) to something else
     line = shamir.reconstruct({1: sh[1], 2: sh[2]}, 2)
     assert line != secret
+
+
+def test_bench_secagg_reports_the_protocols_bytes():
+    """fedsim bench's secagg section: bytes from the message sizes, as above."""
+    from fedsim.bench_secagg import bench_secagg
+
+    dim = 200
+    out = bench_secagg(dim, [5, 10], repeats=1)
+    for n in (5, 10):
+        row = out["rows"][str(n)]
+        assert row["threshold"] == n // 2 + 1 and row["left"] == n // 10
+        share_msg = 2 * ID_BYTES + NONCE_BYTES + 2 * shamir.ELEMENT_BYTES + TAG_BYTES
+        want = (
+            ID_BYTES
+            + 2 * KEY_BYTES
+            + (n - 1) * share_msg
+            + ID_BYTES
+            + dim * 8
+            + n * (ID_BYTES + shamir.ELEMENT_BYTES)
+        )
+        assert row["client_bytes"] == want

@@ -393,6 +393,7 @@ class SecAggResult:
     survivors: list[int]
     bytes_sent: dict[int, int]  # per client, every message it sent
     server_seconds: float
+    client_seconds: float = 0.0  # mean over clients of their own protocol work
 
 
 def secure_sum(
@@ -404,21 +405,38 @@ def secure_sum(
     """Run the four rounds for ``inputs`` (client id → float vector); ``dropped`` clients
     leave after ShareKeys and send no masked input. Raises :class:`SecAggError` when fewer
     than ``threshold`` remain."""
+    clock = time.perf_counter
+    t0 = clock()
     clients = {i: SecAggClient(i, threshold) for i in sorted(inputs)}
+    keys = [c.advertise() for c in clients.values()]
+    client_time = clock() - t0
     server = SecAggServer(threshold, ring)
-    roster = server.advertise([c.advertise() for c in clients.values()])
-    inboxes = server.route({i: c.share_keys(roster) for i, c in clients.items()})
+    roster = server.advertise(keys)
+    t0 = clock()
+    outboxes = {i: c.share_keys(roster) for i, c in clients.items()}
+    client_time += clock() - t0
+    inboxes = server.route(outboxes)
+    t0 = clock()
     for i, c in clients.items():
         c.receive_shares(inboxes[i])
-    for i, c in clients.items():
-        if i not in dropped:
-            server.collect(i, c.masked_input(ring.encode(inputs[i])))
+    masked = {
+        i: c.masked_input(ring.encode(inputs[i]))
+        for i, c in clients.items()
+        if i not in dropped
+    }
+    client_time += clock() - t0
+    for i, y in masked.items():
+        server.collect(i, y)
     alive = server.survivors()
-    ring_total = server.unmask({j: clients[j].unmask(alive) for j in alive})
+    t0 = clock()
+    responses = {j: clients[j].unmask(alive) for j in alive}
+    client_time += clock() - t0
+    ring_total = server.unmask(responses)
     return SecAggResult(
         ring.decode(ring_total),
         ring_total,
         alive,
         {i: c.sent_bytes for i, c in clients.items()},
         server.seconds,
+        client_time / len(clients),
     )

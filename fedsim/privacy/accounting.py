@@ -36,7 +36,7 @@ try:  # the optional extra fedsim[privacy]; fedsim runs without it while privacy
     from dp_accounting.pld import pld_privacy_accountant
     from dp_accounting.rdp import rdp_privacy_accountant
 except ImportError:  # pragma: no cover - exercised only where the extra is missing
-    dp_accounting = None
+    dp_accounting = None  # type: ignore[assignment]
 
 Sampling = Literal["poisson", "fixed", "none"]
 AccountantName = Literal["rdp", "pld"]

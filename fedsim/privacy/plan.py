@@ -19,6 +19,7 @@ from typing import Any
 
 from fedsim.configtools import ConfigError
 from fedsim.privacy.accounting import (
+    AccountantName,
     Participation,
     PrivacyConfigError,
     Sampling,
@@ -51,8 +52,9 @@ def sampling_of(scenario: Any, accounting: str) -> Sampling:
 def check_algorithm(cls: type, under: str = "privacy.mechanism") -> None:
     """Refuse an algorithm whose server half reads more than the sum of the updates."""
     name = getattr(cls, "name", cls.__name__)
-    if getattr(cls, "pooled", False) or getattr(cls, "personal", False):
-        kind = "trains on pooled data" if cls.pooled else "keeps per-client models"
+    pooled = getattr(cls, "pooled", False)
+    if pooled or getattr(cls, "personal", False):
+        kind = "trains on pooled data" if pooled else "keeps per-client models"
         raise ConfigError(
             f"algorithm.name: {name} {kind}; {under} covers federated averaging of "
             "updates only"
@@ -99,7 +101,7 @@ class PrivacyPlan:
     update_noise: float
     denominator: float
     delta: float
-    accountant: str
+    accountant: AccountantName
     participation: Participation
     adaptive_clip: bool
     target_quantile: float

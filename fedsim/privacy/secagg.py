@@ -48,7 +48,7 @@ try:  # the optional extra fedsim[privacy]
 
     RAW = serialization.Encoding.Raw
 except ImportError:  # pragma: no cover - exercised only where the extra is missing
-    serialization = None
+    serialization = None  # type: ignore[assignment]
 KEY_BYTES = 32
 NONCE_BYTES = 12  # AES-GCM nonce
 TAG_BYTES = 16  # AES-GCM tag
@@ -351,7 +351,7 @@ class SecAggServer:
             )
         dtype = self.ring.dtype
         size = self.masked[alive[0]].size
-        total = np.zeros(size, dtype=dtype)
+        total: np.ndarray = np.zeros(size, dtype=dtype)
         for i in alive:
             total = total + self.masked[i]
         for i in sorted(self.roster):

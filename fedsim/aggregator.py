@@ -162,7 +162,10 @@ class Aggregator:
         return result.weights, metrics
 
     def _private_update(
-        self, accepted: Sequence[ClientUpdate], server_round: int
+        self,
+        accepted: Sequence[ClientUpdate],
+        reference: Weights,
+        server_round: int,
     ) -> tuple[ClientUpdate, dict[str, Any]]:
         """The round's accepted updates as one: their clipped, noised, fixed-denominator
         mean (:func:`fedsim.privacy.dp.central_release`); the server half sees only it."""
@@ -170,6 +173,7 @@ class Aggregator:
         assert plan is not None
         release = central_release(
             [u.delta for u in accepted],
+            reference,
             clip=self.clip,
             update_noise=plan.update_noise,
             denominator=plan.denominator,
@@ -184,7 +188,8 @@ class Aggregator:
         shown: dict[str, Any] = {"clip": release.clip}
         if release.fraction is not None:
             shown["clipped_fraction_noised"] = release.fraction
-        mean = ClientUpdate(accepted[0].client_id, release.mean, 1, math.nan, 0)
+        first = accepted[0].client_id if accepted else 0
+        mean = ClientUpdate(first, release.mean, 1, math.nan, 0)
         return mean, {"privacy": shown}
 
     def _policy(
@@ -268,12 +273,13 @@ class Aggregator:
                 accepted.append(u)
             else:
                 rejected.append({"client_id": u.client_id, "reason": reason})
-        stop = self._policy(weights, rejected, bool(accepted))
+        # Under DP every round releases its noised mean, empty or not (skip_round is refused).
+        stop = self._policy(weights, rejected, bool(accepted) or bool(self.privacy))
         if stop is not None:
             return dict(weights), stop
         metrics: dict[str, Any] = {"rejected": rejected}
         if self.privacy is not None:
-            mean, shown = self._private_update(accepted, server_round)
+            mean, shown = self._private_update(accepted, weights, server_round)
             accepted, metrics = [mean], {**metrics, **shown}
         new, step = self._step(weights, accepted, server_round, per_client=True)
         return new, {**metrics, **step}

@@ -165,7 +165,9 @@ class ScenarioConfig:
         power-law sizes within each domain.
     participation:
         ``uniform``: each round samples ``cohort_size`` clients uniformly without replacement;
-        ``size_weighted``: with probability ∝ the client's number of rows (successive draws).
+        ``size_weighted``: with probability ∝ the client's number of rows (successive draws);
+        ``poisson``: each client independently with q = ``cohort_size`` / ``num_clients``
+        (a cohort of ``cohort_size`` on average; what DP's Poisson accounting assumes).
     cohort_size:
         Clients per round (|S_t|), or all online clients when fewer are online.
     availability:
@@ -211,7 +213,7 @@ class ScenarioConfig:
     label: str = "shape"
     dirichlet_alpha: float = 0.3
     quantity_skew: float = 0.0
-    participation: Literal["uniform", "size_weighted"] = "uniform"
+    participation: Literal["uniform", "size_weighted", "poisson"] = "uniform"
     cohort_size: int = 10
     availability: Literal["always", "diurnal"] = "always"
     diurnal_period: int = 24

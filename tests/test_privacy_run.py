@@ -191,3 +191,55 @@ def test_refused_on_the_command_line_with_exit_code_2(tmp_path, cache_dir, extra
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and says in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_poisson_participation_and_its_accounting():
+    """scenario.participation=poisson: each of N clients joins with q = m / N (keyed by seed
+    and round); the run is accounted with PoissonSampledDpEvent, PLD allowed."""
+    import numpy as np
+    from dp_accounting.pld import pld_privacy_accountant
+
+    from fedsim.scenarios.participation import ParticipationSpec, plan_round
+
+    spec = ParticipationSpec(participation="poisson", cohort_size=4)
+    sizes = np.full(20, 100)
+    counts = [len(plan_round(spec, sizes, 2, 0, 0, r).cohort) for r in range(1, 2001)]
+    # |S_t| ~ Binomial(20, 0.2): mean 4, std √3.2; the mean of 2000 rounds is within 5 std
+    # of 4 (5 · √3.2 / √2000 ≈ 0.2) except with probability ≈ 6e-7
+    assert abs(np.mean(counts) - 4) <= 5 * np.sqrt(3.2 / 2000)
+    assert plan_round(spec, sizes, 2, 0, 3, 7) == plan_round(spec, sizes, 2, 0, 3, 7)
+    cfg = _cfg(
+        *DP,
+        "privacy.noise_multiplier=1.2",
+        "scenario.participation=poisson",
+        "privacy.accountant=pld",
+    )
+    plan = plan_privacy(cfg, type(build_algorithm("fedavg")))
+    direct = pld_privacy_accountant.PLDAccountant().compose(
+        dp_event.PoissonSampledDpEvent(4 / 20, dp_event.GaussianDpEvent(1.2)), 2
+    )
+    assert plan.epsilon_after(2) == direct.get_epsilon(1e-5)
+
+
+def test_an_empty_private_round_still_releases_noise():
+    """Nothing accepted (a NaN update): the mechanism still adds N(0, (zC/m)²) to W_t, as
+    the accountant assumes; without DP the same round keeps W_t exactly."""
+    cfg = _cfg(
+        "privacy.mechanism=central", "privacy.clip=1.0", "privacy.noise_multiplier=1.0"
+    )
+    agg, w = _aggregator(plan_privacy(cfg, type(build_algorithm("fedavg"))))
+    bad = ClientUpdate(
+        2, {"a": torch.tensor([float("nan"), 0.0]), "b": torch.zeros(1)}, 1, 0, 1
+    )
+    new, metrics = agg.aggregate(w, [bad], 1)
+    assert metrics["rejected"][0]["client_id"] == 2
+    assert all(torch.isfinite(v).all() for v in new.values())
+    assert not torch.equal(new["a"], w["a"])  # P(a draw is exactly 0) = 0
+    plain = Aggregator("fedavg", {}, w)
+    kept, m2 = plain.aggregate(w, [bad], 1)
+    assert torch.equal(kept["a"], w["a"]) and "action" in m2
+
+
+def test_skip_round_is_refused_under_dp():
+    with pytest.raises(ConfigError, match="validation.on_reject: skip_round"):
+        _cfg(*DP, "privacy.noise_multiplier=1", "validation.on_reject=skip_round")

@@ -81,11 +81,16 @@ def gaussian_like(
     }
 
 
-def sum_updates(clipped: Sequence[Mapping[str, torch.Tensor]]) -> Weights:
-    """Σ_k of float64 tensors per key, in the given order (callers sort by client id)."""
-    if not clipped:
-        raise ValueError("sum_updates: nothing to sum")
-    out = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in clipped[0].items()}
+def sum_updates(
+    clipped: Sequence[Mapping[str, torch.Tensor]],
+    reference: Mapping[str, torch.Tensor] | None = None,
+) -> Weights:
+    """Σ_k of float64 tensors per key, in the given order (callers sort by client id); zeros
+    shaped like ``reference`` when there is nothing to sum."""
+    like = clipped[0] if clipped else reference
+    if like is None:
+        raise ValueError("sum_updates: nothing to sum and no reference")
+    out = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in like.items()}
     for c in clipped:
         for k in out:
             out[k].add_(c[k].to(torch.float64))
@@ -217,6 +222,7 @@ class Release:
 
 def central_release(
     deltas: Sequence[Mapping[str, torch.Tensor]],
+    reference: Mapping[str, torch.Tensor],
     *,
     clip: float,
     update_noise: float,
@@ -230,6 +236,9 @@ def central_release(
 ) -> Release:
     """(Σ_k clip_C(Δ_k) + N(0, (z_Δ C)² I)) / m over ``deltas`` (in client-id order).
 
+    An empty round (nobody sampled, or nothing accepted) still releases the noise over m:
+    the mechanism the accountant counts is the same whoever took part.
+
     With ``adaptive`` the clip also takes one geometric step from the noised count of clients
     under C (:func:`adaptive_clip_step`; γ, η_C, σ_b from the keyword arguments).
     """
@@ -239,7 +248,11 @@ def central_release(
         clipped.append(c)
         norms.append(n)
     mean = noised_mean(
-        sum_updates(clipped), update_noise * clip, denominator, seed, server_round
+        sum_updates(clipped, reference),
+        update_noise * clip,
+        denominator,
+        seed,
+        server_round,
     )
     if not adaptive:
         return Release(mean, clip, clip, None)

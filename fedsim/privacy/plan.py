@@ -45,6 +45,8 @@ def sampling_of(scenario: Any, accounting: str) -> Sampling:
             f"scenario.availability: {scenario.availability} traces have no standard "
             "privacy amplification; set privacy.accounting=no_amplification"
         )
+    if scenario.participation == "poisson":
+        return "poisson"
     # uniform: a fixed-size cohort without replacement (dropout and deadlines only remove).
     return "fixed"
 
@@ -152,6 +154,11 @@ def check_privacy(cfg: Any, algorithm_cls: type) -> Participation | None:
         raise ConfigError(
             f"train.presum: {under} replaces the workers' partial sums; set "
             "train.presum=false"
+        )
+    if pc.mechanism != "none" and cfg.validation.on_reject == "skip_round":
+        raise ConfigError(
+            "validation.on_reject: skip_round would keep W_t exactly when an update is "
+            "rejected, which the noise does not cover; use continue or fail"
         )
     if pc.secure_aggregation:
         check_secure(cfg)

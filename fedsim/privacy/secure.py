@@ -85,7 +85,10 @@ def plan_secure(cfg: Any, privacy: PrivacyPlan | None) -> SecurePlan | None:
     pc = cfg.privacy
     if not pc.secure_aggregation:
         return None
-    m, t = cfg.scenario.cohort_size, check_secure(cfg)
+    t = check_secure(cfg)
+    sc = cfg.scenario
+    # the most clients a round can hold: a Poisson cohort is only cohort_size on average
+    m = sc.num_clients if sc.participation == "poisson" else sc.cohort_size
     local = 0.0
     if privacy is None:
         max_norm = cfg.validation.max_update_norm

@@ -362,7 +362,10 @@ def _matrix_seed(key: str, server_round: int) -> int:
 
 
 @register(
-    "fedcmp", paper="Xiong et al. 2026, arXiv 2603.26786 (fedsim's formalisation)"
+    "fedcmp",
+    paper="Xiong et al. 2026, arXiv 2603.26786 (fedsim's formalisation)",
+    reads_updates="its canonical basis and reliability weights are computed from each "
+    "client's update, so one client moves them by more than a clipped contribution",
 )
 @dataclass(frozen=True, kw_only=True)
 class FedCMP(ServerDefaults):

@@ -83,7 +83,11 @@ def extrapolation_lr(
     return lr if cap is None else min(cap, lr)
 
 
-@register("fedexp", paper="Jhunjhunwala et al. 2023, arXiv 2301.09604")
+@register(
+    "fedexp",
+    paper="Jhunjhunwala et al. 2023, arXiv 2301.09604",
+    reads_updates="its server step η_t reads every client's ‖Δ_k‖²",
+)
 @dataclass(frozen=True, kw_only=True)
 class FedExP(ServerDefaults):
     """FedAvg whose server step η_g^t ≥ 1 grows when the client updates disagree.

@@ -147,7 +147,11 @@ def nova_coefficients(
     return coeffs, float(tau)
 
 
-@register("fednova", paper="Wang et al. 2020, arXiv 2007.07481")
+@register(
+    "fednova",
+    paper="Wang et al. 2020, arXiv 2007.07481",
+    reads_updates="it divides each Δ_k by the client's own learning-rate mass a_k",
+)
 @dataclass(frozen=True, kw_only=True)
 class FedNova(ServerDefaults):
     """Normalised averaging: each Δ_k divided by its lr mass, the mean rescaled by τ_eff.

@@ -39,6 +39,7 @@ def register(
     personal: bool = False,
     ablation_of: str | None = None,
     presummable: bool = False,
+    reads_updates: str | None = None,
 ) -> Callable[[T], T]:
     """Class decorator: register a frozen dataclass algorithm under ``name``.
 
@@ -48,7 +49,10 @@ def register(
     evaluated one by one); ``ablation_of`` marks a variant of another algorithm with one part
     switched off (left out of ``fedsim compare --algorithms all``); ``presummable`` marks
     algorithms whose server half depends on the updates only through Σ_k p_k Δ_k
-    (``fedavg_delta``), so workers may pre-sum their clients' updates (the FedAvg family).
+    (``fedavg_delta``), so workers may pre-sum their clients' updates (the FedAvg family);
+    ``reads_updates`` says why a server half needs each client's update (or more than the
+    sum), which is why it cannot run under client-level DP or secure aggregation (a subclass
+    inherits its base's reason).
     """
 
     def wrap(cls: T) -> T:
@@ -64,6 +68,7 @@ def register(
         cls.personal = personal  # type: ignore[attr-defined]
         cls.ablation_of = ablation_of  # type: ignore[attr-defined]
         cls.presummable = presummable  # type: ignore[attr-defined]
+        cls.reads_updates = reads_updates or getattr(cls, "reads_updates", None)  # type: ignore[attr-defined]
         _REGISTRY[name] = cls
         return cls
 

@@ -119,7 +119,12 @@ class ScaffoldTraining(LocalTraining):
         return extras, {f"c/{k}": v for k, v in c_new.items()}
 
 
-@register("scaffold", paper="Karimireddy et al. 2020, arXiv 1910.06378")
+@register(
+    "scaffold",
+    paper="Karimireddy et al. 2020, arXiv 1910.06378",
+    reads_updates="each client uploads its control-variate change Δc_i beside Δ_i and "
+    "keeps c_i, so the server reads two unclipped per-client quantities",
+)
 @dataclass(frozen=True, kw_only=True)
 class Scaffold(ServerDefaults):
     """SCAFFOLD.

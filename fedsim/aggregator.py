@@ -3,8 +3,11 @@ state, the rejection of invalid updates and the per-round diagnostics."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from fedsim.algorithms import build_algorithm
 from fedsim.algorithms.base import (
@@ -17,9 +20,16 @@ from fedsim.algorithms.base import (
 )
 from fedsim.algorithms.diagnostics import round_diagnostics, step_diagnostics, step_of
 from fedsim.machine import node_id, peak_rss_mb
+from fedsim.privacy.dp import central_release
+
+if TYPE_CHECKING:  # fedsim.privacy's protocol modules load only when a run uses them
+    from fedsim.privacy.plan import PrivacyPlan
+    from fedsim.privacy.secure import SecurePlan
 
 # Server-state keys that hold the previous global step (diagnostics), not the algorithm's state.
 _PREVIOUS = "diagnostics/previous_step/"
+# Server-state key of the current clip C under adaptive clipping (privacy).
+_CLIP = "privacy/clip"
 
 
 class Aggregator:
@@ -53,6 +63,134 @@ class Aggregator:
         # ΔW_{t−1} for the oscillation diagnostic; saved with the server state so that a resumed
         # run reports the same values.
         self.previous_step: Weights | None = None
+        self.privacy: PrivacyPlan | None = None
+        self.secure: SecurePlan | None = None
+        self.secagg: Any = None  # this round's SecAggServer
+        self.seed = 0
+        self.clip = math.nan
+
+    def set_privacy(
+        self, plan: PrivacyPlan | None, seed: int, secure: SecurePlan | None = None
+    ) -> None:
+        """DP and secure aggregation for this run (after :meth:`reset`)."""
+        self.privacy, self.seed, self.secure = plan, seed, secure
+        self.clip = plan.clip if plan is not None else math.nan
+
+    # Secure aggregation: the server's side of each round (fedsim.privacy.secagg). Nothing
+    # here receives an update in the clear: public keys, ciphertexts, masked vectors, shares.
+
+    def secagg_advertise(self, keys: list[Any]) -> dict[int, Any]:
+        """AdvertiseKeys: a fresh protocol server for the round; the roster to broadcast."""
+        from fedsim.privacy.secagg import SecAggServer
+
+        assert self.secure is not None
+        self.secagg = SecAggServer(self.secure.threshold, self.secure.ring)
+        return self.secagg.advertise(keys)
+
+    def secagg_route(self, outboxes: Mapping[int, Any]) -> dict[int, Any]:
+        """ShareKeys: encrypted shares to their receivers' inboxes."""
+        return self.secagg.route(outboxes)
+
+    def secagg_collect(self, masked: Mapping[int, Any]) -> list[int] | str:
+        """MaskedInputCollection: the survivors, or why the round cannot be unmasked."""
+        from fedsim.privacy.secagg import SecAggError
+
+        for cid in sorted(masked):
+            self.secagg.collect(cid, masked[cid])
+        try:
+            return self.secagg.survivors()
+        except SecAggError as e:
+            return str(e)
+
+    def aggregate_secure(
+        self,
+        weights: Weights,
+        responses: Mapping[int, Any],
+        rejected: Sequence[dict[str, Any]],
+        server_round: int,
+    ) -> tuple[Weights, dict[str, Any]]:
+        """Unmasking: the sum of the survivors' uploads, its mean, the server half."""
+        from fedsim.privacy.secure import secure_mean
+
+        assert self.secure is not None
+        total = self.secagg.unmask(responses)
+        stop = self._policy(weights, rejected, True)
+        seconds = {"server_seconds": round(self.secagg.seconds, 6)}
+        if stop is not None:
+            return dict(weights), {**stop, "secagg": seconds}
+        mean, samples = secure_mean(
+            total, self.secure, self.privacy, weights, self.seed, server_round
+        )
+        update = ClientUpdate(min(responses), mean, samples, math.nan, 0)
+        weights_out, metrics = self._step(weights, [update], server_round)
+        metrics["rejected"] = sorted(rejected, key=lambda r: r["client_id"])
+        if self.privacy is not None:
+            metrics["privacy"] = {"clip": self.clip}
+        return weights_out, {**metrics, "secagg": seconds}
+
+    def keep_round(
+        self, weights: Weights, rejected: Sequence[dict[str, Any]], why: str
+    ) -> tuple[Weights, dict[str, Any]]:
+        """A round that failed (secure aggregation below its threshold): W_t kept."""
+        seconds = self.secagg.seconds if self.secagg is not None else 0.0
+        return dict(weights), {
+            "rejected": sorted(rejected, key=lambda r: r["client_id"]),
+            "update_norm": 0.0,
+            "action": f"{why}: W_t and server state kept",
+            "secagg": {"server_seconds": round(seconds, 6)},
+        }
+
+    def _step(
+        self,
+        weights: Weights,
+        updates: Sequence[ClientUpdate],
+        server_round: int,
+        per_client: bool = False,
+    ) -> tuple[Weights, dict[str, Any]]:
+        """The algorithm's server half over ``updates``; its metrics and the step's norm
+        (diagnostics over the clients' own updates when ``per_client``)."""
+        result = self.algorithm.aggregate(weights, updates, self.state, server_round)
+        self.state = result.state
+        metrics: dict[str, Any] = dict(result.metrics)
+        metrics.setdefault(
+            "update_norm",
+            global_norm({k: result.weights[k] - weights[k] for k in weights}),
+        )
+        self._diagnose(
+            weights, result.weights, updates if per_client else None, metrics
+        )
+        return result.weights, metrics
+
+    def _private_update(
+        self,
+        accepted: Sequence[ClientUpdate],
+        reference: Weights,
+        server_round: int,
+    ) -> tuple[ClientUpdate, dict[str, Any]]:
+        """The round's accepted updates as one: their clipped, noised, fixed-denominator
+        mean (:func:`fedsim.privacy.dp.central_release`); the server half sees only it."""
+        plan = self.privacy
+        assert plan is not None
+        release = central_release(
+            [u.delta for u in accepted],
+            reference,
+            clip=self.clip,
+            update_noise=plan.update_noise,
+            denominator=plan.denominator,
+            seed=self.seed,
+            server_round=server_round,
+            adaptive=plan.adaptive_clip,
+            target_quantile=plan.target_quantile,
+            clip_lr=plan.clip_lr,
+            count_noise=plan.count_noise,
+        )
+        self.clip = release.next_clip
+        shown: dict[str, Any] = {"clip": release.clip}
+        if release.fraction is not None:
+            shown["clipped_fraction_noised"] = release.fraction
+        first = accepted[0].client_id if accepted else 0
+        mean = ClientUpdate(first, release.mean, 1, math.nan, 0)
+        return mean, {"privacy": shown}
 
     def _policy(
         self, weights: Weights, rejected: Sequence[dict[str, Any]], any_accepted: bool
@@ -84,12 +222,18 @@ class Aggregator:
             out.update(
                 {_PREVIOUS + k: v.contiguous() for k, v in self.previous_step.items()}
             )
+        if self.privacy is not None and self.privacy.adaptive_clip:
+            out[_CLIP] = torch.tensor([self.clip], dtype=torch.float64)
         return out
 
     def load_state(self, state: Weights) -> None:
         """Continue from a checkpoint's server state (after :meth:`reset`)."""
+        if _CLIP in state:
+            self.clip = float(state[_CLIP][0])
         self.state = {
-            k: v.clone() for k, v in state.items() if not k.startswith(_PREVIOUS)
+            k: v.clone()
+            for k, v in state.items()
+            if not k.startswith(_PREVIOUS) and k != _CLIP
         }
         previous = {
             k[len(_PREVIOUS) :]: v.clone()
@@ -129,19 +273,16 @@ class Aggregator:
                 accepted.append(u)
             else:
                 rejected.append({"client_id": u.client_id, "reason": reason})
-        stop = self._policy(weights, rejected, bool(accepted))
+        # Under DP every round releases its noised mean, empty or not (skip_round is refused).
+        stop = self._policy(weights, rejected, bool(accepted) or bool(self.privacy))
         if stop is not None:
             return dict(weights), stop
         metrics: dict[str, Any] = {"rejected": rejected}
-        result = self.algorithm.aggregate(weights, accepted, self.state, server_round)
-        self.state = result.state
-        metrics.update(result.metrics)
-        metrics.setdefault(
-            "update_norm",
-            global_norm({k: result.weights[k] - weights[k] for k in weights}),
-        )
-        self._diagnose(weights, result.weights, accepted, metrics)
-        return result.weights, metrics
+        if self.privacy is not None:
+            mean, shown = self._private_update(accepted, weights, server_round)
+            accepted, metrics = [mean], {**metrics, **shown}
+        new, step = self._step(weights, accepted, server_round, per_client=True)
+        return new, {**metrics, **step}
 
     def aggregate_partials(
         self,
@@ -161,15 +302,8 @@ class Aggregator:
         reason = validate_update(update, weights)
         if reason is not None:  # cannot happen for validated, finite parts
             raise ValueError(f"round {server_round}: combined partial sums: {reason}")
-        result = self.algorithm.aggregate(weights, [update], self.state, server_round)
-        self.state = result.state
-        metrics.update(result.metrics)
-        metrics.setdefault(
-            "update_norm",
-            global_norm({k: result.weights[k] - weights[k] for k in weights}),
-        )
-        self._diagnose(weights, result.weights, None, metrics)
-        return result.weights, metrics
+        new, step = self._step(weights, [update], server_round)
+        return new, {**metrics, **step}
 
     def peak_rss_mb(self) -> float:
         return peak_rss_mb()

@@ -13,6 +13,8 @@ Sections (each a table; all numbers in ``bench.json``):
   the cohort size, at the backbone's projector size.
 - **memory** — ``fedsim run`` once per logical client count (own process, own local Ray), peak
   resident memory of every fedsim process and the ratio to the smallest count.
+- **secagg** — a securely aggregated round's bytes per client and client/server seconds
+  against the cohort size, at the projector's size (:mod:`fedsim.bench_secagg`).
 
 Timings are medians of ``repeats`` measurements after a warm-up; wall-clock numbers are never
 asserted in tests, only reported here.
@@ -62,6 +64,7 @@ class BenchSettings:
     memory_clients: tuple[int, ...] = (10, 100, 1000)
     memory_cohort: int = 10
     memory_rounds: int = 3
+    secagg_sizes: tuple[int, ...] = (5, 10, 20, 40)
     sections: tuple[str, ...] = ("training", "aggregation", "memory")
 
 
@@ -72,9 +75,10 @@ class BenchResult:
     training: dict[str, Any] = field(default_factory=dict)
     aggregation: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
+    secagg: dict[str, Any] = field(default_factory=dict)
 
 
-SECTIONS = ("training", "aggregation", "memory")
+SECTIONS = ("training", "aggregation", "memory", "secagg")
 
 
 def _median_seconds(
@@ -267,13 +271,7 @@ def bench_aggregation(
     cfg: Config, s: BenchSettings, console: Console
 ) -> dict[str, Any]:
     """Server-half time of every registered algorithm against the cohort size."""
-
-    prep = prepare(cfg)
-    backbone = load_backbone(
-        prep.model.backbone_path, lm=prep.model.lm_path, projector=prep.model.projector
-    )
-    weights = init_projector(backbone, cfg.seed)
-    del backbone
+    weights = _projector(cfg)
     out: dict[str, dict[str, float]] = {}
     # centralized aggregates its one pooled update only; every other algorithm takes a cohort.
     names = [n for n in comparable() if n != "centralized"]
@@ -307,6 +305,15 @@ def bench_aggregation(
         "projector_params": sum(v.numel() for v in weights.values()),
         "seconds": out,
     }
+
+
+def _projector(cfg: Config) -> dict[str, torch.Tensor]:
+    """W_0 of the config's backbone (its projector's names and sizes)."""
+    prep = prepare(cfg)
+    backbone = load_backbone(
+        prep.model.backbone_path, lm=prep.model.lm_path, projector=prep.model.projector
+    )
+    return init_projector(backbone, cfg.seed)
 
 
 def _extras(
@@ -396,6 +403,12 @@ def run_bench(
     if "memory" in s.sections:
         result.memory = bench_memory(s, sets, out, console)
         console.print(memory_table(result.memory))
+    if "secagg" in s.sections:
+        from fedsim.bench_secagg import bench_secagg, secagg_table
+
+        dim = sum(v.numel() for v in _projector(cfg).values())
+        result.secagg = bench_secagg(dim, s.secagg_sizes, s.repeats)
+        console.print(secagg_table(result.secagg))
     tmp = out / "bench.json.tmp"
     tmp.write_text(json.dumps(asdict(result), indent=2))
     tmp.replace(out / "bench.json")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -312,6 +312,17 @@ def _check_positive(**flags: int) -> None:
             _fail(f"--{name.replace('_', '-')} {value}: must be >= 1")
 
 
+def _check_bench(s: Any) -> None:
+    """The bench flags that depend on each other (one-line errors, exit code 2)."""
+    if s.device != "cpu" and not s.device.startswith("cuda"):
+        _fail(f"--device {s.device!r}: use cpu or cuda")
+    if "memory" in s.sections and s.memory_cohort > min(s.memory_clients):
+        _fail(
+            f"--memory-cohort {s.memory_cohort}: more than the smallest --memory-clients "
+            f"({min(s.memory_clients)})"
+        )
+
+
 @app.command()
 def bench(
     config: Annotated[
@@ -326,7 +337,8 @@ def bench(
         Path, typer.Option("--out", "-o", help="Folder for bench.json.")
     ] = Path("runs/bench"),
     sections: Annotated[
-        str, typer.Option(help="Comma-separated: training, aggregation, memory.")
+        str,
+        typer.Option(help="Comma-separated: training, aggregation, memory, secagg."),
     ] = "training,aggregation,memory",
     clients: Annotated[
         int, typer.Option(help="Training: clients in the workload (one cohort).")
@@ -350,6 +362,9 @@ def bench(
     ] = "10,100,1000",
     memory_cohort: Annotated[int, typer.Option(help="Memory: clients per round.")] = 10,
     memory_rounds: Annotated[int, typer.Option(help="Memory: rounds per run.")] = 3,
+    secagg_sizes: Annotated[
+        str, typer.Option(help="Secure aggregation: comma-separated cohort sizes.")
+    ] = "5,10,20,40",
 ) -> None:
     """Measure client updates/s, swap time, aggregation time and memory; ratios to baselines."""
     # Imported on use: keeps `fedsim` start-up fast.
@@ -367,8 +382,6 @@ def bench(
         memory_cohort=memory_cohort,
         memory_rounds=memory_rounds,
     )
-    if device != "cpu" and not device.startswith("cuda"):
-        _fail(f"--device {device!r}: use cpu or cuda")
     settings = BenchSettings(
         clients=clients,
         steps=steps,
@@ -381,13 +394,10 @@ def bench(
         memory_clients=_ints("--memory-clients", memory_clients),
         memory_cohort=memory_cohort,
         memory_rounds=memory_rounds,
+        secagg_sizes=_ints("--secagg-sizes", secagg_sizes),
         sections=chosen,
     )
-    if "memory" in chosen and memory_cohort > min(settings.memory_clients):
-        _fail(
-            f"--memory-cohort {memory_cohort}: more than the smallest --memory-clients "
-            f"({min(settings.memory_clients)})"
-        )
+    _check_bench(settings)
     try:
         cfg = load_config(config, list(set_ or []))
         run_bench(cfg, settings, out, list(set_ or []), console)

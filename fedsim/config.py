@@ -24,6 +24,7 @@ from fedsim.data.loaders import CorpusSpec
 from fedsim.data.synthetic import CAPTION_STYLES, SceneSpec
 from fedsim.eval.benchmark import BenchmarkError
 from fedsim.eval.suite import TOY_SUITE, canonical
+from fedsim.privacy.options import PrivacyConfig
 from fedsim.scenarios import preset_path
 
 #: Names of the embedded toy backbones: the shipped reference and the one rebuilt from its recipe.
@@ -164,7 +165,9 @@ class ScenarioConfig:
         power-law sizes within each domain.
     participation:
         ``uniform``: each round samples ``cohort_size`` clients uniformly without replacement;
-        ``size_weighted``: with probability ∝ the client's number of rows (successive draws).
+        ``size_weighted``: with probability ∝ the client's number of rows (successive draws);
+        ``poisson``: each client independently with q = ``cohort_size`` / ``num_clients``
+        (a cohort of ``cohort_size`` on average; what DP's Poisson accounting assumes).
     cohort_size:
         Clients per round (|S_t|), or all online clients when fewer are online.
     availability:
@@ -213,7 +216,7 @@ class ScenarioConfig:
     label: str = "shape"
     dirichlet_alpha: float = 0.3
     quantity_skew: float = 0.0
-    participation: Literal["uniform", "size_weighted"] = "uniform"
+    participation: Literal["uniform", "size_weighted", "poisson"] = "uniform"
     cohort_size: int = 10
     availability: Literal["always", "diurnal"] = "always"
     diurnal_period: int = 24
@@ -640,6 +643,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:
@@ -704,8 +708,10 @@ def load_config(
     # Imported here, not at the top: the algorithms load torch (about 2 s), which the CLI's
     # start-up (`fedsim --help`, `fedsim scenarios list`) must not pay.
     from fedsim.algorithms import build_algorithm
+    from fedsim.privacy.plan import check_privacy
 
-    build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
+    algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params)
+    check_privacy(cfg, type(algorithm))
     return cfg
 
 

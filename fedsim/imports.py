@@ -25,7 +25,8 @@ ENGINE = frozenset(
     f"fedsim.{m}"
     for m in (
         "driver rounds prepare report evaluate actors pool pooled dispatch training "
-        "checkpoint compare sweep bench scenario_stats resources export plots"
+        "checkpoint compare sweep bench scenario_stats resources export plots "
+        "secure_round bench_secagg"
     ).split()
 )
 CLI = frozenset({"fedsim.cli", "fedsim.cli_eval"})
@@ -83,7 +84,11 @@ def imports(name: str, source: str, known: Iterable[str]) -> list[Import]:
 
 
 def _is_package(name: str, source: str) -> bool:
-    return name in PACKAGE_DIRS or name in {"fedsim.data", "fedsim.models"}
+    return name in PACKAGE_DIRS or name in {
+        "fedsim.data",
+        "fedsim.models",
+        "fedsim.privacy",
+    }
 
 
 def _absolute(node: ast.ImportFrom, package: str) -> str:
@@ -124,6 +129,12 @@ def violations(mods: Mapping[str, str]) -> list[str]:
                 out.append(f"{where}: eval/ holds benchmarks and scorers only")
         if _under(i.module, "fedsim.scenarios") and i.target in ENGINE | CLI:
             out.append(f"{where}: scenarios/ never imports the engine")
+        if _under(i.module, "fedsim.privacy") and (
+            _top(i.target) == "ray" or i.target in ENGINE | CLI
+        ):
+            out.append(
+                f"{where}: fedsim/privacy/ is a pure library (no Ray, no engine)"
+            )
     out += [f"import circle: {' -> '.join(c)}" for c in circles(edges, set(mods))]
     return out
 

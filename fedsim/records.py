@@ -42,6 +42,9 @@ class RoundRecord(TypedDict, total=False):
     stragglers: list[int]
     sim_seconds: float
     sim_clock: float
+    epsilon: float | str
+    secagg: dict[str, Any]
+    privacy: dict[str, Any]
     local_steps: dict[str, int]
     train_workers: int
     eval: dict[str, float]
@@ -99,6 +102,19 @@ FIELDS: dict[str, tuple[str, str]] = {
         "simulated round time (slowest client's compute + upload)",
     ),
     "sim_clock": ("federated", "simulated time since the start"),
+    "epsilon": (
+        "`privacy.mechanism`",
+        'ε(δ) of the projectors after this round (`"inf"` when z = 0)',
+    ),
+    "secagg": (
+        "`privacy.secure_aggregation`",
+        "threshold, survivors, clients that left after ShareKeys, failure (or null), "
+        "bytes each client sent (max, mean), server seconds",
+    ),
+    "privacy": (
+        "`privacy.mechanism`",
+        "δ, noise multiplier z, the round's clip C (and the noised clipped fraction)",
+    ),
     "local_steps": ("unequal local steps", "each client's local steps (device tiers)"),
     "train_workers": ("`centralized`", "Ray Train workers"),
     "eval": ("evaluated rounds", "held-out scores (`attr_mean`, `yesno_acc`, …)"),

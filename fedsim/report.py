@@ -133,6 +133,20 @@ def run_title(cfg: Config) -> str:
     return f"{cfg.algorithm.name} on {names} ({cfg.scenario.name} scenario settings)"
 
 
+def privacy_lines(history: list[dict[str, Any]]) -> list[str]:
+    """summary.md's privacy line: ε(δ) after the last round (runs with privacy on)."""
+    last = next((r for r in reversed(history) if "epsilon" in r), None)
+    if last is None:
+        return []
+    p = last["privacy"]
+    clip = f", clip C = {p['clip']:.4g}" if "clip" in p else ""
+    return [
+        f"- client-level DP: ε = {last['epsilon']} at δ = {p['delta']:g} after round "
+        f"{last['round']} (noise multiplier z = {p['noise_multiplier']:.4g}{clip}); it "
+        "covers the projectors, not the logged training losses"
+    ]
+
+
 def summary_md(
     cfg: Config, result: RunResult, wall: float, corpus: dict[str, Any]
 ) -> str:
@@ -147,6 +161,7 @@ def summary_md(
         f"- held-out evaluation: {cfg.data.eval_split} split ({cfg.data.eval_scenes} scenes, "
         f"stream {eval_stream(cfg)})",
         *data_lines(cfg, corpus, result.history),
+        *privacy_lines(result.history),
         "",
         "| metric | untrained (round 0) | final |",
         "|---|---:|---:|",

@@ -53,10 +53,13 @@ from fedsim.prepare import (
     round_lrs,
     train_settings,
 )
+from fedsim.privacy.plan import plan_privacy, record_epsilon
+from fedsim.privacy.secure import plan_secure
 from fedsim.records import RoundRecord
 from fedsim.report import RunResult, corpus_summary, loss_text, write_results
 from fedsim.runio import MetricsLog, RunError, save_weights
 from fedsim.scenarios.participation import RoundPlan, plan_round
+from fedsim.secure_round import SecureRound, close_round, open_round
 from fedsim.state_store import MemoryStore
 from fedsim.training import ClientResult, ClientTask
 
@@ -237,6 +240,8 @@ class Uploads:
     parts: list[PartialSum] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)  # by the workers
     received: int = 0
+    masked: dict[int, Any] = field(default_factory=dict)  # secure aggregation
+    left: list[int] = field(default_factory=list)  # left after ShareKeys
 
     def add(self, out: Any) -> list[ClientResult]:
         """Take one group's output; returns its per-client results."""
@@ -246,6 +251,10 @@ class Uploads:
             if out.partial is not None:
                 self.parts.append(out.partial)
                 self.received += _nbytes(out.partial.weighted)
+            for cid, y in getattr(out, "masked", {}).items():  # secure aggregation
+                self.masked[cid] = y
+                self.received += y.nbytes
+            self.left.extend(getattr(out, "left", []))
         else:
             batch = out
             self.received += sum(
@@ -271,10 +280,15 @@ def _submit(
     start_of: dict[int, Any],
     rest: tuple,
     presum: bool,
+    secure: SecureRound | None = None,
 ) -> Any:
     """Send one cohort to ``worker``; each client's start weights go by reference."""
+    starts = [start_of[t.client_id] for t in group]
+    if secure is not None:
+        ids = [t.client_id for t in group]
+        return worker.train_secure.remote(group, *rest, secure.for_group(ids), *starts)
     call = worker.train_presummed if presum else worker.train
-    return call.remote(group, *rest, *[start_of[t.client_id] for t in group])
+    return call.remote(group, *rest, *starts)
 
 
 @dataclass
@@ -322,10 +336,16 @@ class FederatedRun:
             cfg.validation.on_reject,
             cfg.train.diagnostics,
         )
+        # Client-level DP (fedsim.privacy): z chosen here when privacy.target_epsilon is set.
+        self.privacy = plan_privacy(cfg, type(algorithm))
+        self.secure = plan_secure(cfg, self.privacy)
+        ray.get(self.aggregator.set_privacy.remote(self.privacy, cfg.seed, self.secure))
+        if self.privacy is not None:
+            ctx.console.print(self.privacy.describe(cfg.rounds))
         self.models = PersonalModels(self.w0) if algorithm.personal else SharedModel()
         self.presum = (
             cfg.train.presum and algorithm.presummable and not algorithm.personal
-        )
+        ) or self.secure is not None  # masked uploads come back like partial sums
         self.sizes = np.array([len(s) for s in prep.shards])
         self.participation = participation_spec(cfg)
         self.upload_bytes = sum(v.numel() * 4 for v in self.w0.values())  # fp32 delta
@@ -439,6 +459,13 @@ class FederatedRun:
             info="",
         )
         uploads = Uploads(self.presum)
+        self.secure_round = (
+            None
+            if self.secure is None
+            else open_round(
+                self.aggregator, self.secure, cfg.seed, rnd, planned.plan.cohort
+            )
+        )
 
         def on_result(out: Any) -> None:
             batch = uploads.add(out)
@@ -452,7 +479,13 @@ class FederatedRun:
         try:
             sent = dispatch(
                 pending,
-                partial(_submit, start_of=start_of, rest=rest, presum=self.presum),
+                partial(
+                    _submit,
+                    start_of=start_of,
+                    rest=rest,
+                    presum=self.presum,
+                    secure=self.secure_round,
+                ),
                 self.workers,
                 on_result,
                 depth=IN_FLIGHT,
@@ -483,6 +516,16 @@ class FederatedRun:
     def aggregate(self, rnd: int, trained: Trained) -> dict[str, Any]:
         """The Aggregator's step: W_{t+1} and the algorithm's round metrics."""
         up = trained.uploads
+        if self.secure_round is not None:
+            self.weights, agg = close_round(
+                self.aggregator,
+                self.secure_round,
+                trained.weights_ref,
+                up.masked,
+                up.rejected,
+                up.left,
+            )
+            return agg
         if self.presum:
             call = self.aggregator.aggregate_partials.remote(
                 trained.weights_ref, up.parts, up.rejected, rnd
@@ -519,7 +562,14 @@ class FederatedRun:
             sum(u.loss * u.num_samples for u in updates) / samples if samples else None
         )
         self.sim_clock += plan.sim_seconds
-        shown = ("update_norm", "rejected", "action", "diagnostics")
+        shown = (
+            "update_norm",
+            "rejected",
+            "action",
+            "diagnostics",
+            "privacy",
+            "secagg",
+        )
         record: RoundRecord = {
             "round": rnd,
             "clients": plan.cohort,
@@ -530,14 +580,19 @@ class FederatedRun:
             "update_norm": agg.get("update_norm"),
             "rejected": agg.get("rejected", []),
             "algorithm": {k: v for k, v in agg.items() if k not in shown},
-            **{k: agg[k] for k in ("action", "diagnostics") if k in agg},
+            **{k: agg[k] for k in ("action", "diagnostics", "secagg") if k in agg},
+            **self._privacy_fields(rnd, agg),
             "client_seconds_max": max((r.seconds for r in up.results), default=0.0),
             "cohorts": trained.groups,
             "retries": trained.sent.retries,
             **({"workers_lost": trained.sent.lost} if trained.sent.lost else {}),
             "predicted_tokens": {str(t.client_id): t.cost for t in planned.tasks},
             "upload_mib": round(up.received / 2**20, 6),
-            **({"presummed_groups": len(up.parts)} if self.presum else {}),
+            **(
+                {"presummed_groups": len(up.parts)}
+                if self.presum and self.secure is None
+                else {}
+            ),
             "bad_images": sum(r.bad_images for r in up.results),
             **(
                 {"corpus": corpus_summary(self.ctx.prep.train_path)} if rnd == 1 else {}
@@ -553,6 +608,20 @@ class FederatedRun:
         if any(n != self.cfg.train.local_steps for n in plan.steps.values()):
             record["local_steps"] = {str(c): n for c, n in plan.steps.items()}
         return record
+
+    def _privacy_fields(self, rnd: int, agg: dict[str, Any]) -> dict[str, Any]:
+        """ε(δ) after this round and the round's published privacy values (DP on only)."""
+        if self.privacy is None:
+            return {}
+        info = {
+            "delta": self.privacy.delta,
+            "noise_multiplier": self.privacy.noise_multiplier,
+            **agg.get("privacy", {}),
+        }
+        return {
+            "epsilon": record_epsilon(self.privacy.epsilon_after(rnd)),
+            "privacy": info,
+        }
 
     def evaluate(self, rnd: int, record: RoundRecord) -> None:
         """On the run's schedule as the algorithm keeps it: the global projector, or every
@@ -612,6 +681,12 @@ class FederatedRun:
     def stop_on_rejects(self, rnd: int, record: RoundRecord) -> None:
         """``validation.on_reject: fail``: a rejected update stops the run after its round."""
         rejected = record["rejected"]
+        failed = record.get("secagg", {}).get("failed")
+        if failed and self.cfg.validation.on_reject == "fail":
+            raise RunError(
+                f"round {rnd}: {failed}; validation.on_reject is fail — rounds 1–{rnd} "
+                f"are in {self.ctx.out_dir / 'metrics.jsonl'}"
+            )
         if not rejected or self.cfg.validation.on_reject != "fail":
             return
         raise RunError(

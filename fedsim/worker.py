@@ -96,6 +96,35 @@ class BackboneWorker:
         results = self.train(tasks, payload, algorithm, params, settings, *starts)
         return presum(results, starts[0], settings.max_update_norm)
 
+    def train_secure(
+        self,
+        tasks: list[ClientTask],
+        payload: Mapping[str, torch.Tensor],
+        algorithm: str,
+        params: Mapping[str, Any],
+        settings: TrainSettings,
+        secure: Any,
+        *starts: Mapping[str, torch.Tensor],
+    ) -> Any:
+        """Train a cohort and send back each client's masked vector instead of its Δ.
+
+        ``secure`` is (plan, seed, round, each client's protocol state): the worker plays the
+        clients' devices (:func:`fedsim.privacy.secure.mask_group`).
+        """
+        from fedsim.privacy.secure import mask_group
+
+        plan, seed, server_round, clients = secure
+        results = self.train(tasks, payload, algorithm, params, settings, *starts)
+        return mask_group(
+            results,
+            clients,
+            starts[0],
+            plan,
+            seed,
+            server_round,
+            settings.max_update_norm,
+        )
+
 
 @dataclass(frozen=True)
 class CohortUpload:

@@ -49,6 +49,18 @@ def size_weighted_cohort(
     )
 
 
+def poisson_cohort(
+    candidates: np.ndarray, rate: float, seed: int, server_round: int
+) -> list[int]:
+    """Each candidate joins independently with probability ``rate`` (Poisson sampling, the
+    model client-level DP's amplification results assume); the cohort's size varies."""
+    if not 0.0 < rate <= 1.0:
+        raise ValueError(f"scenario.cohort_size: sampling rate {rate} is not in (0, 1]")
+    rng = np.random.default_rng([seed, COHORT_STREAM, server_round])
+    draws = rng.random(len(candidates))
+    return sorted(int(c) for c, u in zip(candidates, draws) if u < rate)
+
+
 AVAILABILITY_STREAM = 7005  # generator purpose id: per-client availability phase
 DROPOUT_STREAM = 7006  # generator purpose id: per-round dropout
 TIER_STREAM = 7007  # generator purpose id: device tier assignment
@@ -106,7 +118,7 @@ class ParticipationSpec:
     """The scenario's participation model: the fields of ``scenario`` in the run config that
     share its names (:meth:`of` copies them)."""
 
-    participation: str = "uniform"  # uniform | size_weighted
+    participation: str = "uniform"  # uniform | size_weighted | poisson
     cohort_size: int = 10
     availability: str = "always"  # always | diurnal
     diurnal_period: int = 24
@@ -171,8 +183,13 @@ def plan_round(
     else:
         online = np.arange(num_clients)
     k = min(spec.cohort_size, len(online))
-    if k == 0:
-        sampled: list[int] = []
+    if spec.participation == "poisson":
+        q = (
+            spec.cohort_size / num_clients
+        )  # expected cohort: cohort_size × online share
+        sampled = poisson_cohort(online, q, seed, server_round)
+    elif k == 0:
+        sampled = []
     elif len(online) == num_clients:
         sampled = (
             size_weighted_cohort(sizes, k, seed, server_round)

@@ -41,6 +41,8 @@ def test_the_sources_keep_every_rule(mods):
         ("fedsim.eval.toy", "from fedsim.algorithms.base import add", "eval/"),
         ("fedsim.eval.suite", "import fedsim.rounds", "eval/"),
         ("fedsim.scenarios.silos", "from fedsim import driver", "scenarios/"),
+        ("fedsim.privacy.dp", "import ray", "privacy/"),
+        ("fedsim.privacy.secagg", "from fedsim.rounds import cohorts", "privacy/"),
         # A circle through an in-function import: config is imported by the engine.
         ("fedsim.config", "def f():\n    from fedsim.rounds import cohorts", "circle"),
     ],

@@ -206,3 +206,13 @@ def test_run_diagnostics_and_round_seconds_are_means_and_sums_of_the_records(tmp
     # A pooled run (no diagnostics): nothing to summarise.
     plain = _metrics(tmp_path / "b", [{"round": 1, "wall_seconds": 1.0, "loss": 2.0}])
     assert run_diagnostics(plain) == {} and rounds_seconds(plain) == 1.0
+
+
+def test_every_shipped_sweep_spec_loads():
+    """The specs the docs cite (sweeps/**/*.yaml) parse, with their presets and grids."""
+    root = Path(__file__).resolve().parents[1] / "sweeps"
+    specs = sorted(root.rglob("*.yaml"))
+    assert len(specs) >= 5
+    for path in specs:
+        spec = load_spec(path)
+        assert spec.entries and all(e.points(spec.budget) for e in spec.entries), path

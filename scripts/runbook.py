@@ -336,12 +336,33 @@ def table_memory(c: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def measured_pass_seconds(c: dict[str, Any], examples: int) -> float | None:
+    """One pass of ``examples`` from the layers timed on the H200 (the gpu check's
+    ``roofline`` part), or None before that file exists: 32 LM layers and 24 vision layers
+    at their measured seconds per example, the rest (patch embedding, projector, head) at the
+    matrix rate, plus the per-pass floor."""
+    g = c.get("gpu_check") or {}
+    roof = g.get("parts", {}).get("roofline", {})
+    lay = roof.get("layers")
+    if roof.get("status") != "ok" or not lay or lay.get("shape") != "llava-1.5-7b":
+        return None
+    a = c["arch"]
+    assert lay["lm_tokens"] == a["tokens"]["lm"], "timed at another text length"
+    nv, nl = a["layers"]["vision"], a["layers"]["lm"]
+    f = a["flops"]
+    per_example = (
+        nl * lay["lm_layer"]["seconds"] + nv * lay["vision_layer"]["seconds"]
+    ) / lay["batch"]
+    rest = f["vision_embeddings"] + f["projector_fwd_bwd"] + f["lm_head_fwd_bwd"]
+    return examples * (per_example + rest / c["rate"]) + c["step_floor"]
+
+
 def table_round(c: dict[str, Any]) -> str:
     rows = [
         "| preset | clients (a round) | examples a round | passes a round "
-        "| s per round, 1 GPU | 8 GPUs | s per evaluation | run: rounds, evaluations "
-        "| run on 8 GPUs |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| s per round, 1 GPU | with the timed layers | 8 GPUs | s per evaluation "
+        "| run: rounds, evaluations | run on 8 GPUs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     n = c["cohort_batch_fit"]
     for name, d in c["presets"].items():
@@ -355,10 +376,12 @@ def table_round(c: dict[str, Any]) -> str:
         evals = d["rounds"] // d["eval_every"] + (1 if d["at_start"] else 0)
         ev = c["eval_seconds"][name]
         run = d["rounds"] * eight + evals * ev
+        timed = measured_pass_seconds(c, n * d["batch"])
+        timed_s = "not yet measured" if timed is None else _g(passes * timed + c["agg"])
         rows.append(
             f"| {name} | {d['clients']} ({clients}) | {clients} × {d['local_steps']} × "
             f"{d['batch']} = {ex:,} | {groups} × {d['local_steps']} = {passes} "
-            f"| {_g(one)} | {_g(eight)} | {_g(ev)} | {d['rounds']}, {evals} "
+            f"| {_g(one)} | {timed_s} | {_g(eight)} | {_g(ev)} | {d['rounds']}, {evals} "
             f"| {_g(run / 60)} min |"
         )
     return "\n".join(rows) + "\n"

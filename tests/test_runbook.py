@@ -63,3 +63,38 @@ def test_the_architecture_is_llava_1_5_7b(numbers):
     T = a["tokens"]["lm"]
     expected = 2 * T * (4 * 4096**2 + 3 * 4096 * 11008) + 4 * T * T * 4096
     assert a["flops"]["lm_layer_fwd"] == expected
+
+
+def test_the_timed_layers_replace_the_rate_when_the_gpu_check_has_run(runbook, numbers):
+    """The gpu check's roofline part (scripts/gpu_check.sh) fills the 'timed layers' column:
+    32 LM layers + 24 vision layers at their measured seconds per example, the rest at the
+    rate, plus the per-pass floor. Hand arithmetic on round figures."""
+    a = numbers["arch"]
+    c = {
+        **numbers,
+        "rate": 1e15,  # 1 PFLOP/s
+        "step_floor": 0.01,
+        "gpu_check": {
+            "parts": {
+                "roofline": {
+                    "status": "ok",
+                    "layers": {
+                        "shape": "llava-1.5-7b",
+                        "batch": 16,
+                        "lm_tokens": a["tokens"]["lm"],
+                        "lm_layer": {"seconds": 0.016},
+                        "vision_layer": {"seconds": 0.0016},
+                    },
+                }
+            }
+        },
+    }
+    f = a["flops"]
+    rest = f["vision_embeddings"] + f["projector_fwd_bwd"] + f["lm_head_fwd_bwd"]
+    # per example: (32 × 0.016 + 24 × 0.0016) / 16 = 0.0344 s
+    expected = 16 * (0.0344 + rest / 1e15) + 0.01
+    # The same few double operations in another order: a few ulps (~1e-16) apart at most.
+    assert runbook.measured_pass_seconds(c, 16) == pytest.approx(expected, rel=1e-12)
+    # A CPU-fallback file (narrow layers) or a failed part leaves the column unfilled.
+    c["gpu_check"]["parts"]["roofline"]["layers"]["shape"] = "narrow (CPU fallback)"
+    assert runbook.measured_pass_seconds(c, 16) is None

@@ -99,3 +99,14 @@ def test_a_part_that_fails_or_overruns_is_recorded_with_its_reason(tmp_path):
     )
     assert ok["status"] == "ok" and ok["gpu"] == "x"
     assert (tmp_path / "a.log").read_text().strip().endswith("vllm is missing here")
+
+
+def test_the_documented_parts_and_caps_are_the_scripts():
+    import re
+
+    from fedsim.gpu_check import CAPS
+
+    page = (ROOT / "docs" / "benchmarks" / "index.md").read_text()
+    rows = re.findall(r"^\| `([a-z]+)` \| .* \| (\d+) s \|$", page, re.M)
+    assert {name: int(cap) for name, cap in rows} == CAPS
+    assert list(CAPS) == list(PARTS)

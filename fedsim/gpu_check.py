@@ -52,7 +52,7 @@ NEEDS = {
     "roofline": ("torch", "transformers"),
     "cohort": ("torch", "transformers", "datasets", "safetensors", "typer"),
     "aggregation": ("torch", "rich"),
-    "vllm": ("torch", "transformers", "datasets", "vllm"),
+    "vllm": ("torch", "transformers", "datasets", "fedsim", "vllm"),
 }
 # LLaVA-1.5-7B: Vicuna-7B v1.5 (Llama) and CLIP ViT-L/14-336 (577 tokens: 576 patches + CLS).
 VICUNA_7B: dict[str, Any] = dict(
@@ -71,9 +71,13 @@ CLIP_L_336: dict[str, Any] = dict(
     patch_size=14,
 )
 
-NARROW_LM: dict[str, Any] = dict(hidden_size=256, intermediate_size=688, num_attention_heads=4)
+NARROW_LM: dict[str, Any] = dict(
+    hidden_size=256, intermediate_size=688, num_attention_heads=4
+)
 NARROW_LM["num_key_value_heads"] = 4
-NARROW_VISION: dict[str, Any] = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4)
+NARROW_VISION: dict[str, Any] = dict(
+    hidden_size=64, intermediate_size=256, num_attention_heads=4
+)
 
 
 class CheckError(Exception):
@@ -617,15 +621,19 @@ def _hf_half(args: argparse.Namespace, limit: int | None) -> dict[str, Any]:
 def _vllm_vs_hf(args: argparse.Namespace) -> dict[str, Any]:
     from fedsim.eval.generation import HFBackend, VLLMBackend
     from fedsim.export import write_checkpoint
-    from fedsim.models.backbone import init_projector, set_projector_
+    from fedsim.models.backbone import init_projector, load_backbone, set_projector_
+    from fedsim.models.toy_reference import reference_toy_backbone
 
     _, bb, questions, _ = _toy(args)
     hf = HFBackend(bb, 64)
     _answers(hf, bb, {b: q[:4] for b, q in questions.items()})  # warm-up
     hf_a, hf_s = _answers(hf, bb, questions)
+    # Exported from a CPU copy of the same shipped weights (what VLLMEvaluator does too).
+    cpu = load_backbone(reference_toy_backbone(), device="cpu")
     ckpt = write_checkpoint(
-        bb, args.part_out.parent / "toy-ckpt", {"purpose": "gpu check"}
+        cpu, args.part_out.parent / "toy-ckpt", {"purpose": "gpu check"}
     )
+    del cpu
     t0 = time.perf_counter()
     engine = VLLMBackend(
         str(ckpt),

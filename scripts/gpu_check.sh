@@ -12,7 +12,7 @@
 #   bash scripts/gpu_check.sh --fetch-wheels  # here, with network: wheels for a bare GPU image
 #
 # Set-up (skipped by --dry-run and --python): a venv, .venv-gpu, over the machine's own Python
-# (--system-site-packages: its CUDA torch, transformers, safetensors, pyarrow, typer, rich), the
+# (a .pth names its site-packages: its CUDA torch, transformers, safetensors, pyarrow, rich), the
 # wheels in .whl/ if any (the device image lacks datasets, dill and multiprocess: --fetch-wheels
 # downloads them here for Python 3.12, and the folder travels with the working tree), and fedsim
 # itself (editable, no dependencies, no index). vLLM pins its own CUDA torch and transformers:
@@ -64,14 +64,22 @@ elif [ "$DRY" = 1 ]; then
   for c in "$VENV/bin/python" .venv/bin/python "$BASE"; do
     if command -v "$c" >/dev/null; then PY=$c; break; fi
   done
-  [ -x "$VENV/bin/python" ] || echo "[gpu-check] set-up (not run): $BASE -m venv --system-site-packages $VENV; wheels from .whl/; pip install --no-deps -e ."
+  [ -x "$VENV/bin/python" ] || echo "[gpu-check] set-up (not run): $BASE -m venv $VENV over $BASE's site-packages; wheels from .whl/; pip install --no-deps -e ."
 else
   command -v "$BASE" >/dev/null || { echo "error: $BASE: no Python to build $VENV from" >&2; exit 2; }
   if [ ! -x "$VENV/bin/python" ]; then
     echo "[gpu-check] creating $VENV over $BASE's packages"
-    "$BASE" -m venv --system-site-packages "$VENV" || { echo "error: could not create $VENV" >&2; exit 2; }
+    "$BASE" -m venv --without-pip "$VENV" || { echo "error: could not create $VENV" >&2; exit 2; }
+    # $BASE may itself be a venv (the GPU image's python3 is /opt/torch/.venv): a venv made
+    # from it would see the base installation's packages, not its own. A .pth file names
+    # $BASE's site-packages folders, whatever kind of interpreter it is.
+    SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    # (addsitedir: their own .pth files are read too)
+    "$BASE" -c "import site; print(''.join(f'import site; site.addsitedir({p!r})\n' for p in site.getsitepackages()))" > "$SITE/zz-gpu-check-base.pth" \
+      || { echo "error: $BASE does not list its site-packages" >&2; exit 2; }
   fi
-  PIP=("$VENV/bin/python" -m pip install -q --no-index --no-deps --disable-pip-version-check)
+  # $BASE's pip, installing into the venv (pip >= 22.3); no index: nothing is downloaded.
+  PIP=("$BASE" -m pip --python "$VENV/bin/python" install -q --no-index --no-deps --disable-pip-version-check)
   if compgen -G ".whl/*.whl" >/dev/null; then
     "${PIP[@]}" .whl/*.whl || { echo "error: the wheels in .whl/ did not install" >&2; exit 2; }
   fi

@@ -453,9 +453,18 @@ def table_inputs(c: dict[str, Any]) -> str:
             "(`fedsim bench` with the LLaVA-1.5-shaped skeleton) |"
         )
     else:
+        pl = c["skeleton"]["real_shape"]["per_layer"]
+        ex = pl["extrapolated_to_llava_1_5_7b"]
+        sk = pl["skeleton_layers"]
         rows.append(
-            "| the skeleton's measured FLOPs and bytes per layer (CPU) "
-            "| present, not yet read by this page | `docs/bench/cpu-2core-llava-shape.json` |"
+            "| the skeleton's local step, counted in a real step on CPU "
+            f"({sk['lm']} LM and {sk['vision']} vision layers, {pl['sequence_tokens']} "
+            f"tokens, fused attention) and extrapolated to {ex['lm_layers']} + "
+            f"{ex['vision_layers']} layers: FLOPs; activations saved per example "
+            f"| {_g(ex['flops_per_local_step'] / 1e12)} TFLOP; "
+            f"{_g(ex['saved_activation_bytes_per_local_step'] / 1e9)} GB "
+            "| `docs/bench/cpu-2core-llava-shape.json` (a cross-check of the counts "
+            "below: other text length, attention that saves no probabilities) |"
         )
     return "\n".join(rows) + "\n"
 

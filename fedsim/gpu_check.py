@@ -150,7 +150,7 @@ def plan(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             # On the CPU the imports alone can take a minute on a busy machine.
             "cap_s": CAPS[name] * (1 if args.device == "cuda" else CPU_CAP_FACTOR),
             "python": py,
-            "command": part_command(name, args, args.out.parent / f".{name}.json"),
+            "command": part_command(name, args, args.work_dir / f"{name}.json"),
             "would_skip": "; ".join(blocked) or None,
         }
     return out
@@ -183,7 +183,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=sys.executable,
         help="Interpreter with vLLM and fedsim.",
     )
-    ap.add_argument("--cache-dir", type=Path, default=None, help="Data cache folder.")
+    ap.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="Parts' files, logs and data cache (default: gpu-check-work/ beside --out).",
+    )
+    ap.add_argument("--cache-dir", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--part-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -210,8 +216,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             raise CheckError(f"--vllm-python {args.vllm_python!r}: no such interpreter")
         if not AGG_SCRIPT.is_file():
             raise CheckError(f"{AGG_SCRIPT}: missing (the aggregation part runs it)")
+    if args.work_dir is None:
+        args.work_dir = args.out.parent / "gpu-check-work"
     if args.cache_dir is None:
-        args.cache_dir = args.out.parent / "cache"
+        args.cache_dir = args.work_dir / "cache"
     return args
 
 
@@ -230,6 +238,7 @@ def run_parts(args: argparse.Namespace, record: dict[str, Any]) -> None:
     """Each planned part in its own process, capped; the JSON rewritten after each."""
     start = time.monotonic()
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
     for name, p in record["plan"].items():
         left = args.budget - (time.monotonic() - start)
         cap = min(p["cap_s"], left)
@@ -239,7 +248,7 @@ def run_parts(args: argparse.Namespace, record: dict[str, Any]) -> None:
             record["parts"][name] = {"status": "skipped", "reason": "budget spent"}
         else:
             print(f"[gpu-check] {name} (cap {cap:.0f} s)", flush=True)
-            record["parts"][name] = run_one(p["command"], cap, args.out.parent, name)
+            record["parts"][name] = run_one(p["command"], cap, args.work_dir, name)
         print(f"[gpu-check] {name}: {record['parts'][name]['status']}", flush=True)
         _write(args.out, record)
 
@@ -265,14 +274,16 @@ def run_one(cmd: list[str], cap: float, folder: Path, name: str) -> dict[str, An
     result: dict[str, Any] = {}
     if part_out.is_file():
         result = json.loads(part_out.read_text())
+    lines = [x for x in log.read_text().splitlines() if x.strip()]
     if rc is None:
         result.update(status="timeout", cap_s=cap)
     elif rc != 0:
-        lines = [x for x in log.read_text().splitlines() if x.strip()]
         result.update(status="failed", error=lines[-1] if lines else f"exit {rc}")
+    if rc != 0:  # the log's end travels in the one JSON (the logs may not come back)
+        result["log_tail"] = lines[-20:]
     result.setdefault("status", "ok")
     result["seconds"] = seconds
-    result["log"] = log.name
+    result["log"] = str(log)
     return result
 
 

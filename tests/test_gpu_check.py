@@ -32,6 +32,9 @@ def test_dry_run_passes_without_a_gpu_and_names_what_it_would_skip(tmp_path):
     assert record["parts"] == {}  # no workload ran
     # Only the plan's JSON is written: no part's folder, log or data cache.
     assert sorted(p.name for p in out.parent.iterdir()) == ["gpu-check.json"]
+    assert record["plan"]["vllm"]["command"][6] == str(
+        out.parent / "gpu-check-work" / "vllm.json"
+    )
     assert Path(record["files"]["toy_backbone"]).is_dir()
     for name, p in record["plan"].items():
         assert p["command"][1:4] == ["-m", "fedsim.gpu_check", "--part"]
@@ -90,6 +93,7 @@ def test_a_part_that_fails_or_overruns_is_recorded_with_its_reason(tmp_path):
     assert failed["status"] == "failed" and failed["error"] == "vllm is missing here"
     slow = run_one(cmd("import time; time.sleep(60)"), 1, tmp_path, "b")
     assert slow["status"] == "timeout" and slow["cap_s"] == 1
+    assert failed["log_tail"][-1] == "vllm is missing here"
     assert slow["seconds"] < 30  # stopped at the cap, not after the minute
     ok = run_one(
         cmd("import json, sys; open(sys.argv[2], 'w').write(json.dumps({'gpu': 'x'}))"),

@@ -19,7 +19,8 @@
 # it never enters .venv (the CPU set-up) nor .venv-gpu; give the check an interpreter that has
 # vLLM 0.33 and fedsim with --vllm-python PY. Without one the vllm part is skipped with one line.
 # A part that lacks a module or a GPU is skipped with the reason in the JSON; the others run.
-# Every other flag goes to `python -m fedsim.gpu_check` (--parts, --out, --budget, --device).
+# Every other flag goes to `python -m fedsim.gpu_check` (--parts, --out, --work-dir, --budget,
+# --device, --vllm-python; --python PY skips the set-up and uses PY).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv-gpu}
@@ -36,7 +37,7 @@ while [ $# -gt 0 ]; do
     --python=*) PY=${1#--python=}; shift ;;
     --dry-run) DRY=1; PASS+=("$1"); shift ;;
     --fetch-wheels) FETCH=1; shift ;;
-    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) PASS+=("$1"); shift ;;
   esac
 done

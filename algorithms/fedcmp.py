@@ -49,7 +49,6 @@ from typing import Literal
 import torch
 
 from fedsim.algorithms.base import (
-    BLOCK,
     AggregateResult,
     ClientUpdate,
     LocalTraining,
@@ -146,16 +145,20 @@ def top_eigenvectors(
     return Basis(vecs.contiguous(), vals.clamp_min(0.0), total, spectrum)
 
 
+#: Elements per block of :func:`sum_squares` (an 8 MiB float64 copy at a time).
+_SQ_BLOCK = 1 << 20
+
+
 def sum_squares(t: Tensor) -> float:
-    """‖T‖²_F accumulated in float64 block by block (:data:`BLOCK` elements, blocks in order).
+    """‖T‖²_F accumulated in float64 block by block (2²⁰ elements, blocks in order).
 
     A float64 copy of the whole tensor is never made (``t.to(float64).pow(2).sum()`` writes
     two); the summation order differs from that expression's, so the last bits may too.
     """
     flat = t.reshape(-1)
     total = 0.0
-    for start in range(0, flat.numel(), BLOCK):
-        block = flat[start : start + BLOCK].to(torch.float64)
+    for start in range(0, flat.numel(), _SQ_BLOCK):
+        block = flat[start : start + _SQ_BLOCK].to(torch.float64)
         total += float(torch.dot(block, block))
     return total
 

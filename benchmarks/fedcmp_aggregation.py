@@ -43,25 +43,12 @@ def _peak_mb() -> float:
 def worker(algorithm: str, clients: int, rank: int, threads: int) -> dict:
     import torch
 
-    from fedsim.algorithms import ClientUpdate, build_algorithm
+    from fedsim.algorithms import build_algorithm
+    from fedsim.bench_aggregation import make_deltas
 
     torch.set_num_threads(threads)
-    g = torch.Generator().manual_seed(0)
-    weights = {k: torch.zeros(s) for k, s in SHAPES.items()}
-    shared = {
-        k: torch.randn(s[0], 16, generator=g)
-        @ torch.randn(16, s[1], generator=g)
-        * 1e-3
-        for k, s in SHAPES.items()
-        if len(s) == 2
-    }
-    updates = []
-    for cid in range(clients):
-        delta = {}
-        for k, s in SHAPES.items():
-            noise = torch.randn(s, generator=g) * 1e-4
-            delta[k] = shared[k] + noise if k in shared else noise
-        updates.append(ClientUpdate(cid, delta, 100 + cid, 0.0, 1))
+    # W_t = 0; a shared rank-16 part plus noise per client (the bench section's data).
+    weights, updates = make_deltas(SHAPES, clients, 0)
     base_rss = _rss_mb()
     params = {"rank": rank} if algorithm.startswith("fedcmp") else {}
     algo = build_algorithm(algorithm, params)

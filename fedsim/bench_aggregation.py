@@ -80,7 +80,7 @@ def bandwidth(repeats: int) -> dict[str, float]:
     }
 
 
-def _deltas(
+def make_deltas(
     shapes: Mapping[str, tuple[int, ...]], clients: int, seed: int
 ) -> tuple[dict[str, torch.Tensor], list[ClientUpdate]]:
     """W_t = 0 and ``clients`` updates: a shared rank-16 part (scale 1e-3) plus noise (1e-4)."""
@@ -140,7 +140,7 @@ def one_size(
     """Bandwidth, bound and every timing at one projector size."""
     bw = bandwidth(repeats)
     gc.collect()
-    weights, updates = _deltas(shapes, clients, 0)
+    weights, updates = make_deltas(shapes, clients, 0)
     params = sum(math.prod(s) for s in shapes.values())
     # FedAvg must read K deltas and W_t, and write W_{t+1}: (K + 2) · P · 4 bytes.
     must_move = (clients + 2) * params * 4
@@ -244,7 +244,7 @@ def sketch_accuracy(
     shape: tuple[int, int], clients: int, rank: int, signal: int = 16
 ) -> dict[str, float]:
     """The sketched bases of one matrix against the exact float64 decomposition."""
-    weights, updates = _deltas({"w": shape}, clients, 1)
+    weights, updates = make_deltas({"w": shape}, clients, 1)
     deltas = [u.delta["w"] for u in updates]
     total = sum(u.num_samples for u in updates)
     p = [u.num_samples / total for u in updates]

@@ -48,28 +48,15 @@ def worker(
 ) -> dict:
     import torch
 
-    from fedsim.algorithms import ClientUpdate, build_algorithm
+    from fedsim.algorithms import build_algorithm
+    from fedsim.bench_aggregation import make_deltas
 
     torch.set_num_threads(threads)
     gpu = device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
         raise SystemExit(f"--device {device}: torch sees no CUDA device")
-    g = torch.Generator(device).manual_seed(0)
-    weights = {k: torch.zeros(s, device=device) for k, s in SHAPES.items()}
-    shared = {
-        k: torch.randn(s[0], 16, generator=g, device=device)
-        @ torch.randn(16, s[1], generator=g, device=device)
-        * 1e-3
-        for k, s in SHAPES.items()
-        if len(s) == 2
-    }
-    updates = []
-    for cid in range(clients):
-        delta = {}
-        for k, s in SHAPES.items():
-            noise = torch.randn(s, generator=g, device=device) * 1e-4
-            delta[k] = shared[k] + noise if k in shared else noise
-        updates.append(ClientUpdate(cid, delta, 100 + cid, 0.0, 1))
+    # W_t = 0; a shared rank-16 part plus noise per client (the bench section's data).
+    weights, updates = make_deltas(SHAPES, clients, 0, device=device)
     base_rss = _rss_mb()
     if gpu:  # the GPU's own peak: what the deltas and the server half allocate there
         torch.cuda.synchronize()

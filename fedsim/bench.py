@@ -15,6 +15,9 @@ Sections (each a table; all numbers in ``bench.json``):
   resident memory of every fedsim process and the ratio to the smallest count.
 - **secagg** — a securely aggregated round's bytes per client and client/server seconds
   against the cohort size, at the projector's size (:mod:`fedsim.bench_secagg`).
+- **aggregation-limit** — FedAvg against the memory-bandwidth bound measured in the same run,
+  Fed-CMP's ratio to FedAvg and its sketch's accuracy, at the toy's and at LLaVA-1.5-7B's
+  projector size (:mod:`fedsim.bench_aggregation`).
 
 Timings are medians of ``repeats`` measurements after a warm-up; wall-clock numbers are never
 asserted in tests, only reported here.
@@ -65,6 +68,9 @@ class BenchSettings:
     memory_cohort: int = 10
     memory_rounds: int = 3
     secagg_sizes: tuple[int, ...] = (5, 10, 20, 40)
+    agg_limit_clients: int = 50
+    agg_limit_sizes: tuple[str, ...] = ("toy", "7b")
+    agg_limit_power: bool = False
     sections: tuple[str, ...] = ("training", "aggregation", "memory")
 
 
@@ -76,9 +82,10 @@ class BenchResult:
     aggregation: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
     secagg: dict[str, Any] = field(default_factory=dict)
+    aggregation_limit: dict[str, Any] = field(default_factory=dict)
 
 
-SECTIONS = ("training", "aggregation", "memory", "secagg")
+SECTIONS = ("training", "aggregation", "memory", "secagg", "aggregation-limit")
 
 
 def _median_seconds(
@@ -409,6 +416,23 @@ def run_bench(
         dim = sum(v.numel() for v in _projector(cfg).values())
         result.secagg = bench_secagg(dim, s.secagg_sizes, s.repeats)
         console.print(secagg_table(result.secagg))
+    if "aggregation-limit" in s.sections:
+        from fedsim.bench_aggregation import (
+            aggregation_limit_table,
+            bench_aggregation_limit,
+        )
+
+        toy = {k: tuple(v.shape) for k, v in _projector(cfg).items()}
+        result.aggregation_limit = bench_aggregation_limit(
+            toy,
+            s.agg_limit_clients,
+            256,
+            s.repeats,
+            s.threads,
+            s.agg_limit_sizes,
+            s.agg_limit_power,
+        )
+        console.print(aggregation_limit_table(result.aggregation_limit))
     tmp = out / "bench.json.tmp"
     tmp.write_text(json.dumps(asdict(result), indent=2))
     tmp.replace(out / "bench.json")

@@ -305,6 +305,14 @@ def _bench_sections(text: str) -> tuple[str, ...]:
     return chosen
 
 
+def _agg_limit_sizes(text: str) -> tuple[str, ...]:
+    """``--agg-limit-sizes``: some of toy, 7b."""
+    chosen = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not chosen or any(x not in ("toy", "7b") for x in chosen):
+        _fail(f"--agg-limit-sizes {text!r}: use toy, 7b or toy,7b")
+    return chosen
+
+
 def _check_positive(**flags: int) -> None:
     """Each flag (``memory_cohort`` is ``--memory-cohort``) at least 1, checked in order."""
     for name, value in flags.items():
@@ -338,7 +346,10 @@ def bench(
     ] = Path("runs/bench"),
     sections: Annotated[
         str,
-        typer.Option(help="Comma-separated: training, aggregation, memory, secagg."),
+        typer.Option(
+            help="Comma-separated: training, aggregation, memory, secagg, "
+            "aggregation-limit."
+        ),
     ] = "training,aggregation,memory",
     clients: Annotated[
         int, typer.Option(help="Training: clients in the workload (one cohort).")
@@ -365,6 +376,18 @@ def bench(
     secagg_sizes: Annotated[
         str, typer.Option(help="Secure aggregation: comma-separated cohort sizes.")
     ] = "5,10,20,40",
+    agg_limit_clients: Annotated[
+        int, typer.Option(help="Aggregation limit: client deltas per round.")
+    ] = 50,
+    agg_limit_sizes: Annotated[
+        str, typer.Option(help="Aggregation limit: toy, 7b or toy,7b.")
+    ] = "toy,7b",
+    agg_limit_power: Annotated[
+        bool,
+        typer.Option(
+            help="Aggregation limit: also time Fed-CMP's default basis at 7b."
+        ),
+    ] = False,
 ) -> None:
     """Measure client updates/s, swap time, aggregation time and memory; ratios to baselines."""
     # Imported on use: keeps `fedsim` start-up fast.
@@ -381,6 +404,7 @@ def bench(
         threads=threads,
         memory_cohort=memory_cohort,
         memory_rounds=memory_rounds,
+        agg_limit_clients=agg_limit_clients,
     )
     settings = BenchSettings(
         clients=clients,
@@ -395,6 +419,9 @@ def bench(
         memory_cohort=memory_cohort,
         memory_rounds=memory_rounds,
         secagg_sizes=_ints("--secagg-sizes", secagg_sizes),
+        agg_limit_clients=agg_limit_clients,
+        agg_limit_sizes=_agg_limit_sizes(agg_limit_sizes),
+        agg_limit_power=agg_limit_power,
         sections=chosen,
     )
     _check_bench(settings)

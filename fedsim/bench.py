@@ -15,6 +15,8 @@ Sections (each a table; all numbers in ``bench.json``):
   resident memory of every fedsim process and the ratio to the smallest count.
 - **secagg** — a securely aggregated round's bytes per client and client/server seconds
   against the cohort size, at the projector's size (:mod:`fedsim.bench_secagg`).
+- **real-shape** — resident vs fresh-per-task, swap share, memory per worker, cohort gain and
+  per-layer FLOPs/bytes on the LLaVA-1.5-7B-shaped skeleton (:mod:`fedsim.bench_real`).
 
 Timings are medians of ``repeats`` measurements after a warm-up; wall-clock numbers are never
 asserted in tests, only reported here.
@@ -76,9 +78,10 @@ class BenchResult:
     aggregation: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
     secagg: dict[str, Any] = field(default_factory=dict)
+    real_shape: dict[str, Any] = field(default_factory=dict)
 
 
-SECTIONS = ("training", "aggregation", "memory", "secagg")
+SECTIONS = ("training", "aggregation", "memory", "secagg", "real-shape")
 
 
 def _median_seconds(
@@ -409,6 +412,13 @@ def run_bench(
         dim = sum(v.numel() for v in _projector(cfg).values())
         result.secagg = bench_secagg(dim, s.secagg_sizes, s.repeats)
         console.print(secagg_table(result.secagg))
+    if "real-shape" in s.sections:
+        from fedsim.bench_real import bench_real_shape, real_shape_table
+
+        result.real_shape = bench_real_shape(
+            cfg.cache_dir, s.repeats, s.threads, out, console
+        )
+        console.print(real_shape_table(result.real_shape))
     tmp = out / "bench.json.tmp"
     tmp.write_text(json.dumps(asdict(result), indent=2))
     tmp.replace(out / "bench.json")

@@ -109,11 +109,11 @@ class SkeletonConfig:
                 f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}"
             )
         if self.lm_layers < 1:
-            raise SkeletonError(f"--lm-layers {self.lm_layers}: must be >= 1")
+            raise SkeletonError(f"skeleton lm_layers {self.lm_layers}: must be >= 1")
         # Feature layer −2 must name a layer's output, not the embeddings.
         if self.vision_layers < -self.vision_feature_layer:
             raise SkeletonError(
-                f"--vision-layers {self.vision_layers}: vision_feature_layer "
+                f"skeleton vision_layers {self.vision_layers}: vision_feature_layer "
                 f"{self.vision_feature_layer} needs at least {-self.vision_feature_layer}"
             )
 

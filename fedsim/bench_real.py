@@ -51,7 +51,7 @@ def skeleton_sets(path: Path, cache_dir: str | None) -> list[str]:
         "model.dtype=bfloat16",
         "model.device=cpu",
         "data.num_scenes=64",
-        "data.eval_scenes=4",
+        "data.eval_scenes=1",  # the last round always evaluates: one generation
         f"scenario.num_clients={CLIENTS}",
         f"scenario.cohort_size={CLIENTS}",
         f"train.local_steps={STEPS}",

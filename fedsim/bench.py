@@ -18,6 +18,8 @@ Sections (each a table; all numbers in ``bench.json``):
 - **aggregation-limit** — FedAvg against the memory-bandwidth bound measured in the same run,
   Fed-CMP's ratio to FedAvg and its sketch's accuracy, at the toy's and at LLaVA-1.5-7B's
   projector size (:mod:`fedsim.bench_aggregation`).
+- **real-shape** — resident vs fresh-per-task, swap share, memory per worker, cohort gain and
+  per-layer FLOPs/bytes on the LLaVA-1.5-7B-shaped skeleton (:mod:`fedsim.bench_real`).
 
 Timings are medians of ``repeats`` measurements after a warm-up; wall-clock numbers are never
 asserted in tests, only reported here.
@@ -83,9 +85,17 @@ class BenchResult:
     memory: dict[str, Any] = field(default_factory=dict)
     secagg: dict[str, Any] = field(default_factory=dict)
     aggregation_limit: dict[str, Any] = field(default_factory=dict)
+    real_shape: dict[str, Any] = field(default_factory=dict)
 
 
-SECTIONS = ("training", "aggregation", "memory", "secagg", "aggregation-limit")
+SECTIONS = (
+    "training",
+    "aggregation",
+    "memory",
+    "secagg",
+    "aggregation-limit",
+    "real-shape",
+)
 
 
 def _median_seconds(
@@ -433,6 +443,13 @@ def run_bench(
             s.agg_limit_power,
         )
         console.print(aggregation_limit_table(result.aggregation_limit))
+    if "real-shape" in s.sections:
+        from fedsim.bench_real import bench_real_shape, real_shape_table
+
+        result.real_shape = bench_real_shape(
+            cfg.cache_dir, s.repeats, s.threads, out, console
+        )
+        console.print(real_shape_table(result.real_shape))
     tmp = out / "bench.json.tmp"
     tmp.write_text(json.dumps(asdict(result), indent=2))
     tmp.replace(out / "bench.json")

@@ -348,7 +348,7 @@ def bench(
         str,
         typer.Option(
             help="Comma-separated: training, aggregation, memory, secagg, "
-            "aggregation-limit."
+            "aggregation-limit, real-shape."
         ),
     ] = "training,aggregation,memory",
     clients: Annotated[
@@ -466,7 +466,11 @@ def export(
 @backbones_app.command("build")
 def backbones_build(
     kind: Annotated[
-        str, typer.Argument(help="Which backbone to build: 'toy' (from its recipe).")
+        str,
+        typer.Argument(
+            help="Which backbone to build: 'toy' (from its recipe) or 'llava-1.5-shape' "
+            "(LLaVA-1.5-7B's widths, few layers, random weights)."
+        ),
     ] = "toy",
     cache_dir: Annotated[
         Optional[Path],
@@ -479,14 +483,31 @@ def backbones_build(
         Optional[int],
         typer.Option(help="The recipe's seed (default: 2, the shipped reference's)."),
     ] = None,
+    dtype: Annotated[
+        Optional[str],
+        typer.Option(help="llava-1.5-shape: weights stored as bf16 (default) or fp32."),
+    ] = None,
 ) -> None:
     """Build the toy backbone from its recipe into the cache and check its skill gates.
 
     Runs use the shipped reference (``model.backbone: toy``); a build from the recipe is used
     with ``model.backbone: toy-recipe`` (the default seed) or by its folder's path.
     """
+    if kind == "llava-1.5-shape":
+        from fedsim.models.skeleton import SkeletonError, build_for_cli
+
+        try:
+            for line in build_for_cli(cache_dir, force, seed, dtype):
+                console.print(line, markup=False, soft_wrap=True)
+        except (SkeletonError, ConfigError) as e:
+            _fail(str(e))
+        return
     if kind != "toy":
-        _fail(f"backbones build: unknown backbone {kind!r} (known: toy)")
+        _fail(
+            f"backbones build: unknown backbone {kind!r} (known: toy, llava-1.5-shape)"
+        )
+    if dtype is not None:
+        _fail("--dtype: only for llava-1.5-shape (the toy is built in fp32)")
     # Imported on use: keeps `fedsim` start-up fast.
     import json
 

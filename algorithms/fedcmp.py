@@ -784,6 +784,47 @@ class FedCMP(ServerDefaults):
             mom = (1 - self.momentum) * fused / scale
         return scale, t, mom, mom / (1 - self.momentum**t)
 
+    def _step_diagnostics(
+        self,
+        u: Tensor,
+        v: Tensor,
+        u_prev: Tensor | None,
+        v_prev: Tensor | None,
+        left: Basis,
+        w: Tensor,
+        agree: Tensor,
+        fuse_diag: dict[str, float],
+        res_factor: float,
+        res: Tensor,
+        step: Tensor,
+    ) -> dict[str, float]:
+        """One matrix's diagnostics: kept ranks, captured energy, client weights, fusion and
+        residual shares, and how far the basis moved since last round."""
+        r_u, r_v = u.shape[1], v.shape[1]
+        energy = (
+            float(left.eigenvalues[:r_u].sum()) / left.total if left.total > 0 else 1.0
+        )
+        step_norm = float(step.norm())
+        diag = {
+            "rank": float(r_u),
+            "rank_v": float(r_v),
+            "energy": energy,
+            "w_min": float(w.min()),
+            "w_mean": float(w.mean()),
+            "w_max": float(w.max()),
+            "agreement_mean": float(agree.mean()),
+            **fuse_diag,
+            "residual_factor": res_factor,
+            "residual_share": float(res.norm() * self.server_lr) / step_norm
+            if step_norm > 0
+            else 0.0,
+        }
+        if u_prev is not None:
+            k = min(u.shape[1], u_prev.shape[1])
+            diag["basis_drift_u"] = float((u.T @ u_prev).norm()) / math.sqrt(k)
+            diag["basis_drift_v"] = float((v.T @ v_prev).norm()) / math.sqrt(k)  # type: ignore[union-attr]
+        return diag
+
     def matrix_step(
         self,
         deltas: Sequence[Tensor],
@@ -848,29 +889,9 @@ class FedCMP(ServerDefaults):
         # (QR returns column-major factors, and BLAS results differ with the memory layout).
         new_state = {k: x.contiguous() for k, x in new_state.items()}
 
-        r_u, r_v = u.shape[1], v.shape[1]
-        energy = (
-            float(left.eigenvalues[:r_u].sum()) / left.total if left.total > 0 else 1.0
+        diag = self._step_diagnostics(
+            u, v, u_prev, v_prev, left, w, agree, fuse_diag, res_factor, res, step
         )
-        step_norm = float(step.norm())
-        diag = {
-            "rank": float(r_u),
-            "rank_v": float(r_v),
-            "energy": energy,
-            "w_min": float(w.min()),
-            "w_mean": float(w.mean()),
-            "w_max": float(w.max()),
-            "agreement_mean": float(agree.mean()),
-            **fuse_diag,
-            "residual_factor": res_factor,
-            "residual_share": float(res.norm() * self.server_lr) / step_norm
-            if step_norm > 0
-            else 0.0,
-        }
-        if u_prev is not None:
-            k = min(u.shape[1], u_prev.shape[1])
-            diag["basis_drift_u"] = float((u.T @ u_prev).norm()) / math.sqrt(k)
-            diag["basis_drift_v"] = float((v.T @ v_prev).norm()) / math.sqrt(k)  # type: ignore[union-attr]
         return step, w, new_state, diag
 
 

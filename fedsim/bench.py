@@ -29,16 +29,14 @@ from __future__ import annotations
 
 import functools
 import json
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -46,34 +44,19 @@ from rich.table import Table
 from fedsim.algorithms.base import ClientUpdate, LocalTraining
 from fedsim.algorithms.fednova import lr_mass_upload
 from fedsim.algorithms.registry import build_algorithm, comparable
+from fedsim.bench_common import (
+    BenchSettings,
+    client_tasks,
+    max_relative,
+    median_seconds,
+    swap_seconds,
+    training_ways,
+)
 from fedsim.config import Config
 from fedsim.data.rows import RowReader
-from fedsim.models.backbone import init_projector, load_backbone, set_projector_
+from fedsim.models.backbone import init_projector, load_backbone
 from fedsim.prepare import prepare, train_settings
 from fedsim.runio import check_writable
-from fedsim.training import ClientTask, train_client, train_cohort
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    """What ``fedsim bench`` measures (CLI flags)."""
-
-    clients: int = 5
-    steps: int = 8
-    batch: int = 4
-    repeats: int = 3
-    device: str = "cpu"
-    threads: int = 1
-    tf32: bool = True
-    cohort_sizes: tuple[int, ...] = (10, 50, 100, 500)
-    memory_clients: tuple[int, ...] = (10, 100, 1000)
-    memory_cohort: int = 10
-    memory_rounds: int = 3
-    secagg_sizes: tuple[int, ...] = (5, 10, 20, 40)
-    agg_limit_clients: int = 50
-    agg_limit_sizes: tuple[str, ...] = ("toy", "7b")
-    agg_limit_power: bool = False
-    sections: tuple[str, ...] = ("training", "aggregation", "memory")
 
 
 @dataclass
@@ -98,20 +81,6 @@ SECTIONS = (
 )
 
 
-def _median_seconds(
-    fn: Callable[[], Any], repeats: int, sync: Callable[[], None]
-) -> float:
-    fn()  # warm-up (allocations, kernels, caches)
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _machine(device: str) -> dict[str, Any]:
     import os
     import platform
@@ -125,18 +94,6 @@ def _machine(device: str) -> dict[str, Any]:
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def _tasks(shards: Sequence[np.ndarray], s: BenchSettings, seed: int) -> list[Any]:
-
-    n = s.steps * s.batch
-    lrs = tuple([1e-3] * s.steps)
-    out = []
-    for cid in range(s.clients):
-        shard = shards[cid % len(shards)]
-        rows = np.resize(shard, n)  # the shard's first rows (repeated if it is small)
-        out.append(ClientTask(cid, 1, seed, rows, lrs, s.batch, {}))
-    return out
 
 
 def bench_training(cfg: Config, s: BenchSettings, console: Console) -> dict[str, Any]:
@@ -163,23 +120,23 @@ def bench_training(cfg: Config, s: BenchSettings, console: Console) -> dict[str,
     sync = torch.cuda.synchronize if s.device.startswith("cuda") else (lambda: None)
     backbone = load()
     reader = RowReader.open(str(prep.train_path), prep.pixel_path)
-    tasks = _tasks(prep.shards, s, cfg.seed)
+    tasks = client_tasks(prep.shards, s, cfg.seed)
     w0 = init_projector(backbone, cfg.seed)
     local = LocalTraining()
     # the config's optimizer, clipping, loss and caption transforms, as a run has
     settings = train_settings(cfg, prep.shards)
-    one_at_a_time, cohort, fresh_per_task = _training_ways(
+    one_at_a_time, cohort, fresh_per_task = training_ways(
         load, backbone, reader, tasks, w0, local, settings
     )
     console.print(
         f"[bold]local training[/bold]: {s.clients} clients × {s.steps} steps × batch {s.batch}"
     )
     seconds = {
-        "resident, one client at a time": _median_seconds(
+        "resident, one client at a time": median_seconds(
             one_at_a_time, s.repeats, sync
         ),
-        "resident, cohort batching": _median_seconds(cohort, s.repeats, sync),
-        "fresh model per client task (peer simulators)": _median_seconds(
+        "resident, cohort batching": median_seconds(cohort, s.repeats, sync),
+        "fresh model per client task (peer simulators)": median_seconds(
             fresh_per_task, max(1, s.repeats - 1), sync
         ),
     }
@@ -187,58 +144,10 @@ def bench_training(cfg: Config, s: BenchSettings, console: Console) -> dict[str,
     # SGD within γ_n of the delta, see tests/test_cohort.py; AdamW has no such bound), next to
     # how close one at a time comes to itself (GPU kernels need not be deterministic).
     a = one_at_a_time()
-    rel = _max_relative(a, cohort())
-    repeat = _max_relative(a, one_at_a_time())
-    swap_s = _swap_seconds(backbone, cfg.seed + 1, s.repeats, sync)
+    rel = max_relative(a, cohort())
+    repeat = max_relative(a, one_at_a_time())
+    swap_s = swap_seconds(backbone, cfg.seed + 1, s.repeats, sync)
     return _training_record(s, seconds, rel, repeat, swap_s, w0)
-
-
-def _training_ways(
-    load: Callable[[], Any],
-    backbone: Any,
-    reader: Any,
-    tasks: Sequence[Any],
-    w0: dict[str, torch.Tensor],
-    local: Any,
-    settings: Any,
-) -> tuple[Callable[[], list[Any]], ...]:
-    """The three ways of training ``tasks`` from ``w0``: resident one client at a time,
-    resident with cohort batching, and a fresh model (``load()``) per client task."""
-
-    def one_at_a_time() -> list[Any]:
-        return [
-            train_client(backbone, reader, t, w0, {}, local, settings) for t in tasks
-        ]
-
-    def cohort() -> list[Any]:
-        return train_cohort(
-            backbone, reader, tasks, [w0] * len(tasks), {}, local, settings
-        )
-
-    def fresh_per_task() -> list[Any]:
-        out = []
-        for t in tasks:
-            model = load()  # what a peer simulator's client task does first
-            out.append(train_client(model, reader, t, w0, {}, local, settings))
-            del model
-        return out
-
-    return one_at_a_time, cohort, fresh_per_task
-
-
-def _swap_seconds(
-    backbone: Any, seed: int, repeats: int, sync: Callable[[], None]
-) -> float:
-    """Median seconds of one projector swap (a projector drawn with ``seed`` copied into the
-    resident parameters)."""
-
-    other = init_projector(backbone, seed)
-
-    def swap() -> None:
-        for _ in range(100):
-            set_projector_(backbone, other)
-
-    return _median_seconds(swap, repeats, sync) / 100
 
 
 def _training_record(
@@ -274,16 +183,6 @@ def _training_record(
     }
 
 
-def _max_relative(a: Sequence[Any], b: Sequence[Any]) -> float:
-    """Largest |Δa − Δb| / max|Δa| over clients and tensors."""
-    return max(
-        float((x.update.delta[k] - y.update.delta[k]).abs().max())
-        / max(float(x.update.delta[k].abs().max()), 1e-30)
-        for x, y in zip(a, b)
-        for k in x.update.delta
-    )
-
-
 def bench_aggregation(
     cfg: Config, s: BenchSettings, console: Console
 ) -> dict[str, Any]:
@@ -317,7 +216,7 @@ def bench_aggregation(
             state = algo.init_state(weights, max(s.cohort_sizes))
 
             agg = functools.partial(algo.aggregate, weights, updates, state, 1)
-            out[name][str(size)] = _median_seconds(agg, s.repeats, lambda: None)
+            out[name][str(size)] = median_seconds(agg, s.repeats, lambda: None)
     return {
         "projector_params": sum(v.numel() for v in weights.values()),
         "seconds": out,

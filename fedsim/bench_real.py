@@ -70,12 +70,12 @@ def bench_real_shape(
 ) -> dict[str, Any]:
     """Every measurement of the section (see the module docstring), in one process."""
     from fedsim.algorithms.base import LocalTraining
-    from fedsim.bench import (
+    from fedsim.bench_common import (
         BenchSettings,
-        _max_relative,
-        _swap_seconds,
-        _tasks,
-        _training_ways,
+        client_tasks,
+        max_relative,
+        swap_seconds,
+        training_ways,
     )
     from fedsim.config import load_config
     from fedsim.data.rows import RowReader
@@ -98,10 +98,10 @@ def bench_real_shape(
     load_s = time.perf_counter() - t0
     reader = RowReader.open(str(prep.train_path), prep.pixel_path)
     s = BenchSettings(clients=CLIENTS, steps=STEPS, batch=BATCH)
-    tasks = _tasks(prep.shards, s, cfg.seed)
+    tasks = client_tasks(prep.shards, s, cfg.seed)
     w0 = init_projector(backbone, cfg.seed)
     settings = train_settings(cfg, prep.shards)
-    one, cohort, fresh = _training_ways(
+    one, cohort, fresh = training_ways(
         load, backbone, reader, tasks, w0, LocalTraining(), settings
     )
     console.print(
@@ -118,35 +118,47 @@ def bench_real_shape(
         ("fresh model per client task (peer simulators)", fresh, False),
     ]:
         seconds[name], results[name] = _timed(fn, repeats, warm)
-    base = seconds["resident, one client at a time"]
-    step_s = base / (CLIENTS * STEPS)
-    swap_s = _swap_seconds(backbone, cfg.seed + 1, max(repeats, 3), lambda: None)
-    ways = {
-        name: {"seconds": sec, "ratio_to_one_at_a_time": sec / base}
-        for name, sec in seconds.items()
-    }
+    swap_s = swap_seconds(backbone, cfg.seed + 1, max(repeats, 3), lambda: None)
     record: dict[str, Any] = {
         "skeleton": _skeleton_record(path, skel),
         "workload": {"clients": CLIENTS, "steps": STEPS, "batch": BATCH},
         "threads": threads,
         "load_seconds": load_s,
-        "ways": ways,
-        "fresh_over_resident": seconds["fresh model per client task (peer simulators)"]
-        / base,
-        "cohort_gain": base / seconds["resident, cohort batching"],
-        "cohort_max_relative_difference": _max_relative(
-            results["resident, one client at a time"],
-            results["resident, cohort batching"],
-        ),
+        **_ways_record(seconds, results, swap_s, max_relative),
         "projector_params": sum(v.numel() for v in w0.values()),
-        "swap_seconds": swap_s,
-        "local_step_seconds": step_s,
-        "swap_share_of_step": swap_s / step_s,
     }
     record["per_layer"] = per_layer_costs(backbone, reader, tasks[0], w0, settings)
     del backbone
     record["memory"] = run_memory(path, cache_dir, out, console)
     return record
+
+
+def _ways_record(
+    seconds: dict[str, float],
+    results: dict[str, list[Any]],
+    swap_s: float,
+    max_relative: Callable[[Any, Any], float],
+) -> dict[str, Any]:
+    """The three ways' times as ratios to one client at a time, the cohort's gain and its
+    difference from one at a time, and the swap's share of one local step."""
+    base = seconds["resident, one client at a time"]
+    step_s = base / (CLIENTS * STEPS)
+    return {
+        "ways": {
+            name: {"seconds": sec, "ratio_to_one_at_a_time": sec / base}
+            for name, sec in seconds.items()
+        },
+        "fresh_over_resident": seconds["fresh model per client task (peer simulators)"]
+        / base,
+        "cohort_gain": base / seconds["resident, cohort batching"],
+        "cohort_max_relative_difference": max_relative(
+            results["resident, one client at a time"],
+            results["resident, cohort batching"],
+        ),
+        "swap_seconds": swap_s,
+        "local_step_seconds": step_s,
+        "swap_share_of_step": swap_s / step_s,
+    }
 
 
 def _timed(
@@ -232,17 +244,22 @@ def _saved_bytes(parts: dict[str, torch.nn.Module]) -> Iterator[dict[str, int]]:
             h.remove()
 
 
-def per_layer_costs(
-    backbone: Any, reader: Any, task: Any, w0: Any, settings: Any
-) -> dict[str, Any]:
-    """FLOPs and bytes of one client's local step (``task``: 1 step of batch 1), by part."""
+def _counted_step(
+    backbone: Any,
+    reader: Any,
+    task: Any,
+    w0: Any,
+    settings: Any,
+    parts: dict[str, Any],
+) -> tuple[dict[str, int], int, list[int], dict[str, int]]:
+    """One local step under torch's FLOP counter and the saved-tensor hooks: FLOPs by part,
+    the total, the LM's input length and the saved activation bytes by part."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from fedsim.algorithms.base import LocalTraining
     from fedsim.training import train_client
 
     model = backbone.model
-    parts = _parts(model)
     names = {id(m): n for n, m in parts.items()}
     module_names = {
         f"LlavaForConditionalGeneration.{qual}": names[id(m)]
@@ -277,7 +294,18 @@ def per_layer_costs(
             f"bench real-shape: no FLOPs attributed to {missing} (counter saw "
             f"{sorted(by_module)[:8]})"
         )
-    total = int(counter.get_total_flops())
+    return flops, int(counter.get_total_flops()), seen, dict(saved)
+
+
+def per_layer_costs(
+    backbone: Any, reader: Any, task: Any, w0: Any, settings: Any
+) -> dict[str, Any]:
+    """FLOPs and bytes of one client's local step (``task``: 1 step of batch 1), by part."""
+    model = backbone.model
+    parts = _parts(model)
+    flops, total, seen, saved = _counted_step(
+        backbone, reader, task, w0, settings, parts
+    )
     params = {
         n: sum(p.numel() * p.element_size() for p in m.parameters())
         for n, m in parts.items()

@@ -331,6 +331,46 @@ def _check_bench(s: Any) -> None:
         )
 
 
+def _bench_settings(settings_type: Any, f: dict[str, Any]) -> Any:
+    """``fedsim bench``'s flags (by parameter name) checked and parsed into its settings."""
+    sections = _bench_sections(f["sections"])
+    _check_positive(
+        **{
+            k: f[k]
+            for k in (
+                "clients",
+                "steps",
+                "batch",
+                "repeats",
+                "threads",
+                "memory_cohort",
+                "memory_rounds",
+                "agg_limit_clients",
+            )
+        }
+    )
+    settings = settings_type(
+        clients=f["clients"],
+        steps=f["steps"],
+        batch=f["batch"],
+        repeats=f["repeats"],
+        device=f["device"],
+        threads=f["threads"],
+        tf32=f["tf32"],
+        cohort_sizes=_ints("--cohort-sizes", f["cohort_sizes"]),
+        memory_clients=_ints("--memory-clients", f["memory_clients"]),
+        memory_cohort=f["memory_cohort"],
+        memory_rounds=f["memory_rounds"],
+        secagg_sizes=_ints("--secagg-sizes", f["secagg_sizes"]),
+        agg_limit_clients=f["agg_limit_clients"],
+        agg_limit_sizes=_agg_limit_sizes(f["agg_limit_sizes"]),
+        agg_limit_power=f["agg_limit_power"],
+        sections=sections,
+    )
+    _check_bench(settings)
+    return settings
+
+
 @app.command()
 def bench(
     config: Annotated[
@@ -390,41 +430,14 @@ def bench(
     ] = False,
 ) -> None:
     """Measure client updates/s, swap time, aggregation time and memory; ratios to baselines."""
+    # Every flag by name, read before any local is bound (the imports below are locals).
+    flags = {k: v for k, v in locals().items() if k not in ("config", "set_", "out")}
     # Imported on use: keeps `fedsim` start-up fast.
     from fedsim.bench import BenchSettings, run_bench
     from fedsim.config import load_config
     from fedsim.models.backbone import BackboneError
 
-    chosen = _bench_sections(sections)
-    _check_positive(
-        clients=clients,
-        steps=steps,
-        batch=batch,
-        repeats=repeats,
-        threads=threads,
-        memory_cohort=memory_cohort,
-        memory_rounds=memory_rounds,
-        agg_limit_clients=agg_limit_clients,
-    )
-    settings = BenchSettings(
-        clients=clients,
-        steps=steps,
-        batch=batch,
-        repeats=repeats,
-        device=device,
-        threads=threads,
-        tf32=tf32,
-        cohort_sizes=_ints("--cohort-sizes", cohort_sizes),
-        memory_clients=_ints("--memory-clients", memory_clients),
-        memory_cohort=memory_cohort,
-        memory_rounds=memory_rounds,
-        secagg_sizes=_ints("--secagg-sizes", secagg_sizes),
-        agg_limit_clients=agg_limit_clients,
-        agg_limit_sizes=_agg_limit_sizes(agg_limit_sizes),
-        agg_limit_power=agg_limit_power,
-        sections=chosen,
-    )
-    _check_bench(settings)
+    settings = _bench_settings(BenchSettings, flags)
     try:
         cfg = load_config(config, list(set_ or []))
         run_bench(cfg, settings, out, list(set_ or []), console)
@@ -463,51 +476,9 @@ def export(
     )
 
 
-@backbones_app.command("build")
-def backbones_build(
-    kind: Annotated[
-        str,
-        typer.Argument(
-            help="Which backbone to build: 'toy' (from its recipe) or 'llava-1.5-shape' "
-            "(LLaVA-1.5-7B's widths, few layers, random weights)."
-        ),
-    ] = "toy",
-    cache_dir: Annotated[
-        Optional[Path],
-        typer.Option(help="Cache folder (default: $FEDSIM_CACHE or ~/.cache/fedsim)."),
-    ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Rebuild even when cached.")
-    ] = False,
-    seed: Annotated[
-        Optional[int],
-        typer.Option(help="The recipe's seed (default: 2, the shipped reference's)."),
-    ] = None,
-    dtype: Annotated[
-        Optional[str],
-        typer.Option(help="llava-1.5-shape: weights stored as bf16 (default) or fp32."),
-    ] = None,
-) -> None:
-    """Build the toy backbone from its recipe into the cache and check its skill gates.
-
-    Runs use the shipped reference (``model.backbone: toy``); a build from the recipe is used
-    with ``model.backbone: toy-recipe`` (the default seed) or by its folder's path.
-    """
-    if kind == "llava-1.5-shape":
-        from fedsim.models.skeleton import SkeletonError, build_for_cli
-
-        try:
-            for line in build_for_cli(cache_dir, force, seed, dtype):
-                console.print(line, markup=False, soft_wrap=True)
-        except (SkeletonError, ConfigError) as e:
-            _fail(str(e))
-        return
-    if kind != "toy":
-        _fail(
-            f"backbones build: unknown backbone {kind!r} (known: toy, llava-1.5-shape)"
-        )
-    if dtype is not None:
-        _fail("--dtype: only for llava-1.5-shape (the toy is built in fp32)")
+def _build_toy(cache_dir: Optional[Path], force: bool, seed: Optional[int]) -> None:
+    """``fedsim backbones build toy``: build from the recipe, print its metrics and gates and
+    whether the weights are the shipped reference's bits."""
     # Imported on use: keeps `fedsim` start-up fast.
     import json
 
@@ -556,6 +527,54 @@ def backbones_build(
         else "  weights: differ from the shipped reference (another seed, or this CPU's "
         "rounding); run on it with --set model.backbone=" + str(path)
     )
+
+
+@backbones_app.command("build")
+def backbones_build(
+    kind: Annotated[
+        str,
+        typer.Argument(
+            help="Which backbone to build: 'toy' (from its recipe) or 'llava-1.5-shape' "
+            "(LLaVA-1.5-7B's widths, few layers, random weights)."
+        ),
+    ] = "toy",
+    cache_dir: Annotated[
+        Optional[Path],
+        typer.Option(help="Cache folder (default: $FEDSIM_CACHE or ~/.cache/fedsim)."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rebuild even when cached.")
+    ] = False,
+    seed: Annotated[
+        Optional[int],
+        typer.Option(help="The recipe's seed (default: 2, the shipped reference's)."),
+    ] = None,
+    dtype: Annotated[
+        Optional[str],
+        typer.Option(help="llava-1.5-shape: weights stored as bf16 (default) or fp32."),
+    ] = None,
+) -> None:
+    """Build the toy backbone from its recipe into the cache and check its skill gates.
+
+    Runs use the shipped reference (``model.backbone: toy``); a build from the recipe is used
+    with ``model.backbone: toy-recipe`` (the default seed) or by its folder's path.
+    """
+    if kind == "llava-1.5-shape":
+        from fedsim.models.skeleton import SkeletonError, build_for_cli
+
+        try:
+            for line in build_for_cli(cache_dir, force, seed, dtype):
+                console.print(line, markup=False, soft_wrap=True)
+        except (SkeletonError, ConfigError) as e:
+            _fail(str(e))
+        return
+    if kind != "toy":
+        _fail(
+            f"backbones build: unknown backbone {kind!r} (known: toy, llava-1.5-shape)"
+        )
+    if dtype is not None:
+        _fail("--dtype: only for llava-1.5-shape (the toy is built in fp32)")
+    _build_toy(cache_dir, force, seed)
 
 
 @algorithms_app.command("list")

@@ -6,8 +6,10 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -182,6 +184,31 @@ def prepare_run_dir(path: Path) -> RunLock:
         lock.close()
         raise
     return lock
+
+
+@contextmanager
+def build_lock(final: Path) -> Iterator[None]:
+    """Hold the file lock ``.<name>.lock`` beside the folder ``final`` (its parent created):
+    concurrent builders of one cached folder serialise on it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@contextmanager
+def folder_swap(final: Path) -> Iterator[Path]:
+    """A temporary folder beside ``final`` to write into; on a normal exit it replaces
+    ``final`` by a rename (readers see the old folder or the whole new one), on an error it is
+    removed and ``final`` is left as it was."""
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -26,12 +26,8 @@ extrapolate to the full 24 + 32 layers (``fedsim bench --sections real-shape``).
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +53,7 @@ from fedsim.models.toy import (
     build_tokenizer,
     vocabulary,
 )
-from fedsim.runio import default_cache_dir
+from fedsim.runio import build_lock, default_cache_dir, folder_swap
 
 SKELETON_NAME = "llava-1.5-shape"
 RECIPE_VERSION = 1
@@ -221,9 +217,7 @@ def build_skeleton(
     """
     cfg = cfg or SkeletonConfig()
     final = skeleton_path(cfg, cache_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.parent / f".{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with build_lock(final):
         if (final / "fedsim.json").exists() and not force:
             return final
         return _build(cfg, final)
@@ -247,8 +241,7 @@ def _build(cfg: SkeletonConfig, final: Path) -> Path:
     }
     # Every word the toy scenes use is in the vocabulary: any scene (all counts) fits.
     scene = SceneSpec(counts=tuple(COUNT_WORDS))
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
-    try:
+    with folder_swap(final) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         manifest = {
@@ -265,11 +258,6 @@ def _build(cfg: SkeletonConfig, final: Path) -> Path:
             "machine": machine_info(),
         }
         (tmp / "fedsim.json").write_text(json.dumps(manifest, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

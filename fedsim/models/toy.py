@@ -28,13 +28,9 @@ its bits do not depend on the number of cores.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import itertools
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -73,7 +69,7 @@ from fedsim.data.synthetic import (
 from fedsim.losses import per_example_loss
 from fedsim.machine import machine_info
 from fedsim.models.backbone import Backbone, assemble_llava
-from fedsim.runio import default_cache_dir
+from fedsim.runio import build_lock, default_cache_dir, folder_swap
 from fedsim.schedule import lr_at
 
 RECIPE_VERSION = 3
@@ -790,9 +786,7 @@ def build_toy_backbone(
     cfg = cfg or ToyBuildConfig()
     report = report or (lambda stage, step, total, loss: None)
     final = toy_backbone_path(cfg, cache_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.parent / f".{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with build_lock(final):
         if (final / "fedsim.json").exists() and not force:
             return final
         # One thread: a build's bits must not depend on how many cores the machine has.
@@ -833,8 +827,7 @@ def _build(
     )  # the checkpoint's (unused) projector; runs draw their own
     model = assemble_llava(vision, lm, image_id)
     processor = toy_processor(tokenizer, cfg.scene, cfg.patch_size)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
-    try:
+    with folder_swap(final) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         vision.save_pretrained(tmp / "vision")
@@ -859,9 +852,4 @@ def _build(
             "machine": machine_info(),
         }
         (tmp / "fedsim.json").write_text(json.dumps(manifest, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -94,6 +94,9 @@ def run(
     ] = None,
 ) -> None:
     """Train the projector federatedly and evaluate it; writes config, metrics, weights and reports."""
+    from fedsim.startup import mark
+
+    mark("cli")
     # Imported on use: keeps `fedsim` start-up fast.
     from fedsim.config import load_config
     from fedsim.runio import default_run_dir
@@ -108,6 +111,7 @@ def run(
     from fedsim.models.backbone import BackboneError
     from fedsim.runio import RunError
 
+    mark("imports")
     if resume is not None:
         if config is not None or (out is not None and out != resume):
             _fail(
@@ -338,7 +342,10 @@ def bench(
     ] = Path("runs/bench"),
     sections: Annotated[
         str,
-        typer.Option(help="Comma-separated: training, aggregation, memory, secagg."),
+        typer.Option(
+            help="Comma-separated: training, aggregation, memory, secagg, startup, "
+            "memory-run."
+        ),
     ] = "training,aggregation,memory",
     clients: Annotated[
         int, typer.Option(help="Training: clients in the workload (one cohort).")

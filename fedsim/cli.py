@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from fedsim.configtools import ConfigError  # noqa: E402
+from fedsim.startup import mark  # noqa: E402
 
 app = typer.Typer(
     help="fedsim: simulate federated pre-training (modality alignment) of multimodal LLMs on Ray.",
@@ -94,8 +95,6 @@ def run(
     ] = None,
 ) -> None:
     """Train the projector federatedly and evaluate it; writes config, metrics, weights and reports."""
-    from fedsim.startup import mark
-
     mark("cli")
     # Imported on use: keeps `fedsim` start-up fast.
     from fedsim.config import load_config
@@ -327,6 +326,11 @@ def _check_bench(s: Any) -> None:
         )
 
 
+_SECTIONS_HELP = (
+    "Comma-separated: training, aggregation, memory, secagg, startup, memory-run."
+)
+
+
 @app.command()
 def bench(
     config: Annotated[
@@ -342,10 +346,7 @@ def bench(
     ] = Path("runs/bench"),
     sections: Annotated[
         str,
-        typer.Option(
-            help="Comma-separated: training, aggregation, memory, secagg, startup, "
-            "memory-run."
-        ),
+        typer.Option(help=_SECTIONS_HELP),
     ] = "training,aggregation,memory",
     clients: Annotated[
         int, typer.Option(help="Training: clients in the workload (one cohort).")

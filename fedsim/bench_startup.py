@@ -61,6 +61,10 @@ PHASES = (
 )
 
 
+#: Seconds a stopped run has to act on Ctrl-C before it is sent SIGTERM.
+STOP_GRACE = 30.0
+
+
 def role(cmdline: Sequence[str], name: str, is_root: bool) -> str:
     """What a process of a run is, from its command line (Ray names its processes there).
 
@@ -164,7 +168,7 @@ def summarize(
     procs: Iterable[ProcessPeak], max_sum_rss_mb: float, samples: int
 ) -> dict[str, Any]:
     """The memory-run record: every process counted once, the sum of their peaks, by role."""
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "pid": p.pid,
             "role": p.role,
@@ -250,17 +254,21 @@ def watch_run(
         _run_cmd(out_dir, sets), env=env, stdout=log, stderr=subprocess.STDOUT
     )
     sampler = TreeSampler(proc.pid, t0)
-    stopped = False
+    stopped: float | None = None  # when Ctrl-C was sent
+    # A driver busy in a Ray call may not act on Ctrl-C for long (seen on a loaded machine):
+    # after STOP_GRACE seconds it gets SIGTERM (Ray's processes are ended below either way).
     try:
         while proc.poll() is None:
             sampler.sample()
             if time.time() - t0 > timeout:
                 proc.send_signal(signal.SIGINT)
                 raise RuntimeError(f"bench: fedsim run did not end in {timeout:g} s")
-            if stop_at_first_task and not stopped:
+            if stop_at_first_task and stopped is None:
                 if "first_task" in read_marks(marks_file):
                     proc.send_signal(signal.SIGINT)
-                    stopped = True
+                    stopped = time.time()
+            elif stopped is not None and time.time() - stopped > STOP_GRACE:
+                proc.terminate()
             time.sleep(interval)
         proc.wait()
     finally:
@@ -270,7 +278,7 @@ def watch_run(
         _stop_leftovers(sampler)
     marks = read_marks(marks_file)
     marks_file.unlink(missing_ok=True)
-    if proc.returncode != 0 and not stopped:
+    if proc.returncode != 0 and stopped is None:
         tail = (out_dir.parent / f"{out_dir.name}.log").read_text().strip().splitlines()
         raise RuntimeError(
             f"bench: fedsim run exited with {proc.returncode}: {tail[-1:] or ''}"

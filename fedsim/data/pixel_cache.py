@@ -134,7 +134,7 @@ class PixelStore:
         self.row_bytes = (
             int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
         )
-        self.fd = os.open(self.path, os.O_RDONLY)
+        self.fd: int | None = os.open(self.path, os.O_RDONLY)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -146,7 +146,8 @@ class PixelStore:
         for k, r in enumerate(ids):
             if not 0 <= r < self.shape[0]:
                 raise IndexError(f"pixel cache {self.path}: row {r} of {self.shape[0]}")
-            got = os.preadv(self.fd, [flat[k]], self.offset + int(r) * self.row_bytes)
+            at = self.offset + int(r) * self.row_bytes
+            got = os.preadv(self.fd, [flat[k]], at)  # type: ignore[arg-type]
             if got != self.row_bytes:
                 raise OSError(f"pixel cache {self.path}: short read at row {r}")
         return torch.from_numpy(out)

@@ -242,8 +242,8 @@ class ActorPool:
 
         threads = cfg.eval.threads or os.cpu_count() or 1
         if federated and evaluator_on_worker(cfg):
-            key = ("on worker", prep.model, str(prep.eval_path), threads)
-            key += (cfg.eval.batch_size, cfg.eval.max_new_tokens)
+            key: tuple[Any, ...] = ("on worker", prep.model, str(prep.eval_path))
+            key += (threads, cfg.eval.batch_size, cfg.eval.max_new_tokens)
             if key != self._shared_key:
                 self._shared_args = (str(prep.eval_path), *key[3:])
                 self._shared_key = key

@@ -48,9 +48,10 @@ def _gram_and_signs(
     p-weighted mean delta's (coordinates where the mean is 0 do not count); 0 without any.
     """
     k = len(deltas)
-    gram = torch.zeros(k, k, dtype=torch.float64)
-    conflict = torch.zeros(k, dtype=torch.float64)
-    counted = torch.zeros(k, dtype=torch.float64)
+    dev = next(iter(deltas[0].values())).device
+    gram = torch.zeros(k, k, dtype=torch.float64, device=dev)
+    conflict = torch.zeros(k, dtype=torch.float64, device=dev)
+    counted = torch.zeros(k, dtype=torch.float64, device=dev)
     for key in sorted(deltas[0]):
         flat = torch.stack([d[key].reshape(-1).to(torch.float64) for d in deltas])
         gram += flat @ flat.T
@@ -84,7 +85,7 @@ def matrix_spectrum(deltas: Sequence[torch.Tensor], p: Sequence[float]) -> torch
     """
     m, n = deltas[0].shape
     dim = min(m, n)
-    g = torch.zeros(dim, dim, dtype=torch.float64)
+    g = torch.zeros(dim, dim, dtype=torch.float64, device=deltas[0].device)
     for d, pk in zip(deltas, p):
         d64 = d.to(torch.float64)
         g.add_(d64 @ d64.T if m <= n else d64.T @ d64, alpha=pk)
@@ -103,8 +104,9 @@ def round_diagnostics(
     out rather than reported as NaN.
     """
     ordered = sorted_updates(updates)
-    p = torch.tensor(sample_weights(ordered), dtype=torch.float64)
     deltas = [u.delta for u in ordered]
+    dev = next(iter(deltas[0].values())).device
+    p = torch.tensor(sample_weights(ordered), dtype=torch.float64, device=dev)
     k = len(deltas)
     gram, conflict_share = _gram_and_signs(deltas, p)
     out: dict[str, float] = {"clients": float(k)}

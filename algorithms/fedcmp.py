@@ -54,6 +54,7 @@ from fedsim.algorithms.base import (
     LocalTraining,
     ServerDefaults,
     Weights,
+    accumulate,
     check_updates,
     global_norm,
     sample_weights,
@@ -121,14 +122,17 @@ def top_eigenvectors(
     # Exact when small: the dim × dim Gram is then no bigger than the O(dim · ell) sketches.
     spectrum = None
     if exact or len(deltas) * dim * dim * other <= _EXACT_LIMIT or dim <= 2 * ell:
-        g = torch.zeros(dim, dim, dtype=torch.float32)
+        g = torch.zeros(dim, dim, dtype=torch.float32, device=deltas[0].device)
         for d, pk in zip(deltas, p):
             g.add_(d @ d.T if side == "left" else d.T @ d, alpha=pk)
         vals, vecs = torch.linalg.eigh(g)  # ascending
         spectrum = vals.flip(0).clamp_min(0.0)
         vals, vecs = vals.flip(0)[:r], vecs.flip(1)[:, :r]
     else:
-        omega = torch.randn(dim, ell, generator=generator, dtype=torch.float32)
+        # Drawn on the CPU (the same Ω on every device), then moved to the deltas' device.
+        omega = torch.randn(
+            dim, ell, generator=generator, dtype=torch.float32, device="cpu"
+        ).to(deltas[0].device)
         y = _gram_apply(deltas, p, omega, side)
         for _ in range(power_iters):
             q, _ = torch.linalg.qr(y)
@@ -139,6 +143,90 @@ def top_eigenvectors(
         vals, small = vals.flip(0)[:r], small.flip(1)[:, :r]
         vecs = q @ small
     return Basis(vecs.contiguous(), vals.clamp_min(0.0), total, spectrum)
+
+
+#: Elements per block of :func:`sum_squares` (an 8 MiB float64 copy at a time).
+_SQ_BLOCK = 1 << 20
+
+
+def sum_squares(t: Tensor) -> float:
+    """‖T‖²_F accumulated in float64 block by block (2²⁰ elements, blocks in order).
+
+    A float64 copy of the whole tensor is never made (``t.to(float64).pow(2).sum()`` writes
+    two); the summation order differs from that expression's, so the last bits may too.
+    """
+    flat = t.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.numel(), _SQ_BLOCK):
+        block = flat[start : start + _SQ_BLOCK].to(torch.float64)
+        total += float(torch.dot(block, block))
+    return total
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """The canonical bases of one matrix from :func:`sketch_bases` and what comes with them."""
+
+    left: Basis  # Û = Q_U S_U, Ritz values of G_U in span(Q_U)
+    right: Basis  # V̂: top eigenvectors of Σ p_k P_kᵀ P_k, P_k = Ûᵀ Δ_k
+    projected: list[Tensor]  # P_k = Ûᵀ Δ_k, [r_u, n] each (all ℓ columns of Û)
+    sq: list[float]  # ‖Δ_k‖²_F
+
+
+def sketch_bases(
+    deltas: Sequence[Tensor],
+    p: Sequence[float],
+    rank: int,
+    generator: torch.Generator,
+    oversample: int = 10,
+    power_iters: int = 2,
+) -> Sketch:
+    """Û and V̂ in two passes over the deltas: a sequentially truncated HOSVD (Vannieuwenhoven,
+    Vandebril & Meerbergen, SIAM J. Sci. Comput. 2012) whose first mode comes from a one-pass
+    randomized range finder (Halko, Martinsson & Tropp 2011, Alg. 4.1, no power iteration).
+
+    Pass 1 (streaming; each Δ_k can be folded in as it arrives): the sketch
+    Y = Σ_k √p_k Δ_k Ω_k (Ω_k ∈ R^{n×ℓ} Gaussian, ℓ = r + ``oversample``; Y = A Ω for the
+    horizontal stack A = [√p_1 Δ_1, …, √p_K Δ_K]) and ‖Δ_k‖²; Q_U = orth(Y).
+    Pass 2: P_k = Q_Uᵀ Δ_k ([ℓ, n]). Û = Q_U S with S the eigenvectors of Σ p_k P_k P_kᵀ
+    (Rayleigh–Ritz: the best rank-r basis of G_U = Σ p_k Δ_k Δ_kᵀ inside span(Q_U)).
+    V̂: the top eigenvectors of Σ_k p_k P_kᵀ S S ᵀ P_k, i.e. of the right Gram operator of the
+    deltas projected onto Û (ST-HOSVD's second mode), from the small P_k only (exact or
+    randomized with ``power_iters``, :func:`top_eigenvectors`). The coefficients Ûᵀ Δ_k V̂ then
+    follow from P_k without touching the deltas again.
+
+    Against :func:`top_eigenvectors` on each side (2 (2 + q) passes with q power iterations,
+    then a pass for the coefficients): 2 passes, each a product with ℓ columns.
+    """
+    m, n = deltas[0].shape
+    dev = deltas[0].device
+    ell = max(1, min(m, n * len(deltas), rank + oversample))
+    y = torch.zeros(m, ell, dtype=torch.float32, device=dev)
+    sq = []
+    for d, pk in zip(deltas, p):
+        # Drawn on the CPU in client order (the same Ω on every device), moved to the device.
+        omega = torch.randn(
+            n, ell, generator=generator, dtype=torch.float32, device="cpu"
+        ).to(dev)
+        y.add_(d @ omega, alpha=math.sqrt(pk))
+        sq.append(sum_squares(d))
+    total = math.fsum(pk * x for pk, x in zip(p, sq))
+    q_u, _ = torch.linalg.qr(y)  # [m, ℓ]
+    proj = [q_u.T @ d for d in deltas]  # pass 2: [ℓ, n] each
+    b = torch.zeros(ell, ell, dtype=torch.float32, device=dev)
+    for pr, pk in zip(proj, p):
+        b.add_(pr @ pr.T, alpha=pk)
+    vals, small = torch.linalg.eigh((b + b.T) / 2)  # ascending
+    vals, small = vals.flip(0).clamp_min(0.0), small.flip(1)
+    r_u = max(1, min(rank, ell))
+    left = Basis((q_u @ small[:, :r_u]).contiguous(), vals[:r_u], total)
+    # Coordinates in Û: P_k ← Sᵀ P_k, [r_u, n] (cheap: ℓ × ℓ × n per client).
+    proj = [small[:, :r_u].T @ pr for pr in proj]
+    right = top_eigenvectors(
+        proj, p, min(rank, n), "right", generator, oversample, power_iters
+    )
+    right = Basis(right.vectors, right.eigenvalues, total)
+    return Sketch(left, right, proj, sq)
 
 
 def numerical_rank(b: Basis, dim: int) -> int:
@@ -418,6 +506,13 @@ class FedCMP(ServerDefaults):
         β_U and α of the Stiefel momentum.
     power_iters, oversample:
         Randomized range finder settings (used for large matrices only).
+    basis:
+        How Û, V̂ are computed: ``power`` (each side's Gram operator, exact when small, else a
+        randomized range finder with ``power_iters`` power iterations: 2 (2 + q) passes over
+        the deltas per side, then one for the coefficients) or ``sketch`` (two passes in all:
+        a one-pass range sketch of the stacked deltas, then their projection onto it, from
+        which V̂ and the coefficients follow; :func:`sketch_bases`;
+        docs/explanation/fedcmp.md gives its accuracy against the exact decomposition).
     """
 
     rank: int = 256
@@ -438,6 +533,7 @@ class FedCMP(ServerDefaults):
     stiefel_alpha: float = 1.0
     power_iters: int = 2
     oversample: int = 10
+    basis: Literal["power", "sketch"] = "power"
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -456,11 +552,26 @@ class FedCMP(ServerDefaults):
             )
         if self.power_iters < 0 or self.oversample < 0:
             raise ValueError("power_iters and oversample must be >= 0")
+        if self.basis not in ("power", "sketch"):
+            raise ValueError(f"basis must be power or sketch, got {self.basis!r}")
+        if self.basis == "sketch" and self.rank_rule == "gavish-donoho":
+            raise ValueError(
+                "basis sketch: rank_rule gavish-donoho needs the exact spectrum (use basis power)"
+            )
+        if (
+            self.basis == "sketch"
+            and self.stiefel_momentum
+            and self.coefficient_basis == "gauge"
+        ):
+            raise ValueError(
+                "basis sketch: coefficient_basis gauge with stiefel_momentum needs a pass "
+                "over the deltas in the moved basis (use coefficient_basis round)"
+            )
 
     # -- plug-in interface ------------------------------------------------------------------
 
     def init_state(self, weights: Weights, num_clients: int | None = None) -> Weights:
-        return {"round": torch.zeros((), dtype=torch.int64)}
+        return {"round": torch.zeros((), dtype=torch.int64, device="cpu")}
 
     def local_training(self) -> LocalTraining:
         """Unchanged local training; with ``momentum_scale: lr`` clients upload their lr mass."""
@@ -482,7 +593,9 @@ class FedCMP(ServerDefaults):
         if self.momentum_scale == "lr":
             masses = uploaded_lr_masses(ordered, "fedcmp")
             lr_mass = math.fsum(pk * a for pk, a in zip(p, masses))
-        new_state: Weights = {"round": torch.tensor(int(state.get("round", 0)) + 1)}
+        new_state: Weights = {
+            "round": torch.tensor(int(state.get("round", 0)) + 1, device="cpu")
+        }
         new: Weights = {}
         metrics: dict[str, float] = {}
         client_w: dict[str, Tensor] = {}
@@ -502,7 +615,10 @@ class FedCMP(ServerDefaults):
             # Biases (and any non-matrix tensor): the weighted mean with the weights of the
             # matrix of the same layer, or p when there is none.
             layer = key.rsplit(".", 1)[0] + ".weight"
-            w = client_w.get(layer, torch.tensor(p, dtype=torch.float32))
+            w = client_w.get(
+                layer,
+                torch.tensor(p, dtype=torch.float32, device=weights[key].device),
+            )
             mean = sum(
                 float(wk) * u.delta[key].to(torch.float64) for wk, u in zip(w, ordered)
             )
@@ -543,6 +659,20 @@ class FedCMP(ServerDefaults):
         assert left is not None
         return chosen[0], chosen[1], left
 
+    def _sketch(
+        self, deltas: Sequence[Tensor], p: Sequence[float], key: str, server_round: int
+    ) -> tuple[Tensor, Tensor, Basis, Sketch]:
+        """Û, V̂ at their chosen ranks from :func:`sketch_bases` (``basis: sketch``)."""
+        m, n = deltas[0].shape
+        gen = torch.Generator(device="cpu").manual_seed(_matrix_seed(key, server_round))
+        sk = sketch_bases(deltas, p, self.rank, gen, self.oversample, self.power_iters)
+        k = len(deltas)
+        r_u = choose_rank(sk.left, self.rank, self.energy, self.rank_rule, k * n)
+        r_v = choose_rank(sk.right, self.rank, self.energy, self.rank_rule, k * m)
+        u_hat = sk.left.vectors[:, :r_u].contiguous()
+        v_hat = sk.right.vectors[:, :r_v].contiguous()
+        return u_hat, v_hat, sk.left, sk
+
     def _fuse(
         self, c: Tensor, p: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, float]]:
@@ -576,15 +706,17 @@ class FedCMP(ServerDefaults):
         mu: Tensor,
         u: Tensor,
         v: Tensor,
+        sq: Sequence[float] | None = None,
     ) -> tuple[Tensor, float]:
-        """λ_res · ρ_res · Σ w_k E_k and ρ_res (E_k = Δ_k − U C_k Vᵀ in the basis of ``c``)."""
+        """λ_res · ρ_res · Σ w_k E_k and ρ_res (E_k = Δ_k − U C_k Vᵀ in the basis of ``c``;
+        ``sq``: the ‖Δ_k‖² when already computed)."""
         m, n = deltas[0].shape
         if self.residual == "drop" or self.residual_weight == 0:
-            return torch.zeros(m, n), 0.0
-        # Σ w_k E_k = Σ w_k Δ_k − U μ Vᵀ: only the weighted sum of deltas is formed.
-        weighted = torch.zeros(m, n, dtype=torch.float64)
-        for d, wk in zip(deltas, w.tolist()):
-            weighted.add_(d.to(torch.float64), alpha=wk)
+            return torch.zeros(m, n, device=u.device), 0.0
+        # Σ w_k E_k = Σ w_k Δ_k − U μ Vᵀ: only the weighted sum of deltas is formed (float64,
+        # in client order, one read of each Δ_k: :func:`accumulate`).
+        weighted = torch.zeros(m, n, dtype=torch.float64, device=u.device)
+        accumulate(weighted, deltas, w.tolist())
         residual = weighted.to(torch.float32) - u @ mu @ v.T
         factor = 1.0
         if self.residual == "reliability" and self.reliability not in (
@@ -592,12 +724,11 @@ class FedCMP(ServerDefaults):
             "client",
         ):
             # ‖E_k‖² = ‖Δ_k‖² − ‖C_k‖²: the projection U Uᵀ Δ V Vᵀ is orthogonal to E_k.
+            if sq is None:
+                sq = [float(d.to(torch.float64).pow(2).sum()) for d in deltas]
             client_sq = [
-                max(
-                    0.0,
-                    float(d.to(torch.float64).pow(2).sum()) - float(ck.pow(2).sum()),
-                )
-                for d, ck in zip(deltas, c.to(torch.float64))
+                max(0.0, dk - float(ck.pow(2).sum()))
+                for dk, ck in zip(sq, c.to(torch.float64))
             ]
             sq = float(residual.to(torch.float64).pow(2).sum())
             factor = residual_reliability(sq, client_sq, w.tolist())
@@ -643,7 +774,7 @@ class FedCMP(ServerDefaults):
                     f"fedcmp: momentum_scale lr needs the clients' learning-rate mass, got {lr_mass}"
                 )
             scale = lr_mass
-        t = int(state.get(f"t/{key}", torch.tensor(0))) + 1
+        t = int(state.get(f"t/{key}", 0)) + 1
         m_prev = state.get(f"m/{key}")
         if self.momentum > 0 and m_prev is not None and u_prev is not None:
             carried = transport(m_prev, u, u_prev, v, v_prev)  # type: ignore[arg-type]
@@ -666,7 +797,11 @@ class FedCMP(ServerDefaults):
 
         ``lr_mass`` is ā_t = Σ p_k a_k (``momentum_scale: lr`` only).
         """
-        u_hat, v_hat, left = self._bases(deltas, p, key, server_round)
+        sketch = None
+        if self.basis == "sketch":
+            u_hat, v_hat, left, sketch = self._sketch(deltas, p, key, server_round)
+        else:
+            u_hat, v_hat, left = self._bases(deltas, p, key, server_round)
         u_prev, v_prev = state.get(f"U/{key}"), state.get(f"V/{key}")
         u = gauge_fix(u_hat, u_prev)
         v = gauge_fix(v_hat, v_prev)
@@ -677,10 +812,20 @@ class FedCMP(ServerDefaults):
         # Fuse in the round's own basis (the eigenbasis: a function of this round's deltas
         # only, up to signs, which no fusion rule here depends on) or in the gauge-fixed one.
         cu, cv = (u_hat, v_hat) if self.coefficient_basis == "round" else (u, v)
-        c = coefficients(deltas, cu, cv)  # [K, r_u, r_v]
-        pt = torch.tensor(p, dtype=torch.float32)
+        if sketch is None:
+            c = coefficients(deltas, cu, cv)  # [K, r_u, r_v]
+        else:
+            # Ûᵀ Δ_k V̂ from P_k = Ûᵀ Δ_k; in the gauge basis U_t = Û R_U (same span, no
+            # Stiefel momentum: refused in __post_init__), C_k = R_Uᵀ (Ûᵀ Δ_k V̂) R_V.
+            r_u = u_hat.shape[1]
+            c = torch.stack([pr[:r_u] @ v_hat for pr in sketch.projected])
+            if self.coefficient_basis == "gauge":
+                c = (cu.T @ u_hat) @ c @ (v_hat.T @ cv)
+        pt = torch.tensor(p, dtype=torch.float32, device=c.device)
         fused, w, mu, agree, fuse_diag = self._fuse(c, pt)
-        res, res_factor = self._residual(deltas, w, c, mu, cu, cv)
+        res, res_factor = self._residual(
+            deltas, w, c, mu, cu, cv, None if sketch is None else sketch.sq
+        )
         if self.coefficient_basis == "round":
             # To the gauge-fixed coordinates the momentum lives in (a rotation unless Stiefel
             # momentum moved the span; then the projection onto the new span).
@@ -692,7 +837,12 @@ class FedCMP(ServerDefaults):
         shared = u @ (scale * m_hat) @ v.T
         step = self.server_lr * (shared + res)
         new_state.update(
-            {f"U/{key}": u, f"V/{key}": v, f"m/{key}": mom, f"t/{key}": torch.tensor(t)}
+            {
+                f"U/{key}": u,
+                f"V/{key}": v,
+                f"m/{key}": mom,
+                f"t/{key}": torch.tensor(t, device="cpu"),
+            }
         )
         # Dense copies: the state must hold the same bits in memory as through a checkpoint
         # (QR returns column-major factors, and BLAS results differ with the memory layout).

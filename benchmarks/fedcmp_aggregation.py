@@ -8,6 +8,9 @@ round, peak resident memory of the process, and the extra memory over what holdi
 takes; ratios against FedAvg measured in the same run.
 
     .venv/bin/python benchmarks/fedcmp_aggregation.py --clients 50 --out runs/bench-fedcmp.json
+
+``--device cuda`` draws the deltas on the GPU and aggregates them there (scripts/gpu_check.sh);
+the peak is then the GPU's allocated memory. ``--device cpu`` (the default) is unchanged.
 """
 
 from __future__ import annotations
@@ -40,29 +43,25 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(algorithm: str, clients: int, rank: int, threads: int) -> dict:
+def worker(
+    algorithm: str, clients: int, rank: int, threads: int, device: str = "cpu"
+) -> dict:
     import torch
 
-    from fedsim.algorithms import ClientUpdate, build_algorithm
+    from fedsim.algorithms import build_algorithm
+    from fedsim.bench_aggregation import make_deltas
 
     torch.set_num_threads(threads)
-    g = torch.Generator().manual_seed(0)
-    weights = {k: torch.zeros(s) for k, s in SHAPES.items()}
-    shared = {
-        k: torch.randn(s[0], 16, generator=g)
-        @ torch.randn(16, s[1], generator=g)
-        * 1e-3
-        for k, s in SHAPES.items()
-        if len(s) == 2
-    }
-    updates = []
-    for cid in range(clients):
-        delta = {}
-        for k, s in SHAPES.items():
-            noise = torch.randn(s, generator=g) * 1e-4
-            delta[k] = shared[k] + noise if k in shared else noise
-        updates.append(ClientUpdate(cid, delta, 100 + cid, 0.0, 1))
+    gpu = device.startswith("cuda")
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: torch sees no CUDA device")
+    # W_t = 0; a shared rank-16 part plus noise per client (the bench section's data).
+    weights, updates = make_deltas(SHAPES, clients, 0, device=device)
     base_rss = _rss_mb()
+    if gpu:  # the GPU's own peak: what the deltas and the server half allocate there
+        torch.cuda.synchronize()
+        base_gpu = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     params = {"rank": rank} if algorithm.startswith("fedcmp") else {}
     algo = build_algorithm(algorithm, params)
     state = algo.init_state(weights)
@@ -70,9 +69,19 @@ def worker(algorithm: str, clients: int, rank: int, threads: int) -> dict:
     for rnd in (1, 2):
         t0 = time.perf_counter()
         res = algo.aggregate(weights, updates, state, rnd)
+        if gpu:
+            torch.cuda.synchronize()
         seconds.append(time.perf_counter() - t0)
         weights, state = res.weights, res.state
+    extra = {}
+    if gpu:
+        extra = {
+            "device": torch.cuda.get_device_name(0),
+            "gpu_with_deltas_mb": base_gpu / 2**20,
+            "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20,
+        }
     return {
+        **extra,
         "algorithm": algorithm,
         "clients": clients,
         "seconds_round1": seconds[0],
@@ -101,10 +110,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--algorithms", default="fedavg,fedcmp-cra,fedcmp")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-fedcmp.json"))
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (deltas on the GPU)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        ap.error(f"--device {args.device!r}: use cpu or cuda")
     if args.worker:
-        print(json.dumps(worker(args.worker, args.clients, args.rank, args.threads)))
+        row = worker(args.worker, args.clients, args.rank, args.threads, args.device)
+        print(json.dumps(row))
         return
     from rich.console import Console
     from rich.table import Table
@@ -122,6 +135,8 @@ def main() -> None:
             str(args.rank),
             "--threads",
             str(args.threads),
+            "--device",
+            args.device,
         ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))

@@ -1,9 +1,18 @@
 """The Aggregator actor: the algorithm's server half over each round's updates, its server
-state, the rejection of invalid updates and the per-round diagnostics."""
+state, the rejection of invalid updates and the per-round diagnostics.
+
+It runs on one device (``ray.aggregator_gpus`` > 0: the GPU Ray gives it; else the CPU). What
+arrives from the host (weights, updates, partial sums, a checkpoint's state) is moved there
+once, the server half and its state stay there (the algorithms create every tensor on the
+device of their inputs), and what leaves for the host (new weights, payload, server state) is
+moved back once. On the CPU every move is the identity.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +41,11 @@ _PREVIOUS = "diagnostics/previous_step/"
 _CLIP = "privacy/clip"
 
 
+def _on(tree: Mapping[str, torch.Tensor], device: torch.device) -> Weights:
+    """``tree`` with every tensor on ``device`` (the same tensors when already there)."""
+    return {k: v.to(device) for k, v in tree.items()}
+
+
 class Aggregator:
     """Runs the algorithm's server half over each round's updates; keeps its server state."""
 
@@ -53,10 +67,19 @@ class Aggregator:
         max_norm: float | None = None,
         on_reject: str = "continue",
         diagnostics: bool = False,
+        device: str = "cpu",
     ) -> None:
-        """Start over for a new run: a fresh algorithm instance and its initial server state."""
+        """Start over for a new run: a fresh algorithm instance and its initial server state
+        on ``device`` (``cpu`` or ``cuda``)."""
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"ray.aggregator_gpus: the Aggregator was given no usable CUDA device "
+                f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+            )
+        self.device = torch.device(device)
         self.algorithm = build_algorithm(algorithm, params)
-        self.state = self.algorithm.init_state(weights, num_clients)
+        self.state = self.algorithm.init_state(_on(weights, self.device), num_clients)
         self.max_norm = max_norm
         self.on_reject = on_reject
         self.diagnostics = diagnostics
@@ -68,6 +91,22 @@ class Aggregator:
         self.secagg: Any = None  # this round's SecAggServer
         self.seed = 0
         self.clip = math.nan
+
+    def _in(self, tree: Mapping[str, torch.Tensor]) -> Weights:
+        """To this Aggregator's device (from the host)."""
+        return _on(tree, self.device)
+
+    def _update_in(self, u: ClientUpdate) -> ClientUpdate:
+        if self.device.type == "cpu":
+            return u
+        return dataclasses.replace(
+            u, delta=self._in(u.delta), extras=self._in(u.extras)
+        )
+
+    @staticmethod
+    def _out(tree: Mapping[str, torch.Tensor]) -> Weights:
+        """To the host (for the driver, the workers and checkpoints)."""
+        return _on(tree, torch.device("cpu"))
 
     def set_privacy(
         self, plan: PrivacyPlan | None, seed: int, secure: SecurePlan | None = None
@@ -121,8 +160,9 @@ class Aggregator:
         mean, samples = secure_mean(
             total, self.secure, self.privacy, weights, self.seed, server_round
         )
-        update = ClientUpdate(min(responses), mean, samples, math.nan, 0)
-        weights_out, metrics = self._step(weights, [update], server_round)
+        update = ClientUpdate(min(responses), self._in(mean), samples, math.nan, 0)
+        weights_out, metrics = self._step(self._in(weights), [update], server_round)
+        weights_out = self._out(weights_out)
         metrics["rejected"] = sorted(rejected, key=lambda r: r["client_id"])
         if self.privacy is not None:
             metrics["privacy"] = {"clip": self.clip}
@@ -210,7 +250,7 @@ class Aggregator:
         return None
 
     def payload(self) -> Weights:
-        return self.algorithm.server_payload(self.state)
+        return self._out(self.algorithm.server_payload(self.state))
 
     def server_state(self) -> Weights:
         """The algorithm's server state (momentum, bases, ...), saved with the run.
@@ -223,20 +263,20 @@ class Aggregator:
                 {_PREVIOUS + k: v.contiguous() for k, v in self.previous_step.items()}
             )
         if self.privacy is not None and self.privacy.adaptive_clip:
-            out[_CLIP] = torch.tensor([self.clip], dtype=torch.float64)
-        return out
+            out[_CLIP] = torch.tensor([self.clip], dtype=torch.float64, device="cpu")
+        return self._out(out)
 
     def load_state(self, state: Weights) -> None:
         """Continue from a checkpoint's server state (after :meth:`reset`)."""
         if _CLIP in state:
             self.clip = float(state[_CLIP][0])
         self.state = {
-            k: v.clone()
+            k: v.clone().to(self.device)
             for k, v in state.items()
             if not k.startswith(_PREVIOUS) and k != _CLIP
         }
         previous = {
-            k[len(_PREVIOUS) :]: v.clone()
+            k[len(_PREVIOUS) :]: v.clone().to(self.device)
             for k, v in state.items()
             if k.startswith(_PREVIOUS)
         }
@@ -266,6 +306,9 @@ class Aggregator:
         self, weights: Weights, updates: Sequence[ClientUpdate], server_round: int
     ) -> tuple[Weights, dict[str, Any]]:
         """Validate, sort by client id, aggregate. Rejected updates are reported, never averaged."""
+        host = weights
+        weights = self._in(weights)
+        updates = [self._update_in(u) for u in updates]
         accepted, rejected = [], []
         for u in sorted(updates, key=lambda u: u.client_id):
             reason = validate_update(u, weights, self.max_norm)
@@ -276,13 +319,13 @@ class Aggregator:
         # Under DP every round releases its noised mean, empty or not (skip_round is refused).
         stop = self._policy(weights, rejected, bool(accepted) or bool(self.privacy))
         if stop is not None:
-            return dict(weights), stop
+            return dict(host), stop
         metrics: dict[str, Any] = {"rejected": rejected}
         if self.privacy is not None:
             mean, shown = self._private_update(accepted, weights, server_round)
             accepted, metrics = [mean], {**metrics, **shown}
         new, step = self._step(weights, accepted, server_round, per_client=True)
-        return new, {**metrics, **step}
+        return self._out(new), {**metrics, **step}
 
     def aggregate_partials(
         self,
@@ -298,12 +341,17 @@ class Aggregator:
         metrics: dict[str, Any] = {
             "rejected": sorted(rejected, key=lambda r: r["client_id"])
         }
+        if self.device.type != "cpu":
+            parts = [
+                dataclasses.replace(p, weighted=self._in(p.weighted)) for p in parts
+            ]
+        weights_in = self._in(weights)
         update = combine_partial_sums(parts)
-        reason = validate_update(update, weights)
+        reason = validate_update(update, weights_in)
         if reason is not None:  # cannot happen for validated, finite parts
             raise ValueError(f"round {server_round}: combined partial sums: {reason}")
-        new, step = self._step(weights, [update], server_round)
-        return new, {**metrics, **step}
+        new, step = self._step(weights_in, [update], server_round)
+        return self._out(new), {**metrics, **step}
 
     def peak_rss_mb(self) -> float:
         return peak_rss_mb()

@@ -18,6 +18,11 @@ Sections (each a table; all numbers in ``bench.json``):
 - **startup**, **memory-run** — a default ``fedsim run``: process start → first client task,
   phase by phase; the summed peak resident memory of all its processes
   (:mod:`fedsim.bench_startup`).
+- **aggregation-limit** — FedAvg against the memory-bandwidth bound measured in the same run,
+  Fed-CMP's ratio to FedAvg and its sketch's accuracy, at the toy's and at LLaVA-1.5-7B's
+  projector size (:mod:`fedsim.bench_aggregation`).
+- **real-shape** — resident vs fresh-per-task, swap share, memory per worker, cohort gain and
+  per-layer FLOPs/bytes on the LLaVA-1.5-7B-shaped skeleton (:mod:`fedsim.bench_real`).
 
 Timings are medians of ``repeats`` measurements after a warm-up; wall-clock numbers are never
 asserted in tests, only reported here.
@@ -68,6 +73,9 @@ class BenchSettings:
     memory_cohort: int = 10
     memory_rounds: int = 3
     secagg_sizes: tuple[int, ...] = (5, 10, 20, 40)
+    agg_limit_clients: int = 50
+    agg_limit_sizes: tuple[str, ...] = ("toy", "7b")
+    agg_limit_power: bool = False
     sections: tuple[str, ...] = ("training", "aggregation", "memory")
 
 
@@ -81,9 +89,20 @@ class BenchResult:
     secagg: dict[str, Any] = field(default_factory=dict)
     startup: dict[str, Any] = field(default_factory=dict)
     memory_run: dict[str, Any] = field(default_factory=dict)
+    aggregation_limit: dict[str, Any] = field(default_factory=dict)
+    real_shape: dict[str, Any] = field(default_factory=dict)
 
 
-SECTIONS = ("training", "aggregation", "memory", "secagg", "startup", "memory-run")
+SECTIONS = (
+    "training",
+    "aggregation",
+    "memory",
+    "secagg",
+    "startup",
+    "memory-run",
+    "aggregation-limit",
+    "real-shape",
+)
 
 
 def _median_seconds(
@@ -424,6 +443,30 @@ def run_bench(
         if "memory-run" in s.sections:
             result.memory_run = bs.bench_memory_run(out, console)
             console.print(bs.memory_run_table(result.memory_run))
+    if "aggregation-limit" in s.sections:
+        from fedsim.bench_aggregation import (
+            aggregation_limit_table,
+            bench_aggregation_limit,
+        )
+
+        toy = {k: tuple(v.shape) for k, v in _projector(cfg).items()}
+        result.aggregation_limit = bench_aggregation_limit(
+            toy,
+            s.agg_limit_clients,
+            256,
+            s.repeats,
+            s.threads,
+            s.agg_limit_sizes,
+            s.agg_limit_power,
+        )
+        console.print(aggregation_limit_table(result.aggregation_limit))
+    if "real-shape" in s.sections:
+        from fedsim.bench_real import bench_real_shape, real_shape_table
+
+        result.real_shape = bench_real_shape(
+            cfg.cache_dir, s.repeats, s.threads, out, console
+        )
+        console.print(real_shape_table(result.real_shape))
     tmp = out / "bench.json.tmp"
     tmp.write_text(json.dumps(asdict(result), indent=2))
     tmp.replace(out / "bench.json")

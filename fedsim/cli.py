@@ -308,6 +308,14 @@ def _bench_sections(text: str) -> tuple[str, ...]:
     return chosen
 
 
+def _agg_limit_sizes(text: str) -> tuple[str, ...]:
+    """``--agg-limit-sizes``: some of toy, 7b."""
+    chosen = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not chosen or any(x not in ("toy", "7b") for x in chosen):
+        _fail(f"--agg-limit-sizes {text!r}: use toy, 7b or toy,7b")
+    return chosen
+
+
 def _check_positive(**flags: int) -> None:
     """Each flag (``memory_cohort`` is ``--memory-cohort``) at least 1, checked in order."""
     for name, value in flags.items():
@@ -327,7 +335,8 @@ def _check_bench(s: Any) -> None:
 
 
 _SECTIONS_HELP = (
-    "Comma-separated: training, aggregation, memory, secagg, startup, memory-run."
+    "Comma-separated: training, aggregation, memory, secagg, startup, memory-run, "
+    "aggregation-limit, real-shape."
 )
 
 
@@ -373,6 +382,18 @@ def bench(
     secagg_sizes: Annotated[
         str, typer.Option(help="Secure aggregation: comma-separated cohort sizes.")
     ] = "5,10,20,40",
+    agg_limit_clients: Annotated[
+        int, typer.Option(help="Aggregation limit: client deltas per round.")
+    ] = 50,
+    agg_limit_sizes: Annotated[
+        str, typer.Option(help="Aggregation limit: toy, 7b or toy,7b.")
+    ] = "toy,7b",
+    agg_limit_power: Annotated[
+        bool,
+        typer.Option(
+            help="Aggregation limit: also time Fed-CMP's default basis at 7b."
+        ),
+    ] = False,
 ) -> None:
     """Measure client updates/s, swap time, aggregation time and memory; ratios to baselines."""
     # Imported on use: keeps `fedsim` start-up fast.
@@ -389,6 +410,7 @@ def bench(
         threads=threads,
         memory_cohort=memory_cohort,
         memory_rounds=memory_rounds,
+        agg_limit_clients=agg_limit_clients,
     )
     settings = BenchSettings(
         clients=clients,
@@ -403,6 +425,9 @@ def bench(
         memory_cohort=memory_cohort,
         memory_rounds=memory_rounds,
         secagg_sizes=_ints("--secagg-sizes", secagg_sizes),
+        agg_limit_clients=agg_limit_clients,
+        agg_limit_sizes=_agg_limit_sizes(agg_limit_sizes),
+        agg_limit_power=agg_limit_power,
         sections=chosen,
     )
     _check_bench(settings)
@@ -447,7 +472,11 @@ def export(
 @backbones_app.command("build")
 def backbones_build(
     kind: Annotated[
-        str, typer.Argument(help="Which backbone to build: 'toy' (from its recipe).")
+        str,
+        typer.Argument(
+            help="Which backbone to build: 'toy' (from its recipe) or 'llava-1.5-shape' "
+            "(LLaVA-1.5-7B's widths, few layers, random weights)."
+        ),
     ] = "toy",
     cache_dir: Annotated[
         Optional[Path],
@@ -460,14 +489,31 @@ def backbones_build(
         Optional[int],
         typer.Option(help="The recipe's seed (default: 2, the shipped reference's)."),
     ] = None,
+    dtype: Annotated[
+        Optional[str],
+        typer.Option(help="llava-1.5-shape: weights stored as bf16 (default) or fp32."),
+    ] = None,
 ) -> None:
     """Build the toy backbone from its recipe into the cache and check its skill gates.
 
     Runs use the shipped reference (``model.backbone: toy``); a build from the recipe is used
     with ``model.backbone: toy-recipe`` (the default seed) or by its folder's path.
     """
+    if kind == "llava-1.5-shape":
+        from fedsim.models.skeleton import SkeletonError, build_for_cli
+
+        try:
+            for line in build_for_cli(cache_dir, force, seed, dtype):
+                console.print(line, markup=False, soft_wrap=True)
+        except (SkeletonError, ConfigError) as e:
+            _fail(str(e))
+        return
     if kind != "toy":
-        _fail(f"backbones build: unknown backbone {kind!r} (known: toy)")
+        _fail(
+            f"backbones build: unknown backbone {kind!r} (known: toy, llava-1.5-shape)"
+        )
+    if dtype is not None:
+        _fail("--dtype: only for llava-1.5-shape (the toy is built in fp32)")
     # Imported on use: keeps `fedsim` start-up fast.
     import json
 

@@ -511,6 +511,12 @@ class RayConfig:
         What the (transformers) Evaluator reserves, e.g. ``evaluator_gpus: 1`` for a GPU of
         its own or ``evaluator_resources: {fedsim_evaluator: 1}`` for a labelled node. The vLLM
         Evaluator reserves ``eval.vllm_gpus``.
+    aggregator_gpus:
+        GPUs the Aggregator actor reserves (0: it runs on the CPU; at most 1, it uses one
+        device). With a GPU, each round's updates are moved there once, the algorithm's server
+        half and its state stay there, and only the new weights (and the server state, for a
+        checkpoint) come back to the host. The Aggregator runs on the driver's node, so that
+        node must have the GPU; a request no node can meet is refused before any actor starts.
     dashboard:
         Start the Ray dashboard (local Ray only), bound to ``dashboard_host``.
     dashboard_host:
@@ -541,6 +547,7 @@ class RayConfig:
     evaluator_cpus: float = 0.0
     evaluator_gpus: float = 0.0
     evaluator_resources: dict[str, float] = field(default_factory=dict)
+    aggregator_gpus: float = 0.0
     dashboard: bool = False
     dashboard_host: str = "127.0.0.1"
     task_retries: int = 3
@@ -558,6 +565,11 @@ class RayConfig:
             raise ConfigError("ray.worker_cpus / ray.worker_gpus: must be >= 0")
         if self.evaluator_cpus < 0 or self.evaluator_gpus < 0:
             raise ConfigError("ray.evaluator_cpus / ray.evaluator_gpus: must be >= 0")
+        if not 0.0 <= self.aggregator_gpus <= 1.0:
+            raise ConfigError(
+                f"ray.aggregator_gpus: must be in [0, 1] (the Aggregator uses one device), "
+                f"got {self.aggregator_gpus!r}"
+            )
         for name in ("worker_resources", "evaluator_resources"):
             for k, v in getattr(self, name).items():
                 if not isinstance(v, (int, float)) or v < 0:

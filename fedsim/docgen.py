@@ -298,6 +298,8 @@ def bench_reference(folder: Path) -> str:
     parts = []
     for path in sorted(folder.glob("*.json")):
         data = json.loads(path.read_text())
+        if "machine" not in data:  # not a bench.json (e.g. device notes a page cites)
+            continue
         mach = data["machine"]
         where = mach.get("gpu") or f"{mach['cpus']} CPU cores"
         parts += [f"## `{path.name}`", ""]

@@ -87,6 +87,7 @@ class ActorPool:
         self._evaluator_key: tuple[Any, ...] | None = None
         self._initial: dict[tuple[Any, ...], dict[str, float]] = {}
         self._aggregator: Any = None
+        self._aggregator_gpus = 0.0
         self._trainer: Any = None
         self._trainer_key: tuple[Any, ...] | None = None
         self._trainer_dir: str | None = None
@@ -304,10 +305,15 @@ class ActorPool:
         max_norm: float | None = None,
         on_reject: str = "continue",
         diagnostics: bool = False,
+        gpus: float = 0.0,
     ) -> Any:
-        """The Aggregator actor, reset to a fresh server state for a new run."""
+        """The Aggregator actor, reset to a fresh server state for a new run; with ``gpus``
+        (``ray.aggregator_gpus``) > 0 it holds a GPU and aggregates there."""
         import ray
 
+        if self._aggregator is not None and self._aggregator_gpus != gpus:
+            self._kill([self._aggregator])
+            self._aggregator = None
         if self._aggregator is None:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -316,9 +322,10 @@ class ActorPool:
             here = NodeAffinitySchedulingStrategy(
                 ray.get_runtime_context().get_node_id(), soft=False
             )
-            self._aggregator = ray.remote(num_cpus=0, scheduling_strategy=here)(
-                Aggregator
-            ).remote(algorithm, params, weights, num_clients)
+            self._aggregator = ray.remote(
+                num_cpus=0, num_gpus=gpus, scheduling_strategy=here
+            )(Aggregator).remote(algorithm, params, weights, num_clients)
+            self._aggregator_gpus = gpus
         ray.get(
             self._aggregator.reset.remote(
                 algorithm,
@@ -328,6 +335,7 @@ class ActorPool:
                 max_norm,
                 on_reject,
                 diagnostics,
+                "cuda" if gpus > 0 else "cpu",
             )
         )
         return self._aggregator

@@ -55,23 +55,37 @@ def requests(cfg: Config) -> list[tuple[str, dict[str, tuple[str, float]]]]:
                 "evaluator", ray.evaluator_cpus, evaluator_gpus, ray.evaluator_resources
             ),
         ),
+        (
+            "Aggregator",
+            one("aggregator", 0.0, ("ray.aggregator_gpus", ray.aggregator_gpus), {}),
+        ),
     ]
 
 
-def infeasible(cfg: Config, nodes: Sequence[Mapping[str, float]]) -> str | None:
+def infeasible(
+    cfg: Config,
+    nodes: Sequence[Mapping[str, float]],
+    here: Mapping[str, float] | None = None,
+) -> str | None:
     """Why some actor of ``cfg`` fits on no node of ``nodes`` (each a node's total
-    resources), or None when every actor fits on at least one node."""
+    resources), or None when every actor fits on at least one node. The Aggregator runs on
+    the driver's node: with ``here`` (that node's resources) only that node counts for it."""
     for actor, need in requests(cfg):
+        pinned = actor == "Aggregator" and here is not None and bool(need)
+        candidates = [here] if pinned and here is not None else list(nodes)
         if any(
-            all(n.get(r, 0.0) + _EPS >= a for r, (_, a) in need.items()) for n in nodes
+            all(n.get(r, 0.0) + _EPS >= a for r, (_, a) in need.items())
+            for n in candidates
         ):
             continue
+        where = "the driver's node has" if pinned else "no node has"
         for resource, (field, amount) in need.items():
-            most = max((n.get(resource, 0.0) for n in nodes), default=0.0)
+            most = max((n.get(resource, 0.0) for n in candidates), default=0.0)
             if most + _EPS < amount:
+                largest = f"it has {most:g}" if pinned else f"the largest has {most:g}"
                 return (
-                    f"{field}: each {actor} asks for {amount:g} {resource}, but no node has "
-                    f"that much (the largest has {most:g}; {_describe(nodes)})"
+                    f"{field}: each {actor} asks for {amount:g} {resource}, but {where} "
+                    f"that much ({largest}; {_describe(nodes)})"
                 )
         asked = ", ".join(f"{f}={a:g}" for f, a in need.values())
         return f"{asked}: no single node has all of these for one {actor} ({_describe(nodes)})"
@@ -105,8 +119,12 @@ def check_feasible(cfg: Config) -> None:
     """After connecting, before any actor is created: every actor fits on some alive node."""
     import ray
 
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    problem = infeasible(cfg, nodes)
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = [n.get("Resources", {}) for n in alive]
+    # The Aggregator is pinned to the driver's node (fedsim.pool).
+    me = ray.get_runtime_context().get_node_id()
+    here = next((n.get("Resources", {}) for n in alive if n.get("NodeID") == me), None)
+    problem = infeasible(cfg, nodes, here)
     if problem:
         raise ConfigError(problem)
 

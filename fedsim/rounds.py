@@ -337,6 +337,7 @@ class FederatedRun:
             cfg.validation.max_update_norm,
             cfg.validation.on_reject,
             cfg.train.diagnostics,
+            cfg.ray.aggregator_gpus,
         )
         # Client-level DP (fedsim.privacy): z chosen here when privacy.target_epsilon is set.
         self.privacy = plan_privacy(cfg, type(algorithm))

@@ -28,6 +28,7 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
         (["--cohort-sizes", "10,x"], "--cohort-sizes"),
         (["--device", "tpu"], "--device"),
         (["--memory-clients", "10,100", "--memory-cohort", "20"], "--memory-cohort"),
+        (["--agg-limit-sizes", "13b"], "--agg-limit-sizes"),
     ],
 )
 def test_bad_flags_are_one_line_errors(tmp_path, args, needle):

@@ -641,7 +641,10 @@ def test_toy_hard_runs_federated_and_centralized(
 
     quiet = Console(quiet=True)
     short = ["rounds=2", "eval_every=0", "eval.at_start=false", "eval.benchmarks=[]"]
-    cfg = load_config("toy-hard", [*short, f"cache_dir={cache_dir}"])
+    # A quarter of the preset's budget and step cap (the preset's 32-step tiers cost 4× the
+    # steps; the tier arithmetic is the same).
+    quarter = ["train.local_steps=8", "scenario.time_budget=0.2"]
+    cfg = load_config("toy-hard", [*short, *quarter, f"cache_dir={cache_dir}"])
     r = run(cfg, tmp_path / "fed", console=quiet, show_progress=False)
     assert [rec["round"] for rec in r.history if "clients" in rec] == [1, 2]
     tiers = assign_tiers(100, cfg.scenario.tier_shares, cfg.seed)
@@ -669,8 +672,8 @@ def test_toy_hard_runs_federated_and_centralized(
 def test_centralized_takes_the_federated_runs_samples():
     """The upper bound trains as many steps per round as the federated cohort does on average.
 
-    toy-hard's four equal tiers (speeds 2, 1, 0.5, 0.25; budget 0.2 s at 0.05 s a step) run
-    8, 4, 2 and 1 steps; the default has no budget: cohort_size × local_steps exactly.
+    toy-hard's four equal tiers (speeds 2, 1, 0.5, 0.25; budget 0.8 s at 0.05 s a step) run
+    32, 16, 8 and 4 steps; the default has no budget: cohort_size × local_steps exactly.
     """
     import numpy as np
     import torch
@@ -685,7 +688,8 @@ def test_centralized_takes_the_federated_runs_samples():
     hard = load_config("toy-hard", [])
     shards = [np.arange(10)] * hard.scenario.num_clients
     steps = federated_steps(hard, shards, w0)
-    # 10 clients a round, 3.75 steps each on average over the tiers (standard deviation 2.68):
-    # a cohort's sum has mean 37.5 and sd ≈ 2.68·√10 ≈ 8.5, the mean of 65 rounds sd ≈ 1.05;
-    # [32, 43] is more than 5 sd either side (and far from the 80 the budget would ignore).
-    assert 32 <= steps <= 43
+    # 10 clients a round, 15 steps each on average over the tiers (standard deviation
+    # √((17² + 1² + 7² + 11²)/4) ≈ 10.7): a cohort's sum has mean 150 and sd ≤ 10.7·√10 ≈ 34
+    # (less without replacement), the mean of 16 rounds sd ≤ 8.5; [107, 193] is more than 5 sd
+    # either side (and far from the 320 the budget would ignore).
+    assert 107 <= steps <= 193

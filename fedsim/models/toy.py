@@ -204,9 +204,9 @@ def vocabulary() -> list[str]:
     return list(dict.fromkeys(words))
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over :func:`vocabulary`, saved and reloaded offline."""
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+def build_tokenizer(words: Sequence[str] | None = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``words`` (default :func:`vocabulary`), built offline."""
+    vocab = {w: i for i, w in enumerate(vocabulary() if words is None else words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(

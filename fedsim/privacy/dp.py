@@ -74,9 +74,13 @@ def generator(seed: int, stream: int, *keys: int) -> torch.Generator:
 def gaussian_like(
     reference: Mapping[str, torch.Tensor], std: float, gen: torch.Generator
 ) -> Weights:
-    """N(0, std² I) shaped like ``reference`` (float64), keys drawn in sorted order."""
+    """N(0, std² I) shaped like ``reference`` (float64), keys drawn in sorted order, on
+    ``reference``'s device (drawn on the CPU: the same noise on every device)."""
     return {
-        k: torch.randn(reference[k].shape, generator=gen, dtype=torch.float64) * std
+        k: torch.randn(
+            reference[k].shape, generator=gen, dtype=torch.float64, device="cpu"
+        ).to(reference[k].device)
+        * std
         for k in sorted(reference)
     }
 

@@ -15,6 +15,9 @@ Sections (each a table; all numbers in ``bench.json``):
   resident memory of every fedsim process and the ratio to the smallest count.
 - **secagg** — a securely aggregated round's bytes per client and client/server seconds
   against the cohort size, at the projector's size (:mod:`fedsim.bench_secagg`).
+- **startup**, **memory-run** — a default ``fedsim run``: process start → first client task,
+  phase by phase; the summed peak resident memory of all its processes
+  (:mod:`fedsim.bench_startup`).
 - **aggregation-limit** — FedAvg against the memory-bandwidth bound measured in the same run,
   Fed-CMP's ratio to FedAvg and its sketch's accuracy, at the toy's and at LLaVA-1.5-7B's
   projector size (:mod:`fedsim.bench_aggregation`).
@@ -67,6 +70,8 @@ class BenchResult:
     aggregation: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
     secagg: dict[str, Any] = field(default_factory=dict)
+    startup: dict[str, Any] = field(default_factory=dict)
+    memory_run: dict[str, Any] = field(default_factory=dict)
     aggregation_limit: dict[str, Any] = field(default_factory=dict)
     real_shape: dict[str, Any] = field(default_factory=dict)
 
@@ -76,6 +81,8 @@ SECTIONS = (
     "aggregation",
     "memory",
     "secagg",
+    "startup",
+    "memory-run",
     "aggregation-limit",
     "real-shape",
 )
@@ -325,6 +332,16 @@ def run_bench(
         dim = sum(v.numel() for v in _projector(cfg).values())
         result.secagg = bench_secagg(dim, s.secagg_sizes, s.repeats)
         console.print(secagg_table(result.secagg))
+    if "startup" in s.sections or "memory-run" in s.sections:
+        from fedsim import bench_startup as bs
+
+        result.machine["load_average"] = bs.load_average()
+        if "startup" in s.sections:
+            result.startup = bs.bench_startup(s.repeats, out, console)
+            console.print(bs.startup_table(result.startup))
+        if "memory-run" in s.sections:
+            result.memory_run = bs.bench_memory_run(out, console)
+            console.print(bs.memory_run_table(result.memory_run))
     if "aggregation-limit" in s.sections:
         from fedsim.bench_aggregation import (
             aggregation_limit_table,

@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from fedsim.configtools import ConfigError  # noqa: E402
+from fedsim.startup import mark  # noqa: E402
 
 app = typer.Typer(
     help="fedsim: simulate federated pre-training (modality alignment) of multimodal LLMs on Ray.",
@@ -94,6 +95,7 @@ def run(
     ] = None,
 ) -> None:
     """Train the projector federatedly and evaluate it; writes config, metrics, weights and reports."""
+    mark("cli")
     # Imported on use: keeps `fedsim` start-up fast.
     from fedsim.config import load_config
     from fedsim.runio import default_run_dir
@@ -108,6 +110,7 @@ def run(
     from fedsim.models.backbone import BackboneError
     from fedsim.runio import RunError
 
+    mark("imports")
     if resume is not None:
         if config is not None or (out is not None and out != resume):
             _fail(
@@ -371,6 +374,12 @@ def _bench_settings(settings_type: Any, f: dict[str, Any]) -> Any:
     return settings
 
 
+_SECTIONS_HELP = (
+    "Comma-separated: training, aggregation, memory, secagg, startup, memory-run, "
+    "aggregation-limit, real-shape."
+)
+
+
 @app.command()
 def bench(
     config: Annotated[
@@ -386,10 +395,7 @@ def bench(
     ] = Path("runs/bench"),
     sections: Annotated[
         str,
-        typer.Option(
-            help="Comma-separated: training, aggregation, memory, secagg, "
-            "aggregation-limit, real-shape."
-        ),
+        typer.Option(help=_SECTIONS_HELP),
     ] = "training,aggregation,memory",
     clients: Annotated[
         int, typer.Option(help="Training: clients in the workload (one cohort).")

@@ -525,6 +525,16 @@ class RayConfig:
         How often one group of client tasks is sent again after the worker (or node) running it
         died; each retry goes to a live worker, and a replacement worker is started. A group's
         result depends only on its tasks, so retries do not change the run's result.
+    evaluator_on_worker:
+        Where a federated run's (transformers) Evaluator lives. ``on``: inside BackboneWorker 0,
+        which then also evaluates between its client tasks: one process less (each holds its
+        own torch, transformers and data, ~0.5 GB, and starts in seconds on a small machine).
+        ``off``: an actor of its own. ``auto`` (the default): ``on`` on a small machine — a
+        local Ray on at most 4 CPUs, the Evaluator asking for no CPU, GPU or custom resource
+        of its own — else ``off``. The evaluation loads its own copy of the backbone and runs
+        with ``eval.threads`` threads, training with ``ray.threads_per_worker``, as on separate
+        actors: the results are the same bits either way. Centralized runs and the vLLM
+        backend always use an Evaluator of their own.
     """
 
     address: str | None = None
@@ -541,6 +551,7 @@ class RayConfig:
     dashboard: bool = False
     dashboard_host: str = "127.0.0.1"
     task_retries: int = 3
+    evaluator_on_worker: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
         _positive(

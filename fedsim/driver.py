@@ -46,6 +46,7 @@ from fedsim.runio import (
     write_yaml,
 )
 from fedsim.scenarios.silos import describe as describe_silos
+from fedsim.startup import mark
 from fedsim.tracking import TrackedLog, Trackers
 
 __all__ = ["RunError", "RunResult", "resume_run", "run"]
@@ -141,6 +142,7 @@ def _run_locked(
     with progress:
         prep = prepare(cfg, build_reporter(progress))
         started_ray = connect_ray(cfg)
+        mark("ray_init")
         own_pool = pool is None
         pool = pool or ActorPool()
         try:

@@ -30,7 +30,6 @@ from fedsim.eval.toy_suite import TOY_MATCHING, ensure_toy_suite
 from fedsim.export import ExportError, check_fits, export_checkpoint, run_projector
 from fedsim.models.backbone import set_projector_
 from fedsim.models.spec import load_model, resolve_backbone
-from fedsim.models.toy import CAPTION_PROMPT, IMAGE_TOKEN, QA_PROMPT
 from fedsim.prepare import cache_root
 from fedsim.runio import weights_digest
 
@@ -78,6 +77,10 @@ class _ToyPrompts:
     """The toy backbone's templates, to record prompts in answer files without loading it."""
 
     def __init__(self) -> None:
+        # Imported here: models.toy loads transformers' model classes, which a run's driver
+        # (it imports this module) never needs.
+        from fedsim.models.toy import CAPTION_PROMPT, IMAGE_TOKEN, QA_PROMPT
+
         self.manifest = {"kind": "toy"}
         self.caption_prompt = f"{IMAGE_TOKEN} {CAPTION_PROMPT}"
         self.qa_prompt = f"{IMAGE_TOKEN} {QA_PROMPT}"

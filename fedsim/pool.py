@@ -21,6 +21,52 @@ from fedsim.models.backbone import BackboneError
 from fedsim.pooled import PooledTrainer
 from fedsim.worker import BackboneWorker
 
+#: The most CPUs a machine has for ``ray.evaluator_on_worker: auto`` to share a worker.
+SMALL_MACHINE_CPUS = 4
+
+
+def evaluator_on_worker(cfg: Config, cpus: int | None = None) -> bool:
+    """Whether a federated run of ``cfg`` puts its Evaluator inside BackboneWorker 0
+    (``ray.evaluator_on_worker``; ``cpus``: the machine's, default ``os.cpu_count()``).
+
+    ``auto`` shares on a small machine only: a local Ray (no ``ray.address``) on at most
+    :data:`SMALL_MACHINE_CPUS` CPUs, the transformers backend, and an Evaluator that asks for
+    nothing of its own (CPUs, GPUs, custom resources: a placement asked for is kept).
+    """
+    from fedsim.configtools import ConfigError
+
+    mode = cfg.ray.evaluator_on_worker
+    own = (
+        cfg.eval.backend != "hf"
+        or cfg.ray.evaluator_cpus > 0
+        or cfg.ray.evaluator_gpus > 0
+        or bool(cfg.ray.evaluator_resources)
+    )
+    if mode == "on":
+        if own:
+            raise ConfigError(
+                "ray.evaluator_on_worker: on needs eval.backend hf and no "
+                "ray.evaluator_cpus / evaluator_gpus / evaluator_resources"
+            )
+        return True
+    if mode == "off" or own or cfg.ray.address:
+        return False
+    return (cpus if cpus is not None else os.cpu_count() or 1) <= SMALL_MACHINE_CPUS
+
+
+class _EvaluatorOnWorker:
+    """The Evaluator's methods, answered by BackboneWorker 0 (``ray.evaluator_on_worker``).
+
+    Resolved at each call, so that a replaced worker 0 (lost and started again, with the
+    Evaluator attached again) answers the calls after it.
+    """
+
+    def __init__(self, pool: ActorPool) -> None:
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool._evaluator_host(), name)
+
 
 def _fits(cpus: float, gpus: float) -> bool:
     """Whether the Ray cluster has ``cpus`` and ``gpus`` free now."""
@@ -45,6 +91,13 @@ class ActorPool:
         self._trainer: Any = None
         self._trainer_key: tuple[Any, ...] | None = None
         self._trainer_dir: str | None = None
+        # ray.evaluator_on_worker: what worker 0 is asked to attach, and what it holds.
+        self._shared_args: tuple[Any, ...] | None = None
+        self._shared_key: tuple[Any, ...] | None = None
+        self._attached: tuple[Any, ...] | None = None
+        self._attach_ref: Any = None
+        self._active_key: tuple[Any, ...] | None = None
+        self._active: Any = None
 
     def workers(self, cfg: Config, prep: Any) -> list[Any]:
         import ray
@@ -67,7 +120,7 @@ class ActorPool:
         self._close_trainer()
         if key != self._workers_key:
             self._kill(self._workers)
-            self._workers, self._workers_key = [], None
+            self._workers, self._workers_key, self._attached = [], None, None
             cls = ray.remote(
                 num_cpus=cfg.ray.worker_cpus,
                 num_gpus=cfg.ray.worker_gpus,
@@ -97,6 +150,7 @@ class ActorPool:
                     f"{lines[-1] if lines else type(e).__name__}"
                 ) from None
             self._workers_key = key
+            self._attach()
         return self._workers
 
     def replace_worker(self, index: int) -> Any:
@@ -115,7 +169,35 @@ class ActorPool:
             pass
         self._workers[index] = self._new_worker()
         self._workers_key = None  # the next run starts a fresh set
+        if index == 0:
+            self._attached = None
+            self._attach()  # queued before any task the new worker 0 is sent
         return self._workers[index]
+
+    def _attach(self) -> None:
+        """Worker 0 holds the Evaluator of ``_shared_args`` (asked once per worker and args;
+        the actor runs the call before any later one sent to it)."""
+        if self._shared_args is None or not self._workers:
+            return
+        if self._attached != self._shared_key:
+            self._attach_ref = self._workers[0].attach_evaluator.remote(
+                *self._shared_args
+            )
+            self._attached = self._shared_key
+
+    def _evaluator_host(self) -> Any:
+        import ray
+
+        self._attach()
+        if self._attach_ref is not None:
+            ref, self._attach_ref = self._attach_ref, None
+            ray.get(ref)  # the Evaluator's own load error, if any, surfaces here
+        return self._workers[0]
+
+    @property
+    def evaluator_shares_worker(self) -> bool:
+        """Whether the Evaluator last handed out is worker 0's (``ray.evaluator_on_worker``)."""
+        return isinstance(self._active, _EvaluatorOnWorker)
 
     def trainer(self, cfg: Config) -> Any:
         """The Ray Train worker group of centralized runs (:class:`fedsim.pooled.PooledTrainer`).
@@ -136,7 +218,7 @@ class ActorPool:
                 cfg.ray.workers * cfg.ray.worker_gpus,
             ):
                 self._kill(self._workers)  # the federated workers hold what it needs
-                self._workers, self._workers_key = [], None
+                self._workers, self._workers_key, self._attached = [], None, None
             self._trainer_dir = tempfile.mkdtemp(prefix="fedsim-train-")
             self._trainer = PooledTrainer(*key, Path(self._trainer_dir))
             self._trainer_key = key
@@ -154,10 +236,23 @@ class ActorPool:
                     shutil.rmtree(self._trainer_dir, ignore_errors=True)
                 self._trainer_dir = None
 
-    def evaluator(self, cfg: Config, prep: Any) -> Any:
+    def evaluator(self, cfg: Config, prep: Any, federated: bool = False) -> Any:
+        """The Evaluator for a run of ``cfg``: an actor of its own, or (``federated`` and
+        :func:`evaluator_on_worker`) a handle whose calls BackboneWorker 0 answers."""
         import ray
 
         threads = cfg.eval.threads or os.cpu_count() or 1
+        if federated and evaluator_on_worker(cfg):
+            key: tuple[Any, ...] = ("on worker", prep.model, str(prep.eval_path))
+            key += (threads, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+            if key != self._shared_key:
+                self._shared_args = (str(prep.eval_path), *key[3:])
+                self._shared_key = key
+                self._attach()
+            if key != self._active_key:
+                self._initial.clear()
+            self._active_key, self._active = key, _EvaluatorOnWorker(self)
+            return self._active
         key = (
             prep.model,
             str(prep.eval_path),
@@ -196,7 +291,9 @@ class ActorPool:
                     resources=dict(cfg.ray.evaluator_resources) or None,
                 )(Evaluator).remote(*args)
             self._evaluator_key = key
+        if key != self._active_key:
             self._initial.clear()
+        self._active_key, self._active = key, self._evaluator
         return self._evaluator
 
     def aggregator(
@@ -247,9 +344,9 @@ class ActorPool:
         """The evaluation of W_0 for ``seed`` (computed by the current Evaluator once)."""
         import ray
 
-        key = (self._evaluator_key, seed)
+        key = (self._active_key, seed)
         if key not in self._initial:
-            self._initial[key] = ray.get(self._evaluator.evaluate.remote(weights))
+            self._initial[key] = ray.get(self._active.evaluate.remote(weights))
         return dict(self._initial[key])
 
     @staticmethod
@@ -272,4 +369,6 @@ class ActorPool:
         self._aggregator = None
         self._workers, self._evaluator = [], None
         self._workers_key = self._evaluator_key = None
+        self._shared_args = self._shared_key = self._attached = None
+        self._active_key = self._active = None
         self._initial.clear()

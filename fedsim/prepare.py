@@ -21,7 +21,11 @@ import torch
 from fedsim.config import Config, is_toy
 from fedsim.configtools import ConfigError
 from fedsim.data.loaders import ensure_corpus, missing_files
-from fedsim.data.pixel_cache import ensure_pixel_cache
+from fedsim.data.pixel_cache import (
+    ensure_pixel_cache,
+    known_pixel_cache,
+    remember_pixel_cache,
+)
 from fedsim.data.scenes_dataset import ensure_scenes
 from fedsim.models.backbone import load_image_processor
 from fedsim.models.spec import (
@@ -42,6 +46,7 @@ from fedsim.scenarios.partition import (
 )
 from fedsim.scenarios.silos import caption_transform
 from fedsim.schedule import lr_at
+from fedsim.startup import mark
 from fedsim.training import TrainSettings
 
 # The synthetic dataset is fixed (the run seed drives partition, sampling and training, not the
@@ -109,6 +114,7 @@ def prepare(
 ) -> Prepared:
     """Everything a run needs before Ray starts: backbone, data, partition."""
     model = resolve_backbone(cfg, report)
+    mark("backbone_resolved")
     check_scene_fits_backbone(cfg, read_manifest(model))
     cache = cache_root(cfg)
     train_path = training_data(cfg)
@@ -129,11 +135,17 @@ def prepare(
     if cfg.data.pixel_cache == "on" or (
         cfg.data.pixel_cache == "auto" and not cfg.data.corpora
     ):
-        processor = load_image_processor(model.backbone_path, model.lm_path)
-        found = ensure_pixel_cache(
-            cache, train_path, processor, cfg.data.pixel_cache, report
-        )
+        sources = (model.backbone_path, model.lm_path)
+        found = known_pixel_cache(cache, train_path, sources)
+        if found is None:
+            processor = load_image_processor(model.backbone_path, model.lm_path)
+            found = ensure_pixel_cache(
+                cache, train_path, processor, cfg.data.pixel_cache, report
+            )
+            if found is not None:
+                remember_pixel_cache(cache, train_path, sources, found)
         pixel_path = str(found) if found else None
+    mark("data_ready")  # scenes, partition and the pixel-cache check
     return Prepared(model, train_path, eval_path, shards, pixel_path)
 
 
@@ -277,6 +289,10 @@ def connect_ray(cfg: Config) -> bool:
                 logging_level=logging.ERROR,
                 log_to_driver=True,
                 runtime_env=env,
+                # No idle workers started ahead for this driver: fedsim's actors ask for
+                # the job's runtime env and start their own processes (Ray's prestarted ones
+                # sat idle, ~80 MB each, one per CPU).
+                _system_config={"prestart_worker_first_driver": False},
             )
     return True
 

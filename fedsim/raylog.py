@@ -5,6 +5,12 @@ runs in every Ray worker process of the run before any task. Two loggers are rai
 the one that logs every ``ray.train.report`` call at INFO ("Reporting training result N ..."),
 and the placement-group cleaner's, which warns every second that the State API is unavailable
 when Ray runs without its dashboard (fedsim's local default). Errors still show.
+
+It also pins ``RAY_ADDRESS`` in the process to the run's own cluster: Ray Train's helpers
+(the placement-group cleaner's State API calls) look a cluster up with ``auto``, which, when
+two runs each have a local Ray on one machine, finds both and fails with "Found multiple active
+Ray instances" (a ConnectionError in that helper actor). With the variable set they ask the
+cluster they run in.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ QUIET = (
 
 
 def quiet_ray_train() -> None:
-    """Raise the chatty Ray Train loggers to ERROR in this process."""
+    """Raise the chatty Ray Train loggers to ERROR in this process; pin ``RAY_ADDRESS``."""
     import importlib.util
+
+    pin_ray_address()
 
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -27,3 +35,13 @@ def quiet_ray_train() -> None:
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.origin:
             logging.getLogger(spec.origin).setLevel(logging.ERROR)
+
+
+def pin_ray_address() -> None:
+    """``RAY_ADDRESS`` = the GCS address of the cluster this (connected) process runs in."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address

@@ -60,6 +60,7 @@ from fedsim.report import RunResult, corpus_summary, loss_text, write_results
 from fedsim.runio import MetricsLog, RunError, save_weights
 from fedsim.scenarios.participation import RoundPlan, plan_round
 from fedsim.secure_round import SecureRound, close_round, open_round
+from fedsim.startup import mark
 from fedsim.state_store import MemoryStore
 from fedsim.training import ClientResult, ClientTask
 
@@ -320,8 +321,9 @@ class FederatedRun:
     ) -> None:
         cfg, prep, pool = ctx.cfg, ctx.prep, ctx.pool
         self.ctx, self.cfg, self.algorithm = ctx, cfg, algorithm
-        self.evaluator = pool.evaluator(cfg, prep)
+        self.evaluator = pool.evaluator(cfg, prep, federated=True)
         self.workers = WorkerSet(pool, pool.workers(cfg, prep))
+        mark("workers_ready")
         # W_0 from the run seed (not from the checkpoint's stored projector).
         self.w0: Weights = ray.get(
             self.workers.handles()[0].init_projector.remote(cfg.seed)
@@ -360,6 +362,7 @@ class FederatedRun:
         if restored is None:
             self.book = Logbook()
             initial_eval(ctx, self.w0, self.book)
+            mark("initial_eval")
         else:
             self._restore(restored)
         # At round 0 every client of a personal algorithm holds W_0 too: one evaluation.
@@ -719,13 +722,15 @@ class FederatedRun:
             "driver": peak_rss_mb(),
             **self.workers.ask("peak_rss_mb"),
             "aggregator": ray.get(agg.peak_rss_mb.remote()),
-            "evaluator": ray.get(ev.peak_rss_mb.remote()),
         }
         nodes = {
             **self.workers.ask("node"),
             "aggregator": ray.get(agg.node.remote()),
-            "evaluator": ray.get(ev.node.remote()),
         }
+        if not ctx.pool.evaluator_shares_worker:
+            # (on worker 0, its process is worker0's entry: counted once)
+            resources["evaluator"] = ray.get(ev.peak_rss_mb.remote())
+            nodes["evaluator"] = ray.get(ev.node.remote())
         benchmarks = (
             {}
             if self.models.personal

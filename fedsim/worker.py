@@ -26,6 +26,7 @@ from fedsim.data.rows import RowReader
 from fedsim.machine import node_id, peak_rss_mb
 from fedsim.models.backbone import init_projector
 from fedsim.models.spec import ModelSpec, load_model, quiet_hf
+from fedsim.startup import mark
 from fedsim.training import ClientResult, ClientTask, TrainSettings, train_cohort
 
 
@@ -43,8 +44,14 @@ class BackboneWorker:
     ) -> None:
         quiet_hf()
 
+        self.spec, self.threads = spec, threads
         self.backbone = load_model(spec, threads)
+        self.evaluator: Any = (
+            None  # attach_evaluator: the Evaluator sharing this process
+        )
+        self.eval_threads = threads
         self.rows = RowReader.open(dataset_path, pixel_path, bad_images, feature_path)
+        mark("worker_loaded")
         self._algorithms: dict[tuple[str, str], Any] = {}
 
     def ready(self) -> dict[str, float]:
@@ -61,6 +68,45 @@ class BackboneWorker:
 
         return init_projector(self.backbone, seed)
 
+    def attach_evaluator(
+        self, dataset_path: str, threads: int, batch_size: int, max_new_tokens: int
+    ) -> None:
+        """Hold an :class:`fedsim.evaluator.Evaluator` in this process too
+        (``ray.evaluator_on_worker``): its own copy of the backbone, its own thread count.
+
+        The process's torch thread count is the training one between evaluations, so the
+        client tasks run exactly as on a worker without it.
+        """
+        from fedsim.evaluator import Evaluator
+
+        try:
+            self.evaluator = Evaluator(
+                self.spec, dataset_path, threads, batch_size, max_new_tokens
+            )
+            self.eval_threads = threads
+        finally:
+            torch.set_num_threads(self.threads)
+
+    def _evaluating(self, method: str, *args: Any) -> Any:
+        """``self.evaluator.<method>(*args)`` on the evaluation's threads."""
+        if self.evaluator is None:
+            raise RuntimeError("BackboneWorker: no Evaluator attached")
+        torch.set_num_threads(self.eval_threads)
+        try:
+            return getattr(self.evaluator, method)(*args)
+        finally:
+            torch.set_num_threads(self.threads)
+
+    def evaluate(self, weights: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """The attached Evaluator's :meth:`~fedsim.evaluator.Evaluator.evaluate`."""
+        return self._evaluating("evaluate", weights)
+
+    def answer_benchmark(
+        self, weights: Mapping[str, torch.Tensor], bench: str, root: str
+    ) -> list[str]:
+        """The attached Evaluator's :meth:`~fedsim.evaluator.Evaluator.answer_benchmark`."""
+        return self._evaluating("answer_benchmark", weights, bench, root)
+
     def train(
         self,
         tasks: list[ClientTask],
@@ -71,6 +117,7 @@ class BackboneWorker:
         *starts: Mapping[str, torch.Tensor],
     ) -> list[ClientResult]:
         """Train a cohort of clients of one round together (``starts[k]``: client k's W)."""
+        mark("first_task")
         key = (algorithm, repr(sorted(params.items())))
         if key not in self._algorithms:
             self._algorithms[key] = build_algorithm(algorithm, params)

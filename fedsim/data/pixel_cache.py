@@ -113,14 +113,121 @@ def ensure_pixel_cache(
 
 
 class PixelStore:
-    """Read-only access to a pixel cache: ``store[rows]`` → ``[len(rows), C, H, W]`` tensor."""
+    """Read-only access to a pixel cache: ``store[rows]`` → ``[len(rows), C, H, W]`` tensor.
+
+    Rows are read with ``os.pread`` rather than through a memory map: the bytes are the same,
+    but the file's pages stay in the kernel's page cache (shared by every worker, reclaimable)
+    instead of being mapped into each worker, where every page a worker ever touched counted
+    in its resident memory (the whole 0.5 GB toy cache, once per worker, by the end of a run).
+    A read costs one copy of the batch's pixels, which the mapped path made too
+    (``np.ascontiguousarray`` of a fancy index).
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self.array = np.load(self.path, mmap_mode="r")
+        # The header only (shape, dtype, where the data starts); the map is closed at once.
+        header = np.load(self.path, mmap_mode="r")
+        self.shape = tuple(int(d) for d in header.shape)
+        self.dtype = header.dtype
+        self.offset = int(header.offset)
+        del header
+        self.row_bytes = (
+            int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        )
+        self.fd: int | None = os.open(self.path, os.O_RDONLY)
 
     def __len__(self) -> int:
-        return int(self.array.shape[0])
+        return self.shape[0]
 
     def __getitem__(self, rows: Sequence[int] | np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.array[np.asarray(rows)]))
+        ids = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(ids), *self.shape[1:]), dtype=self.dtype)
+        flat = out.reshape(len(ids), -1).view(np.uint8)  # [rows, row_bytes]
+        for k, r in enumerate(ids):
+            if not 0 <= r < self.shape[0]:
+                raise IndexError(f"pixel cache {self.path}: row {r} of {self.shape[0]}")
+            at = self.offset + int(r) * self.row_bytes
+            got = os.preadv(self.fd, [flat[k]], at)  # type: ignore[arg-type]
+            if got != self.row_bytes:
+                raise OSError(f"pixel cache {self.path}: short read at row {r}")
+        return torch.from_numpy(out)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path}  # a file descriptor does not travel: reopened
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])  # type: ignore[misc]
+
+    def __del__(self) -> None:
+        fd = getattr(self, "fd", None)
+        if fd is not None:
+            os.close(fd)
+            self.fd = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding a built cache without loading the image processor
+#
+# The cache's name hashes the processor's configuration (``to_dict()``), which needs the
+# processor, which needs transformers' processing and model modules (seconds of imports and
+# ~0.1 GB in the driver, which loads no model). The index below maps what decides that
+# configuration — the backbone's top-level JSON files, byte for byte, and the transformers
+# version — and the dataset's fingerprint to the file the processor named last time. A
+# different file or version is a different key: the slow path then runs and records it.
+
+INDEX = "index.json"
+
+
+def _source_key(dataset_path: Path, sources: Sequence[str | Path | None]) -> str:
+    from importlib.metadata import version
+
+    h = hashlib.sha256()
+    h.update(_fingerprint(dataset_path).encode())
+    h.update(version("transformers").encode())
+    for src in sources:
+        if src is None:
+            continue
+        folder = Path(src)
+        for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def known_pixel_cache(
+    cache_dir: Path, dataset_path: Path, sources: Sequence[str | Path | None]
+) -> Path | None:
+    """The cache file an earlier run's processor named for this dataset and backbone, if it
+    is still there (None: unknown, look it up with the processor)."""
+    index = Path(cache_dir) / "pixels" / INDEX
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return None
+    name = (
+        known.get(_source_key(dataset_path, sources))
+        if isinstance(known, dict)
+        else None
+    )
+    if not isinstance(name, str) or "/" in name or not name.endswith(".npy"):
+        return None
+    path = Path(cache_dir) / "pixels" / name
+    return path if path.is_file() else None
+
+
+def remember_pixel_cache(
+    cache_dir: Path,
+    dataset_path: Path,
+    sources: Sequence[str | Path | None],
+    path: Path,
+) -> None:
+    """Record ``path`` as this dataset's cache under this backbone (write-then-rename)."""
+    index = Path(cache_dir) / "pixels" / INDEX
+    try:
+        known = json.loads(index.read_text())
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    known[_source_key(dataset_path, sources)] = Path(path).name
+    tmp = index.with_name(f".tmp-{os.getpid()}-{INDEX}")
+    tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+    os.replace(tmp, index)

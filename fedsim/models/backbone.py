@@ -19,17 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoProcessor,
-    AutoTokenizer,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    PreTrainedTokenizerBase,
-)
+
+# transformers is a lazy module: its model classes load on first use, not here
+# (the driver imports this module for its checks and never builds a model).
+import transformers
 
 Weights = dict[str, torch.Tensor]
 
@@ -110,12 +103,12 @@ def check_backbone_source(source: str | Path, lm: str | Path | None = None) -> N
                 f"{option}: {str(path)!r} has no config.json (not an HF checkpoint)"
             )
         try:
-            cfg = AutoConfig.from_pretrained(path)
+            cfg = transformers.AutoConfig.from_pretrained(path)
         except (OSError, ValueError, KeyError) as e:
             raise BackboneError(
                 f"{option}: {str(path)!r}: config.json cannot be read ({_first_line(e)})"
             ) from None
-        if lm is None and not isinstance(cfg, LlavaConfig):
+        if lm is None and not isinstance(cfg, transformers.LlavaConfig):
             raise BackboneError(
                 f"model.backbone: {str(path)!r} is a {type(cfg).__name__}, not a LLaVA checkpoint; "
                 "give a vision encoder and model.lm to pair it with a language model"
@@ -127,8 +120,8 @@ def check_backbone_source(source: str | Path, lm: str | Path | None = None) -> N
 class Backbone:
     """A resident LLaVA model with frozen encoder and LM, and what is needed to feed it."""
 
-    model: LlavaForConditionalGeneration
-    tokenizer: PreTrainedTokenizerBase
+    model: transformers.LlavaForConditionalGeneration
+    tokenizer: transformers.PreTrainedTokenizerBase
     image_processor: object
     caption_prompt: str
     qa_prompt: str
@@ -149,7 +142,7 @@ def _freeze(model: torch.nn.Module) -> None:
         p.requires_grad_(".multi_modal_projector." in f".{name}")
 
 
-def _image_seq_length(cfg: LlavaConfig) -> int:
+def _image_seq_length(cfg: transformers.LlavaConfig) -> int:
     v = cfg.vision_config
     patches = (v.image_size // v.patch_size) ** 2
     return patches + (1 if cfg.vision_feature_select_strategy == "full" else 0)
@@ -205,17 +198,17 @@ def load_backbone(
             raise BackboneError(
                 f"model.backbone: {str(path)!r} has no config.json (not an HF checkpoint)"
             )
-        cfg = AutoConfig.from_pretrained(path)
-        if not isinstance(cfg, LlavaConfig):
+        cfg = transformers.AutoConfig.from_pretrained(path)
+        if not isinstance(cfg, transformers.LlavaConfig):
             raise BackboneError(
                 f"model.backbone: {str(path)!r} is a {type(cfg).__name__}, not a LLaVA checkpoint; "
                 "give a vision encoder and model.lm to pair it with a language model"
             )
         require_safetensors(path, "model.backbone")
-        model = LlavaForConditionalGeneration.from_pretrained(
+        model = transformers.LlavaForConditionalGeneration.from_pretrained(
             path, dtype=dtype, use_safetensors=True
         )
-        processor = AutoProcessor.from_pretrained(path)
+        processor = transformers.AutoProcessor.from_pretrained(path)
         tokenizer, image_processor = processor.tokenizer, processor.image_processor
     else:
         model, tokenizer, image_processor = _assemble_pair(path, Path(lm), dtype)
@@ -252,24 +245,30 @@ def load_image_processor(source: str | Path, lm: str | Path | None = None) -> ob
     """The image processor :func:`load_backbone` gives the same arguments (without the model)."""
     check_backbone_source(source, lm)
     if lm is None:
-        return AutoProcessor.from_pretrained(source).image_processor
-    return AutoImageProcessor.from_pretrained(source)
+        return transformers.AutoProcessor.from_pretrained(source).image_processor
+    return transformers.AutoImageProcessor.from_pretrained(source)
 
 
 def _assemble_pair(
     vision_path: Path, lm_path: Path, dtype: torch.dtype
-) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase, object]:
+) -> tuple[
+    transformers.LlavaForConditionalGeneration,
+    transformers.PreTrainedTokenizerBase,
+    object,
+]:
     """Assemble a vision encoder folder and a causal LM folder into one LLaVA model."""
     if not lm_path.exists():
         raise BackboneError(f"model.lm: path {str(lm_path)!r} does not exist")
     require_safetensors(vision_path, "model.backbone")
     require_safetensors(lm_path, "model.lm")
-    vision = AutoModel.from_pretrained(vision_path, dtype=dtype, use_safetensors=True)
-    lm = AutoModelForCausalLM.from_pretrained(
+    vision = transformers.AutoModel.from_pretrained(
+        vision_path, dtype=dtype, use_safetensors=True
+    )
+    lm = transformers.AutoModelForCausalLM.from_pretrained(
         lm_path, dtype=dtype, use_safetensors=True
     )
-    tokenizer = AutoTokenizer.from_pretrained(lm_path)
-    image_processor = AutoImageProcessor.from_pretrained(vision_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(lm_path)
+    image_processor = transformers.AutoImageProcessor.from_pretrained(vision_path)
     image_token = "<image>"
     if image_token not in tokenizer.get_vocab():
         raise BackboneError(
@@ -284,14 +283,14 @@ def assemble_llava(
     lm: Any,
     image_token_id: int,
     projector_act: str = "gelu",
-) -> LlavaForConditionalGeneration:
+) -> transformers.LlavaForConditionalGeneration:
     """A LlavaForConditionalGeneration holding ``vision`` (a CLIP vision model) and ``lm`` (a
     causal LM), projector freshly initialised: how a vision + LM pair and the toy are assembled.
 
     Uses every patch and CLS (strategy "full") from the last encoder layer (-1): the toy encoder was
     pre-trained with exactly that many layers, and CLS carries its attribute summary.
     """
-    lcfg = LlavaConfig(
+    lcfg = transformers.LlavaConfig(
         vision_config=vision.config.to_dict(),
         text_config=lm.config.to_dict(),
         image_token_id=image_token_id,
@@ -303,7 +302,7 @@ def assemble_llava(
         tie_word_embeddings=False,
         multimodal_projector_bias=True,
     )
-    model = LlavaForConditionalGeneration(lcfg)
+    model = transformers.LlavaForConditionalGeneration(lcfg)
     model.model.vision_tower.load_state_dict(vision.state_dict())
     model.model.language_model.load_state_dict(lm.model.state_dict())
     model.lm_head.load_state_dict(lm.lm_head.state_dict())
@@ -370,15 +369,19 @@ def expected_projector_shapes(
     """
     try:
         if lm is None:
-            cfg = AutoConfig.from_pretrained(source)
-            if not isinstance(cfg, LlavaConfig):
+            cfg = transformers.AutoConfig.from_pretrained(source)
+            if not isinstance(cfg, transformers.LlavaConfig):
                 return None
             v_dim = cfg.vision_config.hidden_size
             t_dim = cfg.text_config.hidden_size
         else:
-            vcfg = AutoConfig.from_pretrained(source)
+            vcfg = transformers.AutoConfig.from_pretrained(source)
             v_dim = getattr(vcfg, "vision_config", vcfg).hidden_size
-            t_dim = AutoConfig.from_pretrained(lm).get_text_config().hidden_size
+            t_dim = (
+                transformers.AutoConfig.from_pretrained(lm)
+                .get_text_config()
+                .hidden_size
+            )
         with torch.device("meta"):
             if projector == "mlp2x_gelu" and lm is None:
                 from transformers.models.llava.modeling_llava import (

@@ -19,14 +19,7 @@ import torch
 
 from fedsim.config import Config
 from fedsim.configtools import ConfigError
-from fedsim.eval.toy import score_toy_warmup
 from fedsim.models.backbone import check_backbone_source, load_backbone
-from fedsim.models.toy import (
-    ToyBuildConfig,
-    ToyBuildError,
-    build_toy_backbone,
-    toy_backbone_path,
-)
 from fedsim.models.toy_reference import ReferenceError, reference_toy_backbone
 from fedsim.runio import RunError, cache_folder
 
@@ -77,7 +70,11 @@ def resolve_backbone(
         path = toy_reference_path()
     elif cfg.model.backbone == "toy-recipe":
         # The recipe scores its warm-up with the toy evaluation (eval/ is passed in, never
-        # imported by the recipe: models/toy.py stays below eval/).
+        # imported by the recipe: models/toy.py stays below eval/). Imported here: the
+        # recipe needs transformers' model classes, which a run's driver never loads.
+        from fedsim.eval.toy import score_toy_warmup
+        from fedsim.models.toy import ToyBuildError, build_toy_backbone
+
         try:
             path = build_toy_backbone(
                 cache_dir=cache_folder(cfg.cache_dir),
@@ -132,6 +129,8 @@ def check_backbone(cfg: Config) -> None:
     Before anything is written; a toy-recipe backbone not built yet is checked once built.
     """
     if cfg.model.backbone == "toy-recipe":
+        from fedsim.models.toy import ToyBuildConfig, toy_backbone_path
+
         built = toy_backbone_path(ToyBuildConfig(), cache_folder(cfg.cache_dir))
         if (built / "fedsim.json").exists():
             check_scene_fits_backbone(

@@ -56,7 +56,11 @@ PHASES = (
     ("data_ready", "scenes, partition and the pixel-cache check"),
     ("ray_init", "ray.init (GCS, raylet, agents)"),
     ("workers_ready", "actors constructed, each BackboneWorker's backbone loaded"),
-    ("initial_eval", "W_0 drawn, the Aggregator, the untrained projector's evaluation"),
+    (
+        "initial_eval",
+        "W_0 drawn, the Aggregator, the untrained projector's evaluation sent (it runs "
+        "alongside round 1)",
+    ),
     ("first_task", "the first client task begins on a worker"),
 )
 

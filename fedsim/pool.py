@@ -11,6 +11,7 @@ evaluation set and the seed, so it is computed once per seed.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -342,12 +343,24 @@ class ActorPool:
 
     def initial_eval(self, seed: int, weights: Any) -> dict[str, float]:
         """The evaluation of W_0 for ``seed`` (computed by the current Evaluator once)."""
+        return self.submit_initial_eval(seed, weights)()
+
+    def submit_initial_eval(
+        self, seed: int, weights: Any
+    ) -> Callable[[], dict[str, float]]:
+        """Start the evaluation of W_0 for ``seed`` (unless the current Evaluator has it
+        already) and return what waits for its result: the run goes on meanwhile."""
         import ray
 
         key = (self._active_key, seed)
-        if key not in self._initial:
-            self._initial[key] = ray.get(self._active.evaluate.remote(weights))
-        return dict(self._initial[key])
+        ref = None if key in self._initial else self._active.evaluate.remote(weights)
+
+        def result() -> dict[str, float]:
+            if key not in self._initial:
+                self._initial[key] = ray.get(ref)
+            return dict(self._initial[key])
+
+        return result
 
     @staticmethod
     def _kill(actors: list[Any]) -> None:

@@ -19,6 +19,7 @@ Ray Train (:mod:`fedsim.pooled`); :func:`run_pooled` is its driver side.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property, partial
 from pathlib import Path
@@ -106,10 +107,31 @@ class Logbook:
 
 def initial_eval(ctx: RunContext, weights: Weights, book: Logbook) -> None:
     """The untrained projector's evaluation, logged as round 0 (when ``eval.at_start``)."""
+    log_initial_eval(ctx, submit_initial_eval(ctx, weights), book)
+
+
+#: The round-0 evaluation under way: (when it was started, what waits for its result).
+PendingEval = tuple[float, Callable[[], dict[str, float]]]
+
+
+def submit_initial_eval(ctx: RunContext, weights: Weights) -> PendingEval | None:
+    """Start the untrained projector's evaluation (when ``eval.at_start``); the run's first
+    client tasks go out while it runs (:func:`log_initial_eval` waits for it)."""
     if not ctx.cfg.eval.at_start:
+        return None
+    return time.perf_counter(), ctx.pool.submit_initial_eval(
+        ctx.cfg.seed, ray.put(weights)
+    )
+
+
+def log_initial_eval(
+    ctx: RunContext, pending: PendingEval | None, book: Logbook
+) -> None:
+    """Wait for the round-0 evaluation and log it as round 0 (before any other record)."""
+    if pending is None:
         return
-    t0 = time.perf_counter()
-    result = ctx.pool.initial_eval(ctx.cfg.seed, ray.put(weights))
+    t0, result_of = pending
+    result = result_of()
     book.append(
         ctx,
         {
@@ -359,13 +381,22 @@ class FederatedRun:
         self.sim_clock = 0.0
         self.first = 1
         self.w0_eval: dict[str, float] = {}
+        # W_0's evaluation runs alongside round 1's client tasks; its result is logged as
+        # round 0 before anything after it (:meth:`log_round_zero`).
+        self.pending: PendingEval | None = None
         if restored is None:
             self.book = Logbook()
-            initial_eval(ctx, self.w0, self.book)
+            self.pending = submit_initial_eval(ctx, self.w0)
             mark("initial_eval")
         else:
             self._restore(restored)
-        # At round 0 every client of a personal algorithm holds W_0 too: one evaluation.
+
+    def log_round_zero(self) -> None:
+        """The round-0 evaluation, once, before anything reads it or logs after it. At round 0
+        every client of a personal algorithm holds W_0 too: one evaluation for all of them."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            log_initial_eval(self.ctx, pending, self.book)
         self.w0_eval.update(self.book.initial_eval or {})
 
     def _restore(self, restored: RoundState) -> None:
@@ -391,6 +422,7 @@ class FederatedRun:
             t0 = time.perf_counter()
             planned = self.plan(rnd)
             trained = self.train(rnd, planned)
+            self.log_round_zero()
             agg = self.aggregate(rnd, trained)
             self.commit(trained, agg, planned.starts)
             record = self.record(rnd, planned, trained, agg)
@@ -703,6 +735,7 @@ class FederatedRun:
     def finish(self) -> RunResult:
         """The final projector (a personal algorithm: every client's own, keyed
         ``client-<id>/<name>``), the server state, peak memory, the toy suite."""
+        self.log_round_zero()  # a run of no rounds, or resumed after its last round
         ctx, cfg = self.ctx, self.cfg
         final = ctx.out_dir / "final"
         if isinstance(self.models, PersonalModels):

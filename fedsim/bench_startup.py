@@ -17,7 +17,8 @@ and watch its whole process tree:
   every Ray worker process, which the raylet starts: the actors and any idle pooled worker).
   Per process its peak resident set size is the kernel's high-water mark (``VmHWM`` in
   ``/proc/<pid>/status``, read at every sample, so a peak between two samples is not missed
-  while the process lives). Reported: the sum of the per-process peaks (an upper bound on the
+  while the process lives; the latest mark counts, since exec starts a new one). A child
+  between fork and exec is not sampled: it still shows its parent's command line and memory. Reported: the sum of the per-process peaks (an upper bound on the
   tree's peak: processes need not peak together), the largest sum of current RSS seen in one
   sample, and the per-process list. RSS counts shared pages (libraries, the page cache of
   memory-mapped files) once per process that maps them, as ``ps`` and Flower's comparison do.
@@ -108,6 +109,20 @@ def vm_hwm_mb(pid: int) -> float | None:
     return None
 
 
+def _before_exec(p: Any) -> bool:
+    """True while ``p`` is a child between fork and exec: it still shows its parent's command
+    line, and its memory figures are its parent's (a vfork child shares the parent's address
+    space; a fork child its pages). Counting such a sample charged the driver's ~380 MB to
+    Ray's log monitor, whose own peak after exec is ~80 MB."""
+    import psutil
+
+    try:
+        parent = p.parent()
+        return parent is not None and p.cmdline() == parent.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return True
+
+
 @dataclass
 class ProcessPeak:
     """One process of the run: its role, first command-line words and peak RSS (MiB)."""
@@ -140,6 +155,8 @@ class TreeSampler:
         total = 0.0
         for p in tree:
             try:
+                if p.pid != self.root and _before_exec(p):
+                    continue
                 with p.oneshot():
                     rss = p.memory_info().rss / 2**20
                     key = (p.pid, p.create_time())  # a reused pid is another process
@@ -158,7 +175,11 @@ class TreeSampler:
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             hwm = vm_hwm_mb(p.pid)
-            rec.peak_rss_mb = max(rec.peak_rss_mb, rss, hwm or 0.0)
+            # The latest high-water mark, not the largest ever read: exec starts a new
+            # address space whose mark starts again from zero (see _before_exec).
+            rec.peak_rss_mb = (
+                max(rss, hwm) if hwm is not None else max(rec.peak_rss_mb, rss)
+            )
             total += rss
         self.max_sum_rss_mb = max(self.max_sum_rss_mb, total)
         self.samples += 1

@@ -234,3 +234,44 @@ def test_evaluator_on_worker_gives_the_same_bits(tmp_path, cache_dir, ray_sessio
         assert ("evaluator" in peaks) is (mode == "off")
     assert digests["on"] == digests["off"]
     assert evals["on"] == evals["off"] and evals["on"][0] is not None
+
+
+# A parent holding 128 MiB that forks a child which never execs: until it would, the child
+# shows the parent's command line and its 128 MiB (shared, copy-on-write).
+_FORK = textwrap.dedent(
+    """
+    import os, sys, time
+    b = b'\\x01' * (128 * 2**20)
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    print(pid, flush=True)
+    time.sleep(30)
+    """
+)
+
+
+def test_sampler_skips_a_child_before_exec():
+    """A forked child that has not exec'd yet is its parent's image: counting it would charge
+    the parent's pages twice (what made Ray's log monitor look like 384 MB)."""
+    root = subprocess.Popen(
+        [sys.executable, "-c", _FORK], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        child = int(root.stdout.readline())
+        sampler = TreeSampler(root.pid, time.time())
+        for _ in range(2):
+            sampler.sample()
+        s = sampler.summary()
+    finally:
+        root.kill()
+        root.wait()
+        try:
+            os.kill(child, 9)
+        except (ProcessLookupError, UnboundLocalError):
+            pass
+    assert [p["pid"] for p in s["processes"]] == [root.pid]
+    assert s["processes"][0]["peak_rss_mb"] >= 128
+    # one process counted: the largest summed sample is the parent's own RSS, not twice it
+    assert s["max_sum_rss_mb"] <= s["processes"][0]["peak_rss_mb"]

@@ -358,3 +358,67 @@ class Aggregator:
 
     def node(self) -> str:
         return node_id()
+
+
+def actor_threads() -> int:
+    """The torch threads an Aggregator actor runs with: Ray gives an actor that asks for no
+    CPU ``OMP_NUM_THREADS=1`` unless the environment sets it (ray._private.utils.
+    set_omp_num_threads_if_unset). Reductions (norms, sums) depend on the thread count."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    except ValueError:
+        return 1
+
+
+class InDriver:
+    """An :class:`Aggregator` inside the driver process (``ray.aggregator_in_driver``),
+    called as the actor is: ``handle.aggregate.remote(...)`` returns an ObjectRef.
+
+    The call runs at once, in the driver, on :func:`actor_threads` threads — what the actor
+    would be given. Arguments and results travel as they do to and from an actor: each
+    ObjectRef argument is resolved, every other argument and the result are copied through
+    Ray's object store, so the Aggregator never shares a tensor with the driver and the
+    results are the actor's bits. An exception is raised by ``.remote()`` itself, as the
+    actor's own exception (not wrapped in a RayTaskError).
+    """
+
+    def __init__(self, *args: Any) -> None:
+        self._aggregator = _on_actor_threads(Aggregator, *self._copied(args))
+
+    @staticmethod
+    def _copied(values: Sequence[Any]) -> list[Any]:
+        import ray
+
+        return [
+            ray.get(v) if isinstance(v, ray.ObjectRef) else ray.get(ray.put(v))
+            for v in values
+        ]
+
+    def __getattr__(self, name: str) -> _InDriverMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _InDriverMethod(self, getattr(Aggregator, name))
+
+
+@dataclasses.dataclass(frozen=True)
+class _InDriverMethod:
+    """One method of :class:`InDriver`'s Aggregator, with the actor method's ``.remote``."""
+
+    owner: InDriver
+    method: Any
+
+    def remote(self, *args: Any) -> Any:
+        import ray
+
+        args = self.owner._copied(args)
+        return ray.put(_on_actor_threads(self.method, self.owner._aggregator, *args))
+
+
+def _on_actor_threads(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` with torch on :func:`actor_threads` threads, the driver's restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(actor_threads())
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(threads)

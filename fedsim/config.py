@@ -535,6 +535,13 @@ class RayConfig:
         with ``eval.threads`` threads, training with ``ray.threads_per_worker``, as on separate
         actors: the results are the same bits either way. Centralized runs and the vLLM
         backend always use an Evaluator of their own.
+    aggregator_in_driver:
+        Where a federated run's Aggregator lives. ``on``: inside the driver process, which
+        already holds torch and the round's updates: one process less (~0.4 GB). ``off``: an
+        actor of its own, on the driver's node. ``auto`` (the default): ``on`` on a small
+        machine — a local Ray on at most 4 CPUs, ``aggregator_gpus`` 0 — else ``off``. Either
+        way the server half runs on the threads an actor gets (``OMP_NUM_THREADS``, else 1)
+        and gets copies of its inputs: the results are the same bits.
     """
 
     address: str | None = None
@@ -552,6 +559,7 @@ class RayConfig:
     dashboard_host: str = "127.0.0.1"
     task_retries: int = 3
     evaluator_on_worker: Literal["auto", "on", "off"] = "auto"
+    aggregator_in_driver: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
         _positive(

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedsim.aggregator import Aggregator
+from fedsim.aggregator import Aggregator, InDriver
 from fedsim.config import Config
 from fedsim.evaluator import Evaluator, VLLMEvaluator
 from fedsim.models.backbone import BackboneError
@@ -55,6 +55,29 @@ def evaluator_on_worker(cfg: Config, cpus: int | None = None) -> bool:
     return (cpus if cpus is not None else os.cpu_count() or 1) <= SMALL_MACHINE_CPUS
 
 
+def aggregator_in_driver(cfg: Config, cpus: int | None = None) -> bool:
+    """Whether a federated run of ``cfg`` runs its Aggregator inside the driver process
+    (``ray.aggregator_in_driver``; ``cpus``: the machine's, default ``os.cpu_count()``).
+
+    ``auto``: on a small machine only — a local Ray (no ``ray.address``) on at most
+    :data:`SMALL_MACHINE_CPUS` CPUs with the Aggregator on the CPU (``ray.aggregator_gpus``
+    0). ``on`` with a GPU for the Aggregator is refused: the driver holds no Ray GPU.
+    """
+    from fedsim.configtools import ConfigError
+
+    mode = cfg.ray.aggregator_in_driver
+    if mode == "on":
+        if cfg.ray.aggregator_gpus > 0:
+            raise ConfigError(
+                "ray.aggregator_in_driver: on needs ray.aggregator_gpus 0 (the driver "
+                "holds no Ray GPU; an Aggregator on a GPU is an actor of its own)"
+            )
+        return True
+    if mode == "off" or cfg.ray.aggregator_gpus > 0 or cfg.ray.address:
+        return False
+    return (cpus if cpus is not None else os.cpu_count() or 1) <= SMALL_MACHINE_CPUS
+
+
 class _EvaluatorOnWorker:
     """The Evaluator's methods, answered by BackboneWorker 0 (``ray.evaluator_on_worker``).
 
@@ -88,7 +111,7 @@ class ActorPool:
         self._evaluator_key: tuple[Any, ...] | None = None
         self._initial: dict[tuple[Any, ...], dict[str, float]] = {}
         self._aggregator: Any = None
-        self._aggregator_gpus = 0.0
+        self._aggregator_where: tuple[Any, ...] = ()
         self._trainer: Any = None
         self._trainer_key: tuple[Any, ...] | None = None
         self._trainer_dir: str | None = None
@@ -307,15 +330,22 @@ class ActorPool:
         on_reject: str = "continue",
         diagnostics: bool = False,
         gpus: float = 0.0,
+        in_driver: bool = False,
     ) -> Any:
         """The Aggregator actor, reset to a fresh server state for a new run; with ``gpus``
-        (``ray.aggregator_gpus``) > 0 it holds a GPU and aggregates there."""
+        (``ray.aggregator_gpus``) > 0 it holds a GPU and aggregates there. ``in_driver``
+        (:func:`aggregator_in_driver`): an :class:`~fedsim.aggregator.InDriver` instead,
+        called the same way."""
         import ray
 
-        if self._aggregator is not None and self._aggregator_gpus != gpus:
-            self._kill([self._aggregator])
+        where = ("driver",) if in_driver else ("actor", gpus)
+        if self._aggregator is not None and self._aggregator_where != where:
+            if not isinstance(self._aggregator, InDriver):
+                self._kill([self._aggregator])
             self._aggregator = None
-        if self._aggregator is None:
+        if self._aggregator is None and in_driver:
+            self._aggregator = InDriver(algorithm, params, weights, num_clients)
+        elif self._aggregator is None:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             # On the driver's node: the run ends with that node anyway, so the server state
@@ -326,7 +356,7 @@ class ActorPool:
             self._aggregator = ray.remote(
                 num_cpus=0, num_gpus=gpus, scheduling_strategy=here
             )(Aggregator).remote(algorithm, params, weights, num_clients)
-            self._aggregator_gpus = gpus
+        self._aggregator_where = where
         ray.get(
             self._aggregator.reset.remote(
                 algorithm,
@@ -377,7 +407,7 @@ class ActorPool:
         self._kill(self._workers)
         if self._evaluator is not None:
             self._kill([self._evaluator])
-        if self._aggregator is not None:
+        if self._aggregator is not None and not isinstance(self._aggregator, InDriver):
             self._kill([self._aggregator])
         self._aggregator = None
         self._workers, self._evaluator = [], None

@@ -31,6 +31,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from fedsim.aggregator import InDriver
 from fedsim.algorithms.base import PartialSum, add
 from fedsim.checkpoint import (
     RoundState,
@@ -45,7 +46,7 @@ from fedsim.data.streams import Cursor, take
 from fedsim.dispatch import DispatchStats, WorkerSet, WorkersLost, dispatch
 from fedsim.evaluate import toy_benchmarks
 from fedsim.machine import peak_rss_mb
-from fedsim.pool import ActorPool
+from fedsim.pool import ActorPool, aggregator_in_driver
 from fedsim.pooled import pooled_plan
 from fedsim.prepare import (
     Prepared,
@@ -360,6 +361,7 @@ class FederatedRun:
             cfg.validation.on_reject,
             cfg.train.diagnostics,
             cfg.ray.aggregator_gpus,
+            aggregator_in_driver(cfg),
         )
         # Client-level DP (fedsim.privacy): z chosen here when privacy.target_epsilon is set.
         self.privacy = plan_privacy(cfg, type(algorithm))
@@ -751,11 +753,9 @@ class FederatedRun:
         if server_state:
             save_weights(final / "server_state.safetensors", server_state)
         agg, ev = self.aggregator, self.evaluator
-        resources = {
-            "driver": peak_rss_mb(),
-            **self.workers.ask("peak_rss_mb"),
-            "aggregator": ray.get(agg.peak_rss_mb.remote()),
-        }
+        resources = {"driver": peak_rss_mb(), **self.workers.ask("peak_rss_mb")}
+        if not isinstance(agg, InDriver):  # (in the driver: the driver's entry)
+            resources["aggregator"] = ray.get(agg.peak_rss_mb.remote())
         nodes = {
             **self.workers.ask("node"),
             "aggregator": ray.get(agg.node.remote()),

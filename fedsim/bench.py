@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -55,6 +54,7 @@ from fedsim.bench_common import (
     swap_seconds,
     training_ways,
 )
+from fedsim.bench_startup import run_command
 from fedsim.config import Config
 from fedsim.data.rows import RowReader
 from fedsim.models.backbone import init_projector, load_backbone
@@ -270,17 +270,7 @@ def bench_memory(
             "eval.benchmarks=[]",
             *sets,
         ]
-        cmd = [
-            sys.executable,
-            "-m",
-            "fedsim.cli",
-            "run",
-            "--no-progress",
-            "--out",
-            str(run_dir),
-        ]
-        for o in overrides:
-            cmd += ["--set", o]
+        cmd = run_command(run_dir, overrides)
         console.print(
             f"[bold]memory[/bold]: fedsim run with {n} logical clients ({s.memory_cohort} a round, {s.memory_rounds} rounds)"
         )

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +34,8 @@ from typing import Any
 
 import torch
 from rich.table import Table
+
+from fedsim.bench_startup import run_command
 
 CLIENTS = 4
 STEPS = 1
@@ -360,10 +361,7 @@ def run_memory(
 ) -> dict[str, Any]:
     """``fedsim run`` on the skeleton (1 round, one worker): peak RSS of every process."""
     run_dir = out / "real-shape-run"
-    cmd = [sys.executable, "-m", "fedsim.cli", "run", "--no-progress", "--out"]
-    cmd.append(str(run_dir))
-    for o in [*skeleton_sets(path, cache_dir), "rounds=1"]:
-        cmd += ["--set", o]
+    cmd = run_command(run_dir, [*skeleton_sets(path, cache_dir), "rounds=1"])
     console.print("[bold]real shape memory[/bold]: fedsim run on the skeleton, 1 round")
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)

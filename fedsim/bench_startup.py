@@ -244,7 +244,9 @@ def phase_seconds(marks: Mapping[str, float], t0: float) -> dict[str, float]:
     return out
 
 
-def _run_cmd(out_dir: Path, sets: Sequence[str]) -> list[str]:
+def run_command(out_dir: Path, sets: Sequence[str]) -> list[str]:
+    """``fedsim run --no-progress -o out_dir --set …`` in this interpreter: how every bench
+    section starts a whole run in a process of its own."""
     cmd = [
         sys.executable,
         "-m",
@@ -276,7 +278,7 @@ def watch_run(
     log = open(out_dir.parent / f"{out_dir.name}.log", "w", encoding="utf-8")
     t0 = time.time()
     proc = subprocess.Popen(
-        _run_cmd(out_dir, sets), env=env, stdout=log, stderr=subprocess.STDOUT
+        run_command(out_dir, sets), env=env, stdout=log, stderr=subprocess.STDOUT
     )
     sampler = TreeSampler(proc.pid, t0)
     stopped: float | None = None  # when Ctrl-C was sent

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -334,40 +335,57 @@ def _check_bench(s: Any) -> None:
         )
 
 
-def _bench_settings(settings_type: Any, f: dict[str, Any]) -> Any:
-    """``fedsim bench``'s flags (by parameter name) checked and parsed into its settings."""
-    sections = _bench_sections(f["sections"])
+@dataclass(frozen=True)
+class BenchFlags:
+    """``fedsim bench``'s flags as typed (strings for the comma-separated lists)."""
+
+    sections: str
+    clients: int
+    steps: int
+    batch: int
+    repeats: int
+    device: str
+    threads: int
+    tf32: bool
+    cohort_sizes: str
+    memory_clients: str
+    memory_cohort: int
+    memory_rounds: int
+    secagg_sizes: str
+    agg_limit_clients: int
+    agg_limit_sizes: str
+    agg_limit_power: bool
+
+
+def _bench_settings(settings_type: Any, f: BenchFlags) -> Any:
+    """``fedsim bench``'s flags checked and parsed into its settings."""
+    sections = _bench_sections(f.sections)
     _check_positive(
-        **{
-            k: f[k]
-            for k in (
-                "clients",
-                "steps",
-                "batch",
-                "repeats",
-                "threads",
-                "memory_cohort",
-                "memory_rounds",
-                "agg_limit_clients",
-            )
-        }
+        clients=f.clients,
+        steps=f.steps,
+        batch=f.batch,
+        repeats=f.repeats,
+        threads=f.threads,
+        memory_cohort=f.memory_cohort,
+        memory_rounds=f.memory_rounds,
+        agg_limit_clients=f.agg_limit_clients,
     )
     settings = settings_type(
-        clients=f["clients"],
-        steps=f["steps"],
-        batch=f["batch"],
-        repeats=f["repeats"],
-        device=f["device"],
-        threads=f["threads"],
-        tf32=f["tf32"],
-        cohort_sizes=_ints("--cohort-sizes", f["cohort_sizes"]),
-        memory_clients=_ints("--memory-clients", f["memory_clients"]),
-        memory_cohort=f["memory_cohort"],
-        memory_rounds=f["memory_rounds"],
-        secagg_sizes=_ints("--secagg-sizes", f["secagg_sizes"]),
-        agg_limit_clients=f["agg_limit_clients"],
-        agg_limit_sizes=_agg_limit_sizes(f["agg_limit_sizes"]),
-        agg_limit_power=f["agg_limit_power"],
+        clients=f.clients,
+        steps=f.steps,
+        batch=f.batch,
+        repeats=f.repeats,
+        device=f.device,
+        threads=f.threads,
+        tf32=f.tf32,
+        cohort_sizes=_ints("--cohort-sizes", f.cohort_sizes),
+        memory_clients=_ints("--memory-clients", f.memory_clients),
+        memory_cohort=f.memory_cohort,
+        memory_rounds=f.memory_rounds,
+        secagg_sizes=_ints("--secagg-sizes", f.secagg_sizes),
+        agg_limit_clients=f.agg_limit_clients,
+        agg_limit_sizes=_agg_limit_sizes(f.agg_limit_sizes),
+        agg_limit_power=f.agg_limit_power,
         sections=sections,
     )
     _check_bench(settings)
@@ -436,8 +454,30 @@ def bench(
     ] = False,
 ) -> None:
     """Measure client updates/s, swap time, aggregation time and memory; ratios to baselines."""
-    # Every flag by name, read before any local is bound (the imports below are locals).
-    flags = {k: v for k, v in locals().items() if k not in ("config", "set_", "out")}
+    flags = BenchFlags(
+        sections=sections,
+        clients=clients,
+        steps=steps,
+        batch=batch,
+        repeats=repeats,
+        device=device,
+        threads=threads,
+        tf32=tf32,
+        cohort_sizes=cohort_sizes,
+        memory_clients=memory_clients,
+        memory_cohort=memory_cohort,
+        memory_rounds=memory_rounds,
+        secagg_sizes=secagg_sizes,
+        agg_limit_clients=agg_limit_clients,
+        agg_limit_sizes=agg_limit_sizes,
+        agg_limit_power=agg_limit_power,
+    )
+    _run_bench(config, list(set_ or []), out, flags)
+
+
+def _run_bench(
+    config: str | None, sets: list[str], out: Path, flags: BenchFlags
+) -> None:
     # Imported on use: keeps `fedsim` start-up fast.
     from fedsim.bench import BenchSettings, run_bench
     from fedsim.config import load_config
@@ -445,8 +485,7 @@ def bench(
 
     settings = _bench_settings(BenchSettings, flags)
     try:
-        cfg = load_config(config, list(set_ or []))
-        run_bench(cfg, settings, out, list(set_ or []), console)
+        run_bench(load_config(config, sets), settings, out, sets, console)
     except (ConfigError, BackboneError) as e:
         _fail(str(e))
 

@@ -132,13 +132,15 @@ def test_marks_are_written_once_per_process_and_read_earliest(tmp_path, monkeypa
 
 def test_driver_side_modules_import_no_model_code():
     """The driver and the Aggregator never build a model: importing them loads neither
-    transformers' model/processing modules nor the toy recipe (seconds and ~0.1 GB each)."""
+    transformers' model/processing modules nor the toy recipe (seconds and ~0.1 GB each),
+    nor dp_accounting and SciPy while no run asks for privacy (~70 MB)."""
     code = textwrap.dedent(
         """
         import sys
         import fedsim.cli, fedsim.driver, fedsim.aggregator, fedsim.bench_startup
         heavy = [m for m in ("transformers.modeling_utils", "transformers.processing_utils",
-                 "transformers.image_processing_utils", "fedsim.models.toy") if m in sys.modules]
+                 "transformers.image_processing_utils", "fedsim.models.toy",
+                 "dp_accounting", "scipy") if m in sys.modules]
         print(",".join(heavy))
         """
     )

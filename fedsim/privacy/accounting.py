@@ -28,15 +28,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
 
-try:  # the optional extra fedsim[privacy]; fedsim runs without it while privacy is off
+if TYPE_CHECKING:
     import dp_accounting
-    from dp_accounting import dp_event
-    from dp_accounting.pld import pld_privacy_accountant
-    from dp_accounting.rdp import rdp_privacy_accountant
-except ImportError:  # pragma: no cover - exercised only where the extra is missing
-    dp_accounting = None  # type: ignore[assignment]
 
 Sampling = Literal["poisson", "fixed", "none"]
 AccountantName = Literal["rdp", "pld"]
@@ -46,11 +42,19 @@ class PrivacyConfigError(ValueError):
     """A privacy setting that cannot be accounted for (one line, naming the field)."""
 
 
-def _require() -> None:
-    if dp_accounting is None:
+def _lib() -> ModuleType:
+    """``dp_accounting``, imported on first use: the optional extra fedsim[privacy] (it
+    brings SciPy: ~70 MB and a few tenths of a second that a run without privacy never pays).
+    """
+    try:
+        import dp_accounting
+        import dp_accounting.pld.pld_privacy_accountant
+        import dp_accounting.rdp.rdp_privacy_accountant
+    except ImportError:  # pragma: no cover - exercised only where the extra is missing
         raise PrivacyConfigError(
             "privacy.mechanism: needs the dp-accounting package: pip install 'fedsim[privacy]'"
-        )
+        ) from None
+    return dp_accounting
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,9 @@ class Participation:
         return 1.0 if self.sampling == "none" else self.cohort_size / self.num_clients
 
 
-def round_event(z: float, part: Participation) -> dp_event.DpEvent:
+def round_event(z: float, part: Participation) -> Any:
     """One round's DpEvent: the Gaussian sum (multiplier z) under ``part``'s sampling."""
-    _require()
+    dp_event = _lib().dp_event
     if part.sampling == "poisson":
         return dp_event.PoissonSampledDpEvent(part.q, dp_event.GaussianDpEvent(z))
     if part.sampling == "fixed":
@@ -100,8 +104,9 @@ def make_accountant(
     name: AccountantName, part: Participation
 ) -> dp_accounting.PrivacyAccountant:
     """A fresh accountant for ``part``; PLD has no fixed-size sampling (refused)."""
-    _require()
-    rel = dp_accounting.NeighboringRelation
+    lib = _lib()
+    rdp_privacy_accountant = lib.rdp.rdp_privacy_accountant
+    rel = lib.NeighboringRelation
     if part.sampling == "fixed":
         if name != "rdp":
             raise PrivacyConfigError(
@@ -114,7 +119,7 @@ def make_accountant(
     if name == "rdp":
         return rdp_privacy_accountant.RdpAccountant()
     if name == "pld":
-        return pld_privacy_accountant.PLDAccountant()
+        return lib.pld.pld_privacy_accountant.PLDAccountant()
     raise PrivacyConfigError(f"privacy.accountant: {name!r} is not rdp or pld")
 
 
@@ -137,7 +142,7 @@ def epsilon(
     if z == 0:
         return math.inf
     acc = make_accountant(accountant, part)
-    acc.compose(dp_event.SelfComposedDpEvent(round_event(z, part), rounds))
+    acc.compose(_lib().dp_event.SelfComposedDpEvent(round_event(z, part), rounds))
     return float(acc.get_epsilon(delta))
 
 

@@ -158,20 +158,23 @@ class TreeSampler:
                 if p.pid != self.root and _before_exec(p):
                     continue
                 with p.oneshot():
+                    cmdline = p.cmdline()
+                    if not cmdline and p.pid != self.root:
+                        continue  # exiting (its memory is being freed): kept as last seen
                     rss = p.memory_info().rss / 2**20
                     key = (p.pid, p.create_time())  # a reused pid is another process
                     if key not in self.procs:
                         self.procs[key] = ProcessPeak(
                             p.pid,
-                            role(p.cmdline(), p.name(), p.pid == self.root),
-                            " ".join(p.cmdline()[:3])[:120],
+                            role(cmdline, p.name(), p.pid == self.root),
+                            " ".join(cmdline[:3])[:120],
                             first_seen_s=time.time() - self.t0,
                         )
                     rec = self.procs[key]
                     if not rec.role.startswith("ray::") or rec.role == "ray::IDLE":
                         # a Ray worker retitles itself once it runs an actor (ray::<Class>)
-                        rec.role = role(p.cmdline(), p.name(), p.pid == self.root)
-                        rec.command = " ".join(p.cmdline())[:160]
+                        rec.role = role(cmdline, p.name(), p.pid == self.root)
+                        rec.command = " ".join(cmdline)[:160]
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             hwm = vm_hwm_mb(p.pid)

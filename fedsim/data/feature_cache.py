@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from fedsim.data.feature_store import COLUMN
+from fedsim.data.images import DECODE
 from fedsim.data.pixel_cache import _fingerprint
 from fedsim.data.rows import RowReader
 from fedsim.models.spec import load_model, quiet_hf
@@ -55,7 +56,13 @@ def cache_path(
     layer, strategy = feature_selection(model)
     key = hashlib.sha256(
         "\n".join(
-            [_fingerprint(Path(dataset_path)), backbone_id, str(layer), strategy]
+            [
+                _fingerprint(Path(dataset_path)),
+                backbone_id,
+                str(layer),
+                strategy,
+                DECODE,
+            ]
         ).encode()
     ).hexdigest()[:16]
     return Path(cache_dir) / "features" / f"{key}.arrow"

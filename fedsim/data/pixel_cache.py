@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsim.data.images import decode_image
+from fedsim.data.images import DECODE, decode_image
 
 AUTO_MAX_BYTES = 4 * 1024**3
 _BATCH = 512
@@ -45,7 +45,7 @@ def cache_path(cache_dir: Path, dataset_path: Path, image_processor: Any) -> Pat
     """Where the pixel cache of this dataset under this processor lives."""
     proc = json.dumps(image_processor.to_dict(), sort_keys=True, default=str)
     key = hashlib.sha256(
-        (_fingerprint(dataset_path) + "\n" + proc).encode()
+        (_fingerprint(dataset_path) + "\n" + proc + "\n" + DECODE).encode()
     ).hexdigest()[:16]
     return Path(cache_dir) / "pixels" / f"{key}.npy"
 
@@ -184,6 +184,7 @@ def _source_key(dataset_path: Path, sources: Sequence[str | Path | None]) -> str
     h = hashlib.sha256()
     h.update(_fingerprint(dataset_path).encode())
     h.update(version("transformers").encode())
+    h.update(DECODE.encode())
     for src in sources:
         if src is None:
             continue

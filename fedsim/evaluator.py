@@ -12,6 +12,8 @@ from fedsim.algorithms.base import (
     Weights,
 )
 from fedsim.data.collate import pixel_values
+from fedsim.data.images import decode_image
+from fedsim.data.rows import read_saved_table
 from fedsim.eval.generation import HFBackend, VLLMBackend
 from fedsim.eval.run import generate_answers
 from fedsim.eval.suite import get, locate
@@ -31,6 +33,15 @@ def _answer_benchmark(backend: Any, backbone: Any, bench: str, root: str) -> lis
     return generate_answers(backend, backbone, bench, questions, backend.batch_size)
 
 
+def held_out_rows(dataset_path: str) -> dict[str, list[Any]]:
+    """Every row of the evaluation split, column by column, images decoded — what
+    ``datasets.load_from_disk(dataset_path)[:]`` gives, read with pyarrow."""
+    rows = read_saved_table(dataset_path).to_pydict()
+    if "image" in rows:
+        rows["image"] = [decode_image(e) for e in rows["image"]]
+    return rows
+
+
 class Evaluator:
     """Holds a backbone for generation and the held-out scenes; scores any projector it is sent."""
 
@@ -43,12 +54,10 @@ class Evaluator:
         max_new_tokens: int,
     ) -> None:
         quiet_hf()
-        import datasets
-
         self.backbone = load_model(spec, threads)
         # The held-out scenes, decoded and processed once (not at every evaluation) when
         # their pixels stay small; the same tensors the image processor gives per call.
-        self.rows = datasets.load_from_disk(dataset_path)[:]
+        self.rows = held_out_rows(dataset_path)
         first = pixel_values(self.backbone, self.rows["image"][:1])
         small = (
             first.numel() * first.element_size() * len(self.rows["image"])
@@ -115,8 +124,6 @@ class VLLMEvaluator:
         from pathlib import Path
         from types import SimpleNamespace
 
-        import datasets
-
         cpu = ModelSpec(
             spec.backbone_path, spec.lm_path, spec.projector, spec.dtype, "cpu"
         )
@@ -135,7 +142,7 @@ class VLLMEvaluator:
         del backbone
         self.backend = VLLMBackend(str(ckpt), dtype=spec.dtype, **dict(engine_args))
         self.backend.batch_size = batch_size
-        self.rows = datasets.load_from_disk(dataset_path)[:]
+        self.rows = held_out_rows(dataset_path)
         self.max_new_tokens = max_new_tokens
 
     def init_projector(self, seed: int) -> Weights:

@@ -198,11 +198,11 @@ def test_unreadable_image_skip_and_fail(scenes, tmp_path, toy):
     import datasets
 
     ds = datasets.load_from_disk(str(tmp_path / "out"))
-    data, pixels, kept = RowReader(ds, None, "skip").read([0, 1, 2, 3], toy)
+    data, pixels, kept = RowReader.of_dataset(ds, None, "skip").read([0, 1, 2, 3], toy)
     assert kept == [0, 1, 3] and pixels.shape[0] == 3
     assert data["caption"] == [scenes["caption"][i] for i in (0, 1, 3)]
     with pytest.raises(DataError, match=str(broken)):
-        RowReader(ds, None, "fail").read([0, 1, 2, 3], toy)
+        RowReader.of_dataset(ds, None, "fail").read([0, 1, 2, 3], toy)
 
 
 @pytest.mark.slow

@@ -191,8 +191,6 @@ def ensure_feature_cache(
     pixel_path: str | None,
 ) -> Path:
     """The feature cache of this dataset under this backbone, built once (needs Ray running)."""
-    import datasets
-
     probe = load_model(spec, 1)
     path = cache_path(
         cache_dir,
@@ -203,13 +201,17 @@ def ensure_feature_cache(
     if path.exists():
         return path
 
-    ds = datasets.load_from_disk(str(dataset_path))
-    reader = RowReader(ds, pixel_path, "fail")
+    reader = RowReader.open(str(dataset_path), pixel_path, "fail")
     _, pixels, _ = reader.read([0], probe)
     shape = tuple(encoder_features(probe, pixels).shape[1:])
     del probe
     return build_feature_cache(
-        path, spec, dataset_path, pixel_path, len(ds), (int(shape[0]), int(shape[1]))
+        path,
+        spec,
+        dataset_path,
+        pixel_path,
+        len(reader),
+        (int(shape[0]), int(shape[1])),
     )
 
 

@@ -11,7 +11,9 @@ Both paths give the same tensors for the same images.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,30 @@ from fedsim.data.loaders import DataError
 from fedsim.data.pixel_cache import PixelStore
 
 
+def read_saved_table(dataset_path: str | Path) -> Any:
+    """A dataset folder written by ``datasets.save_to_disk``, as one memory-mapped pyarrow
+    Table, read with pyarrow alone: the processes that only read rows (workers, the
+    Evaluator) import neither ``datasets`` nor pandas (~90 MB and ~0.6 s each).
+
+    ``state.json`` lists the data files — Arrow IPC streams holding the rows in order
+    (``save_to_disk`` writes an indices mapping out) — and the columns its format shows; they
+    are memory-mapped as ``datasets.load_from_disk`` maps them.
+    """
+    import pyarrow as pa
+
+    root = Path(dataset_path)
+    state = json.loads((root / "state.json").read_text(encoding="utf-8"))
+    tables = [
+        pa.ipc.open_stream(pa.memory_map(str(root / f["filename"]))).read_all()
+        for f in state["_data_files"]
+    ]
+    if not tables:
+        raise ValueError(f"{root / 'state.json'}: no data files")
+    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+    columns = state.get("_format_columns")
+    return table.select(columns) if columns else table
+
+
 class RowReader:
     """``read(rows, backbone)`` → (the kept rows' non-image columns, their pixels, kept).
 
@@ -33,33 +59,28 @@ class RowReader:
 
     def __init__(
         self,
-        dataset: Any,
+        table: Any,
         pixel_path: str | None = None,
         bad_images: str = "skip",
         feature_path: str | None = None,
     ) -> None:
-        import datasets
-
+        #: The rows: a pyarrow Table (memory-mapped when read by :meth:`open`).
+        self.table = table
+        length = table.num_rows
         self.pixels = PixelStore(pixel_path) if pixel_path else None
         #: Cached vision features: ``read`` then returns them in place of pixel values.
         self.features = FeatureStore(feature_path) if feature_path else None
-        if self.features is not None and len(self.features) != len(dataset):
+        if self.features is not None and len(self.features) != length:
             raise ValueError(
-                f"feature cache {feature_path}: {len(self.features)} rows for a dataset of {len(dataset)}"
+                f"feature cache {feature_path}: {len(self.features)} rows for a dataset of {length}"
             )
-        if self.pixels is not None and len(self.pixels) != len(dataset):
+        if self.pixels is not None and len(self.pixels) != length:
             raise ValueError(
-                f"pixel cache {pixel_path}: {len(self.pixels)} rows for a dataset of {len(dataset)}"
+                f"pixel cache {pixel_path}: {len(self.pixels)} rows for a dataset of {length}"
             )
         self.bad_images = bad_images
-        self.text = dataset.select_columns(
-            [c for c in dataset.column_names if c != "image"]
-        )
-        images = dataset.select_columns(["image"])
-        if isinstance(images.features["image"], datasets.Image):
-            images = images.cast_column("image", datasets.Image(decode=False))
-        self.images = images
-        self.length = len(dataset)
+        self.text_columns = [c for c in table.column_names if c != "image"]
+        self.length = length
 
     @classmethod
     def open(
@@ -69,11 +90,18 @@ class RowReader:
         bad_images: str = "skip",
         feature_path: str | None = None,
     ) -> RowReader:
-        import datasets
+        """The rows of a dataset folder (``datasets.save_to_disk``), read with pyarrow."""
+        return cls(read_saved_table(dataset_path), pixel_path, bad_images, feature_path)
 
-        return cls(
-            datasets.load_from_disk(dataset_path), pixel_path, bad_images, feature_path
-        )
+    @classmethod
+    def of_dataset(
+        cls, dataset: Any, pixel_path: str | None = None, bad_images: str = "skip"
+    ) -> RowReader:
+        """The rows of a ``datasets.Dataset`` (its indices mapping applied; images as stored)."""
+        return cls(dataset.with_format("arrow")[:], pixel_path, bad_images)
+
+    def _text(self, ids: Sequence[int]) -> dict[str, list[Any]]:
+        return self.table.select(self.text_columns).take(list(ids)).to_pydict()
 
     def __len__(self) -> int:
         return self.length
@@ -85,12 +113,13 @@ class RowReader:
         ids = [int(r) for r in rows]
         if self.features is not None:
             feats = self.features[ids].to(backbone.model.dtype)
-            return self.text[ids], feats, list(range(len(ids)))
+            return self._text(ids), feats, list(range(len(ids)))
         if self.pixels is not None:
             pixels = self.pixels[ids].to(backbone.model.dtype)
-            return self.text[ids], pixels, list(range(len(ids)))
+            return self._text(ids), pixels, list(range(len(ids)))
         kept, decoded = [], []
-        for pos, (i, entry) in enumerate(zip(ids, self.images[ids]["image"])):
+        entries = self.table.column("image").take(ids).to_pylist()
+        for pos, (i, entry) in enumerate(zip(ids, entries)):
             try:
                 decoded.append(decode_image(entry))
                 kept.append(pos)
@@ -98,6 +127,6 @@ class RowReader:
                 where = entry.get("path") or f"row {i} (embedded bytes)"
                 if self.bad_images == "fail":
                     raise DataError(f"image {where}: cannot be decoded ({e})") from None
-        data = self.text[[ids[p] for p in kept]] if kept else {}
+        data = self._text([ids[p] for p in kept]) if kept else {}
         pixels = pixel_values(backbone, decoded) if decoded else None
         return data, pixels, kept

@@ -36,14 +36,20 @@ class ModelSpec:
 
 
 def quiet_hf() -> None:
-    """transformers and datasets without their info logs and progress bars (in every actor)."""
+    """transformers and datasets without their info logs and progress bars (in every actor).
+
+    ``datasets`` is not imported for it (workers and the Evaluator read rows with pyarrow):
+    its progress bars are off through the variable it reads at import, or now if loaded."""
+    import sys
+
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import datasets
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
 
 
 def load_model(spec: ModelSpec, threads: int) -> Any:

@@ -292,7 +292,7 @@ def test_noisy_captions_are_wrong_in_every_attribute_and_well_formed(scenes):
 
     _, reader = scenes
     ids = list(range(600))
-    data = reader.text[ids]
+    data = reader.columns(ids)
     styles = [i % len(CAPTION_STYLES) for i in range(20)]
     t = _transform(range(20), 1.0, styles)  # every row of every client is noisy
     owners = [i % 20 for i in ids]
@@ -314,7 +314,7 @@ def test_noisy_captions_are_wrong_in_every_attribute_and_well_formed(scenes):
     assert {k: v for k, v in out.items() if k not in ("caption", "answer")} == {
         k: v for k, v in data.items() if k not in ("caption", "answer")
     }
-    assert data == reader.text[ids]
+    assert data == reader.columns(ids)
 
 
 def test_wrong_attributes_leave_the_spec_when_it_allows_one_value():
@@ -340,7 +340,7 @@ def test_styled_captions_carry_the_same_attributes_in_the_same_words(scenes):
             )
     # Style 0 is the dataset's own caption, byte for byte.
     _, reader = scenes
-    data = reader.text[list(range(2000))]
+    data = reader.columns(list(range(2000)))
     for i, caption in enumerate(data["caption"]):
         attrs = {a: data[a][i] for a in CAPTION_ATTRIBUTES}
         assert caption_text(**attrs, style=0) == caption
@@ -406,7 +406,7 @@ def test_every_existing_preset_reads_the_dataset_bytes(scenes):
 
     _, reader = scenes
     rows = np.arange(0, 2000, 37)
-    data = reader.text[rows.tolist()]
+    data = reader.columns(rows.tolist())
     names = [n for n in presets() if n != "toy-hard"]
     assert {
         "toy-iid",
@@ -448,7 +448,7 @@ def test_style_zero_clean_clients_keep_their_rows_and_training_bits(toy, scenes)
     t = dataclasses.replace(t, noisy=t.noisy - {plain, styled})
     rows = np.arange(100, 112)
     off, on = TrainSettings(optimizer="sgd"), TrainSettings(optimizer="sgd", captions=t)
-    data = reader.text[rows.tolist()]
+    data = reader.columns(rows.tolist())
     for k in (plain, styled):
         task = ClientTask(k, 1, 0, rows, (2e-3, 2e-3, 2e-3), 4)
         text = training_text(data, task, np.arange(12), on)
@@ -496,14 +496,14 @@ def test_pooled_stream_transforms_each_row_as_its_owner_does(toy_path, scenes):
         for world in (1, 2):  # one Ray Train worker, or the batch split over two
             for rank in range(world):
                 task = pooled_task(plan, rnd, rows, rank, world, {})
-                data = reader.text[task.rows.tolist()]
+                data = reader.columns(task.rows.tolist())
                 pooled = training_text(
                     data, task, np.arange(len(task.rows)), plan.settings
                 )
                 for i, r in enumerate(task.rows.tolist()):
                     # The federated run: the owning client reads row r in a task of its own.
                     own = ClientTask(owner_of[r], rnd, cfg.seed, np.array([r]), (), 1)
-                    one = reader.text[[r]]
+                    one = reader.columns([r])
                     theirs = training_text(one, own, [0], fed)
                     assert pooled["caption"][i] == theirs["caption"][0], (r, rnd)
                     assert pooled["answer"][i] == theirs["answer"][0], (r, rnd)

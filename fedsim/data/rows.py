@@ -100,7 +100,8 @@ class RowReader:
         """The rows of a ``datasets.Dataset`` (its indices mapping applied; images as stored)."""
         return cls(dataset.with_format("arrow")[:], pixel_path, bad_images)
 
-    def _text(self, ids: Sequence[int]) -> dict[str, list[Any]]:
+    def columns(self, ids: Sequence[int]) -> dict[str, list[Any]]:
+        """The non-image columns of rows ``ids``, as Python values."""
         return self.table.select(self.text_columns).take(list(ids)).to_pydict()
 
     def __len__(self) -> int:
@@ -113,10 +114,10 @@ class RowReader:
         ids = [int(r) for r in rows]
         if self.features is not None:
             feats = self.features[ids].to(backbone.model.dtype)
-            return self._text(ids), feats, list(range(len(ids)))
+            return self.columns(ids), feats, list(range(len(ids)))
         if self.pixels is not None:
             pixels = self.pixels[ids].to(backbone.model.dtype)
-            return self._text(ids), pixels, list(range(len(ids)))
+            return self.columns(ids), pixels, list(range(len(ids)))
         kept, decoded = [], []
         entries = self.table.column("image").take(ids).to_pylist()
         for pos, (i, entry) in enumerate(zip(ids, entries)):
@@ -127,6 +128,6 @@ class RowReader:
                 where = entry.get("path") or f"row {i} (embedded bytes)"
                 if self.bad_images == "fail":
                     raise DataError(f"image {where}: cannot be decoded ({e})") from None
-        data = self._text([ids[p] for p in kept]) if kept else {}
+        data = self.columns([ids[p] for p in kept]) if kept else {}
         pixels = pixel_values(backbone, decoded) if decoded else None
         return data, pixels, kept

@@ -34,7 +34,7 @@ import functools
 import json
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,20 +206,7 @@ def bench_aggregation(
         out[name] = {}
         for size in s.cohort_sizes:
             g = torch.Generator().manual_seed(size)
-            updates = [
-                ClientUpdate(
-                    client_id=c,
-                    delta={
-                        k: 1e-3 * torch.randn(v.shape, generator=g)
-                        for k, v in weights.items()
-                    },
-                    num_samples=100 + c,
-                    loss=1.0,
-                    steps=8,
-                    extras=_extras(name, weights, g),
-                )
-                for c in range(size)
-            ]
+            updates = synthetic_updates(name, weights, range(size), g)
             state = algo.init_state(weights, max(s.cohort_sizes))
 
             agg = functools.partial(algo.aggregate, weights, updates, state, 1)
@@ -237,6 +224,30 @@ def _projector(cfg: Config) -> dict[str, torch.Tensor]:
         prep.model.backbone_path, lm=prep.model.lm_path, projector=prep.model.projector
     )
     return init_projector(backbone, cfg.seed)
+
+
+def synthetic_updates(
+    name: str,
+    weights: dict[str, torch.Tensor],
+    clients: Iterable[int],
+    g: torch.Generator,
+) -> list[ClientUpdate]:
+    """One round's uploads for ``name``'s server half: Gaussian deltas of scale 1e-3 (a local
+    step's size), client ``c`` with 100 + c samples and 8 local steps, drawn from ``g`` in the
+    order given, with what the algorithm's client half adds to Δ."""
+    return [
+        ClientUpdate(
+            client_id=c,
+            delta={
+                k: 1e-3 * torch.randn(v.shape, generator=g) for k, v in weights.items()
+            },
+            num_samples=100 + c,
+            loss=1.0,
+            steps=8,
+            extras=_extras(name, weights, g),
+        )
+        for c in clients
+    ]
 
 
 def _extras(

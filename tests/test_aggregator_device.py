@@ -18,7 +18,7 @@ from fedsim.aggregator import Aggregator
 from fedsim.algorithms import ClientUpdate
 from fedsim.algorithms.base import partial_sum
 from fedsim.algorithms.registry import comparable, get_algorithm_class
-from fedsim.bench import _extras
+from fedsim.bench import synthetic_updates
 from fedsim.config import load_config
 from fedsim.configtools import ConfigError
 from fedsim.resources import infeasible
@@ -37,18 +37,9 @@ CASES = [
 
 
 def _updates(name: str, count: int) -> list[ClientUpdate]:
-    g = torch.Generator().manual_seed(0)
-    return [
-        ClientUpdate(
-            c,
-            {k: torch.randn(v.shape, generator=g) for k, v in WEIGHTS.items()},
-            3 + c,
-            0.0,
-            8,
-            extras=_extras(name, WEIGHTS, g),
-        )
-        for c in range(count)
-    ]
+    return synthetic_updates(
+        name, WEIGHTS, range(count), torch.Generator().manual_seed(0)
+    )
 
 
 @pytest.mark.parametrize("name, params", CASES)

@@ -12,7 +12,7 @@ import torch
 
 from fedsim.aggregator import Aggregator, InDriver, actor_threads
 from fedsim.algorithms import ClientUpdate
-from fedsim.bench import _extras
+from fedsim.bench import synthetic_updates
 from fedsim.config import load_config
 from fedsim.configtools import ConfigError
 from fedsim.pool import aggregator_in_driver
@@ -21,18 +21,10 @@ WEIGHTS = {"l.weight": torch.zeros(64, 48), "l.bias": torch.zeros(64)}
 
 
 def _round(name: str, rnd: int) -> list[ClientUpdate]:
-    g = torch.Generator().manual_seed(rnd)
-    return [
-        ClientUpdate(
-            c,
-            {k: torch.randn(v.shape, generator=g) for k, v in WEIGHTS.items()},
-            3 + c,
-            0.0,
-            8,
-            extras=_extras(name, WEIGHTS, g),
-        )
-        for c in (4, 1, 7, 2)  # unsorted: the Aggregator sorts
-    ]
+    # unsorted client ids: the Aggregator sorts
+    return synthetic_updates(
+        name, WEIGHTS, (4, 1, 7, 2), torch.Generator().manual_seed(rnd)
+    )
 
 
 @pytest.mark.parametrize(

@@ -74,25 +74,33 @@ _TREE = textwrap.dedent(
 )
 
 
-def test_sampler_counts_the_run_tree_only_with_its_peaks():
-    """Every process under the root is counted (the child with its 64 MiB), the sampling
-    process itself is not; a peak is the kernel's high-water mark."""
+def _sample_tree(script: str, samples: int) -> tuple[subprocess.Popen, int, dict]:
+    """Start ``script`` (it prints its child's pid once the child is set up), sample its tree
+    ``samples`` times, kill both; the root, the child's pid and the sampler's summary."""
     root = subprocess.Popen(
-        [sys.executable, "-c", _TREE], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
     )
+    child = None
     try:
         child = int(root.stdout.readline())
         sampler = TreeSampler(root.pid, time.time())
-        for _ in range(3):
+        for _ in range(samples):
             sampler.sample()
-        s = sampler.summary()
+        return root, child, sampler.summary()
     finally:
         root.kill()
         root.wait()
-        try:
-            os.kill(child, 9)
-        except (ProcessLookupError, UnboundLocalError):
-            pass
+        if child is not None:
+            try:
+                os.kill(child, 9)
+            except ProcessLookupError:
+                pass
+
+
+def test_sampler_counts_the_run_tree_only_with_its_peaks():
+    """Every process under the root is counted (the child with its 64 MiB), the sampling
+    process itself is not; a peak is the kernel's high-water mark."""
+    root, child, s = _sample_tree(_TREE, 3)
     pids = {p["pid"]: p for p in s["processes"]}
     assert set(pids) == {root.pid, child}
     assert os.getpid() not in pids
@@ -257,22 +265,7 @@ _FORK = textwrap.dedent(
 def test_sampler_skips_a_child_before_exec():
     """A forked child that has not exec'd yet is its parent's image: counting it would charge
     the parent's pages twice (what made Ray's log monitor look like 384 MB)."""
-    root = subprocess.Popen(
-        [sys.executable, "-c", _FORK], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        child = int(root.stdout.readline())
-        sampler = TreeSampler(root.pid, time.time())
-        for _ in range(2):
-            sampler.sample()
-        s = sampler.summary()
-    finally:
-        root.kill()
-        root.wait()
-        try:
-            os.kill(child, 9)
-        except (ProcessLookupError, UnboundLocalError):
-            pass
+    root, _, s = _sample_tree(_FORK, 2)
     assert [p["pid"] for p in s["processes"]] == [root.pid]
     assert s["processes"][0]["peak_rss_mb"] >= 128
     # one process counted: the largest summed sample is the parent's own RSS, not twice it

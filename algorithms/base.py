@@ -265,23 +265,33 @@ BLOCK = 1 << 18
 
 
 def _blocks(
-    acc: torch.Tensor,
     flats: Sequence[torch.Tensor],
     coeffs: Sequence[float],
-    lo: int,
-    hi: int,
+    n: int,
+    acc: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> None:
-    """acc[lo:hi] += Σ_k c_k · float64(T_k[lo:hi]), block by block, on this thread."""
+    """Σ_k c_k · float64(T_k[i]) for i < ``n``, block by block, on this thread: added into
+    ``acc`` (flat float64) when given, else summed from zero in a block-sized scratch; each
+    finished block is copied into ``out`` (flat, any dtype) when given."""
     buf = torch.empty(BLOCK, dtype=torch.float64)
-    for start in range(lo, hi, BLOCK):
-        stop = min(hi, start + BLOCK)
-        a, b = acc[start:stop], buf[: stop - start]
+    scratch = torch.empty(BLOCK, dtype=torch.float64) if acc is None else None
+    for start in range(0, n, BLOCK):
+        stop = min(n, start + BLOCK)
+        b = buf[: stop - start]
+        if acc is not None:
+            a = acc[start:stop]
+        else:
+            assert scratch is not None
+            a = scratch[: stop - start].zero_()
         for t, c in zip(flats, coeffs):
             if t.dtype == torch.float64:
                 a.add_(t[start:stop], alpha=c)
             else:
                 b.copy_(t[start:stop])  # the float32 → float64 conversion, in cache
                 a.add_(b, alpha=c)
+        if out is not None:
+            out[start:stop].copy_(a)
 
 
 def accumulate(
@@ -312,7 +322,7 @@ def accumulate(
             flat.add_(t.reshape(-1).to(torch.float64), alpha=c)
         return acc
     flats = [t.reshape(-1) for t in tensors]  # views of contiguous tensors
-    _blocks(flat, flats, cs, 0, n)
+    _blocks(flats, cs, n, acc=flat)
     return acc
 
 
@@ -327,9 +337,18 @@ def weighted_sum(
     if not tensors:
         raise ValueError("weighted_sum: nothing to sum")
     out: Weights = {}
+    cs = [float(c) for c in coeffs]
     for key in tensors[0]:
-        acc = torch.zeros_like(tensors[0][key], dtype=torch.float64)
-        accumulate(acc, [t[key] for t in tensors], coeffs)
+        first = tensors[0][key]
+        if first.device.type == "cpu" and first.numel() > BLOCK:
+            # The float32 result block by block: no float64 accumulator of the whole tensor
+            # (8 bytes an element written, read back and converted), the same bits.
+            out[key] = torch.empty(first.shape, dtype=torch.float32)
+            flats = [t[key].reshape(-1) for t in tensors]
+            _blocks(flats, cs, first.numel(), out=out[key].view(-1))
+            continue
+        acc = torch.zeros_like(first, dtype=torch.float64)
+        accumulate(acc, [t[key] for t in tensors], cs)
         out[key] = acc.to(torch.float32)
     return out
 
@@ -339,11 +358,29 @@ def add(
     delta: Mapping[str, torch.Tensor],
     scale: float = 1.0,
 ) -> Weights:
-    """W + scale · Δ per key (float32)."""
-    return {
-        k: (weights[k].to(torch.float32) + scale * delta[k].to(torch.float32))
-        for k in weights
-    }
+    """W + scale · Δ per key (float32).
+
+    Two roundings per element, as ``W + scale * Δ`` writes it (the product rounded to float32,
+    then the sum; no fused multiply-add); on the CPU above one block, block by block through a
+    block-sized buffer, so the product is never a tensor of its own (same bits,
+    tests/test_blocked_sums.py).
+    """
+    out: Weights = {}
+    for k in weights:
+        w, d = weights[k].to(torch.float32), delta[k].to(torch.float32)
+        if w.device.type != "cpu" or w.numel() <= BLOCK:
+            out[k] = w + scale * d
+            continue
+        new = torch.empty(w.shape, dtype=torch.float32)
+        flat, wf, df = new.view(-1), w.reshape(-1), d.reshape(-1)
+        buf = torch.empty(BLOCK, dtype=torch.float32)
+        for start in range(0, flat.numel(), BLOCK):
+            stop = min(flat.numel(), start + BLOCK)
+            b = buf[: stop - start]
+            torch.mul(df[start:stop], scale, out=b)
+            torch.add(wf[start:stop], b, out=flat[start:stop])
+        out[k] = new
+    return out
 
 
 def global_norm(tensors: Mapping[str, torch.Tensor]) -> float:
@@ -353,9 +390,25 @@ def global_norm(tensors: Mapping[str, torch.Tensor]) -> float:
     back in safetensors' sorted order, a live model's in its state-dict order, and a float sum
     in another order may differ in its last bit (a resumed run's update_norm did).
     """
-    return math.sqrt(
-        sum(float(tensors[k].to(torch.float64).pow(2).sum()) for k in sorted(tensors))
-    )
+    return math.sqrt(sum(sum_squares(tensors[k]) for k in sorted(tensors)))
+
+
+#: Elements per block of :func:`sum_squares` (an 8 MiB float64 copy at a time).
+_SQ_BLOCK = 1 << 20
+
+
+def sum_squares(t: torch.Tensor) -> float:
+    """‖T‖²_F accumulated in float64 block by block (2²⁰ elements, blocks in order).
+
+    A float64 copy of the whole tensor is never made (``t.to(float64).pow(2).sum()`` writes
+    two); the summation order differs from that expression's, so the last bits may too.
+    """
+    flat = t.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.numel(), _SQ_BLOCK):
+        block = flat[start : start + _SQ_BLOCK].to(torch.float64)
+        total += float(torch.dot(block, block))
+    return total
 
 
 def sorted_updates(updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:

@@ -59,6 +59,7 @@ from fedsim.algorithms.base import (
     global_norm,
     sample_weights,
     sorted_updates,
+    sum_squares,
 )
 from fedsim.algorithms.fednova import LRMassUpload, uploaded_lr_masses
 from fedsim.algorithms.registry import register
@@ -143,24 +144,6 @@ def top_eigenvectors(
         vals, small = vals.flip(0)[:r], small.flip(1)[:, :r]
         vecs = q @ small
     return Basis(vecs.contiguous(), vals.clamp_min(0.0), total, spectrum)
-
-
-#: Elements per block of :func:`sum_squares` (an 8 MiB float64 copy at a time).
-_SQ_BLOCK = 1 << 20
-
-
-def sum_squares(t: Tensor) -> float:
-    """‖T‖²_F accumulated in float64 block by block (2²⁰ elements, blocks in order).
-
-    A float64 copy of the whole tensor is never made (``t.to(float64).pow(2).sum()`` writes
-    two); the summation order differs from that expression's, so the last bits may too.
-    """
-    flat = t.reshape(-1)
-    total = 0.0
-    for start in range(0, flat.numel(), _SQ_BLOCK):
-        block = flat[start : start + _SQ_BLOCK].to(torch.float64)
-        total += float(torch.dot(block, block))
-    return total
 
 
 @dataclass(frozen=True)

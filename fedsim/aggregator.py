@@ -192,10 +192,10 @@ class Aggregator:
         result = self.algorithm.aggregate(weights, updates, self.state, server_round)
         self.state = result.state
         metrics: dict[str, Any] = dict(result.metrics)
-        metrics.setdefault(
-            "update_norm",
-            global_norm({k: result.weights[k] - weights[k] for k in weights}),
-        )
+        if "update_norm" not in metrics:  # (setdefault would compute it every round)
+            metrics["update_norm"] = global_norm(
+                {k: result.weights[k] - weights[k] for k in weights}
+            )
         self._diagnose(
             weights, result.weights, updates if per_client else None, metrics
         )

@@ -1,5 +1,8 @@
-"""The blocked float64 accumulation of the FedAvg family gives the unblocked loop's bits, and the
-allocation-free finiteness check gives isfinite's answer."""
+"""The blocked float64 accumulation of the FedAvg family and the blocked server step
+W + η·Δ give the unblocked expressions' bits; the blocked norm is the norm; the allocation-free
+finiteness check gives isfinite's answer."""
+
+import math
 
 import pytest
 import torch
@@ -9,8 +12,10 @@ from hypothesis import strategies as st
 from fedsim.algorithms.base import (
     BLOCK,
     ClientUpdate,
+    add,
     all_finite,
     combine_partial_sums,
+    global_norm,
     partial_sum,
     weighted_sum,
 )
@@ -51,6 +56,40 @@ def test_blocked_weighted_sum_has_the_unblocked_bits(threads):
             assert torch.equal(got[k], want[k]), k
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("scale", [1.0, 0.7, 3.0])
+def test_blocked_server_step_has_the_unblocked_bits(threads, scale):
+    # W + η·Δ as written: the product rounded to float32, then the sum; elementwise, so the
+    # blocked loop must give these bits exactly (a fused multiply-add would not, for η ≠ 1).
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        w = {str(i): torch.randn(s, generator=g) for i, s in enumerate(SIZES)}
+        d = {k: torch.randn(v.shape, generator=g) * 1e-3 for k, v in w.items()}
+        got = add(w, d, scale)
+        for k in w:
+            assert torch.equal(got[k], w[k] + scale * d[k]), k
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_blocked_norm_is_the_norm():
+    # Values whose squares and every partial sum are exact in float64 (small integers): any
+    # summation order gives √(Σ x²) to the bit, so the blocks must add up to exactly that.
+    g = torch.Generator().manual_seed(0)
+    sizes = {"a": (3 << 20) + 5, "b": 1000, "c": (BLOCK, 3)}
+    t = {
+        k: torch.randint(
+            -7, 8, s if isinstance(s, tuple) else (s,), generator=g
+        ).float()
+        for k, s in sizes.items()
+    }
+    exact = sum(int((v.long() ** 2).sum()) for v in t.values())
+    assert global_norm(t) == math.sqrt(exact)
+    assert global_norm({"z": torch.zeros(5)}) == 0.0
 
 
 def test_presums_have_the_unblocked_bits():

@@ -271,6 +271,24 @@ def _overrides(
     ]
 
 
+def grid_edges(entry: Entry, point: Mapping[str, Any]) -> list[str]:
+    """The grid axes on whose edge ``point`` sits: for each numeric axis with two or more values,
+    "KEY at its smallest (V)" or "KEY at its largest (V)". A selection there may have a better
+    setting beyond the grid, which a reader of the table needs to know."""
+    out = []
+    for key, values in entry.grid.items():
+        nums = [
+            v for v in values if isinstance(v, int | float) and not isinstance(v, bool)
+        ]
+        if len(set(nums)) < 2 or key not in point or point[key] not in nums:
+            continue
+        if point[key] == min(nums):
+            out.append(f"{key} at its smallest ({point[key]})")
+        elif point[key] == max(nums):
+            out.append(f"{key} at its largest ({point[key]})")
+    return out
+
+
 def _describe(point: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in point.items()) or "(defaults)"
 
@@ -456,14 +474,16 @@ def _write_selection_csv(path: Path, result: SweepResult, spec: SweepSpec) -> No
         writer = csv.writer(f)
         writer.writerow(
             ["entry", "point", "settings", *[f"seed_{s}" for s in spec.select_seeds],
-             f"mean_{spec.metric}", "selected"]
+             f"mean_{spec.metric}", "selected", "grid_edge"]
         )  # fmt: skip
+        entries = {e.label: e for e in spec.entries}
         for label, rows in result.selection.items():
             for i, (point, scores) in enumerate(rows):
                 writer.writerow(
                     [label, f"p{i:02d}", _describe(point),
                      *[f"{s:.6f}" for s in scores], f"{np.mean(scores):.6f}",
-                     int(i == result.chosen[label])]
+                     int(i == result.chosen[label]),
+                     "; ".join(grid_edges(entries[label], point))]
                 )  # fmt: skip
 
 
@@ -539,6 +559,22 @@ def _markdown(
             + " | ".join(fmt_mean_std(*row[k]) for k, _ in METRICS[:4])
             + " |"
         )
+    edges = [
+        f"{entry.label} ({', '.join(on)})"
+        for entry in spec.entries
+        if (
+            on := grid_edges(
+                entry, result.selection[entry.label][result.chosen[entry.label]][0]
+            )
+        )
+    ]
+    if edges:
+        lines += [
+            "",
+            "Selected on the edge of its grid (a better setting may lie beyond it): "
+            + "; ".join(edges)
+            + ".",
+        ]
     if diffs:
         lines += [
             "",

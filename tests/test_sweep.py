@@ -6,6 +6,7 @@ are exact in float64); the protocol is checked on a tiny real sweep.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fedsim.configtools import ConfigError
-from fedsim.sweep import Entry, load_spec, paired_ci, select, t975
+from fedsim.sweep import Entry, grid_edges, load_spec, paired_ci, select, t975
 from tests.small_runs import SMALL
 
 
@@ -41,6 +42,25 @@ def test_paired_ci_by_hand():
 def test_selection_rule_is_best_mean_first_on_ties():
     assert select([[0.5, 0.7], [0.6, 0.6], [0.2, 0.9]]) == 0  # means 0.6, 0.6, 0.55
     assert select([[0.1], [0.3], [0.2]]) == 1
+
+
+def test_grid_edges_name_the_axes_a_selection_sits_on_the_end_of():
+    e = Entry(
+        "fedcmp", "fedcmp", {"rank": 32},
+        {"train.lr": [0.001, 0.0005, 0.003], "algorithm.momentum": [0.0, 0.5],
+         "algorithm.server_lr": [1.0], "algorithm.reliability": ["sign", "both"]},
+    )  # fmt: skip
+    # the grid's order is not its sort order; a one-value axis and a text axis have no edge
+    point = {"train.lr": 0.0005, "algorithm.momentum": 0.5, "algorithm.server_lr": 1.0,
+             "algorithm.reliability": "sign"}  # fmt: skip
+    assert grid_edges(e, point) == [
+        "train.lr at its smallest (0.0005)",
+        "algorithm.momentum at its largest (0.5)",
+    ]
+    assert grid_edges(e, {**point, "train.lr": 0.001, "algorithm.momentum": 0.0}) == [
+        "algorithm.momentum at its smallest (0.0)"
+    ]
+    assert grid_edges(e, {**point, "train.lr": 0.001, "algorithm.momentum": 0.25}) == []
 
 
 def test_equal_budget_points():
@@ -146,11 +166,15 @@ def test_sweep_selects_on_validation_only_and_reproduces_its_selection(
     for cfg in (out / "test").glob("*/seed-*/config.yaml"):
         assert "eval_split: test" in cfg.read_text()
     # The selected point is the best validation mean in selection.csv.
-    rows = (out / "selection.csv").read_text().splitlines()[1:]
+    with open(out / "selection.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     for label in ("fedavg", "fedexp"):
-        mine = [r.split(",") for r in rows if r.startswith(label + ",")]
-        best = max(range(len(mine)), key=lambda i: (float(mine[i][-2]), -i))
-        assert mine[best][-1] == "1" and result.chosen[label] == best
+        mine = [r for r in rows if r["entry"] == label]
+        best = max(
+            range(len(mine)), key=lambda i: (float(mine[i]["mean_attr_mean"]), -i)
+        )
+        assert mine[best]["selected"] == "1" and result.chosen[label] == best
+        assert [r["selected"] for r in mine].count("1") == 1
     md = (out / "sweep.md").read_text()
     assert "Paired differences against fedavg" in md
     assert (out / "sweep.png").stat().st_size > 0

@@ -593,6 +593,7 @@ def _markdown(
                 cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]{star}")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += _diagnostic_lines(result, spec)
+    lines += _algorithm_lines(result, spec)
     lines.append("")
     return lines
 
@@ -656,6 +657,46 @@ def run_diagnostics(run_dir: Path) -> dict[str, float]:
         if diag and "update_norm" in rec:
             sums.setdefault("update_norm", []).append(float(rec["update_norm"]))
     return {k: float(np.mean(v)) for k, v in sums.items()}
+
+
+def run_algorithm_metrics(run_dir: Path) -> dict[str, float]:
+    """The server half's own round metrics (``algorithm`` in a round's record), each the mean
+    over rounds and over the weight matrices it is reported for (``linear_1.weight/rho_mean``
+    and ``linear_2.weight/rho_mean`` → ``rho_mean``); empty when the algorithm records none."""
+    sums: dict[str, list[float]] = {}
+    for rec in MetricsLog(run_dir / "metrics.jsonl").read():
+        for key, value in (rec.get("algorithm") or {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                sums.setdefault(key.rsplit("/", 1)[-1], []).append(float(value))
+    return {k: float(np.mean(v)) for k, v in sums.items()}
+
+
+def _algorithm_lines(result: SweepResult, spec: SweepSpec) -> list[str]:
+    """A line per entry whose server half records metrics of its own (Fed-CMP's reliability,
+    rank and residual; FedExP's server step; ...): each the mean over rounds and matrices,
+    then over the test seeds."""
+    lines = []
+    for entry in spec.entries:
+        per_seed = [
+            run_algorithm_metrics(result.test.run_dirs[entry.label][s])
+            for s in spec.test_seeds
+        ]
+        keys = list(dict.fromkeys(k for d in per_seed for k in d))
+        if not keys:
+            continue
+        shown = ", ".join(
+            f"{k} {np.mean([d[k] for d in per_seed if k in d]):.3g}" for k in keys
+        )
+        lines.append(f"- {entry.label}: {shown}")
+    if not lines:
+        return []
+    return [
+        "",
+        "The server halves' own round metrics (`algorithm` in `metrics.jsonl`; each the mean "
+        "over rounds and weight matrices, then over seeds):",
+        "",
+        *lines,
+    ]
 
 
 def _diagnostic_lines(result: SweepResult, spec: SweepSpec) -> list[str]:

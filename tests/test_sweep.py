@@ -232,6 +232,27 @@ def test_run_diagnostics_and_round_seconds_are_means_and_sums_of_the_records(tmp
     assert run_diagnostics(plain) == {} and rounds_seconds(plain) == 1.0
 
 
+def test_algorithm_metrics_are_means_over_rounds_and_matrices(tmp_path):
+    from fedsim.sweep import run_algorithm_metrics
+
+    run = _metrics(
+        tmp_path / "a",
+        [
+            {"round": 0, "eval": {"attr_mean": 0.3}},
+            {"round": 1, "algorithm": {"l1.weight/rho_mean": 0.5, "l2.weight/rho_mean": 0.25,
+                                       "l1.weight/rank": 4.0, "l2.weight/rank": 8.0}},
+            {"round": 2, "algorithm": {"l1.weight/rho_mean": 0.125, "l2.weight/rho_mean": 0.125,
+                                       "l1.weight/rank": 4.0, "l2.weight/rank": 8.0,
+                                       "note": "text is skipped"}},
+        ],
+    )  # fmt: skip
+    # (0.5 + 0.25 + 0.125 + 0.125) / 4 and (4 + 8 + 4 + 8) / 4: exact in binary
+    assert run_algorithm_metrics(run) == {"rho_mean": 0.25, "rank": 6.0}
+    fedexp = _metrics(tmp_path / "b", [{"round": 1, "algorithm": {"server_lr_t": 2.5}}])
+    assert run_algorithm_metrics(fedexp) == {"server_lr_t": 2.5}
+    assert run_algorithm_metrics(_metrics(tmp_path / "c", [{"round": 1}])) == {}
+
+
 def test_every_shipped_sweep_spec_loads():
     """The specs the docs cite (sweeps/**/*.yaml) parse, with their presets and grids."""
     root = Path(__file__).resolve().parents[1] / "sweeps"

@@ -255,13 +255,15 @@ def sample_weights(updates: Sequence[ClientUpdate]) -> list[float]:
 
 #: Elements per block of :func:`accumulate` on the CPU: a multiple of every SIMD width (the
 #: vector loop of each block then has no scalar tail of its own), large enough that the two
-#: operations per client and block cost little next to their work (≈ 100 blocks for a 4096 ×
+#: operations per client and block cost little next to their work (32 blocks for a 4096 ×
 #: 4096 matrix) and that ATen splits each across its intra-op threads (above its grain of
 #: 32768), and small enough that the float64 accumulator block and the converted input
-#: (2 × 8 × 2¹⁸ B = 4 MiB) stay in the last-level cache while every client's block streams
+#: (2 × 8 × 2¹⁹ B = 8 MiB) stay in the last-level cache while every client's block streams
 #: through once. Measured at 50 × 21 M parameters on 2 cores (AMD EPYC): 2¹⁴ with one Python
-#: thread per core 1.14 s, 2¹⁸ 0.39 s, 2¹⁹ 0.36 s, 2²¹ 0.51 s (the blocks leave the cache).
-BLOCK = 1 << 18
+#: thread per core 1.14 s, 2¹⁸ 0.39 s, 2¹⁹ 0.36 s, 2²¹ 0.51 s (the blocks leave the cache);
+#: again after the float32 result was written block by block (whole FedAvg step, best of 3,
+#: three interleaved trials): 2¹⁷ 0.67 s, 2¹⁸ 0.53–0.55 s, 2¹⁹ 0.43–0.52 s, 2²⁰ 0.53–0.54 s.
+BLOCK = 1 << 19
 
 
 def _blocks(

@@ -272,15 +272,16 @@ def _overrides(
 
 
 def grid_edges(entry: Entry, point: Mapping[str, Any]) -> list[str]:
-    """The grid axes on whose edge ``point`` sits: for each numeric axis with two or more values,
-    "KEY at its smallest (V)" or "KEY at its largest (V)". A selection there may have a better
-    setting beyond the grid, which a reader of the table needs to know."""
+    """The grid axes on whose edge ``point`` sits: for each numeric axis with three or more
+    values, "KEY at its smallest (V)" or "KEY at its largest (V)". A selection there may have a
+    better setting beyond the grid, which a reader of the table needs to know. An axis of two
+    values has no interior (every choice is an end), so it says nothing and is not named."""
     out = []
     for key, values in entry.grid.items():
         nums = [
             v for v in values if isinstance(v, int | float) and not isinstance(v, bool)
         ]
-        if len(set(nums)) < 2 or key not in point or point[key] not in nums:
+        if len(set(nums)) < 3 or key not in point or point[key] not in nums:
             continue
         if point[key] == min(nums):
             out.append(f"{key} at its smallest ({point[key]})")
@@ -571,9 +572,8 @@ def _markdown(
     if edges:
         lines += [
             "",
-            "Selected on the edge of its grid (a better setting may lie beyond it): "
-            + "; ".join(edges)
-            + ".",
+            "Selected on the end of a grid axis of three or more values (a better setting "
+            "may lie beyond it): " + "; ".join(edges) + ".",
         ]
     if diffs:
         lines += [

@@ -47,20 +47,21 @@ def test_selection_rule_is_best_mean_first_on_ties():
 def test_grid_edges_name_the_axes_a_selection_sits_on_the_end_of():
     e = Entry(
         "fedcmp", "fedcmp", {"rank": 32},
-        {"train.lr": [0.001, 0.0005, 0.003], "algorithm.momentum": [0.0, 0.5],
-         "algorithm.server_lr": [1.0], "algorithm.reliability": ["sign", "both"]},
+        {"train.lr": [0.001, 0.0005, 0.003], "algorithm.momentum": [0.0, 0.9, 0.5],
+         "algorithm.server_lr": [1.0, 2.0], "algorithm.reliability": ["sign", "both", "none"]},
     )  # fmt: skip
-    # the grid's order is not its sort order; a one-value axis and a text axis have no edge
-    point = {"train.lr": 0.0005, "algorithm.momentum": 0.5, "algorithm.server_lr": 1.0,
+    # the grid's order is not its sort order; a two-value axis (no interior) and a text axis
+    # are never named
+    point = {"train.lr": 0.0005, "algorithm.momentum": 0.9, "algorithm.server_lr": 2.0,
              "algorithm.reliability": "sign"}  # fmt: skip
     assert grid_edges(e, point) == [
         "train.lr at its smallest (0.0005)",
-        "algorithm.momentum at its largest (0.5)",
+        "algorithm.momentum at its largest (0.9)",
     ]
     assert grid_edges(e, {**point, "train.lr": 0.001, "algorithm.momentum": 0.0}) == [
         "algorithm.momentum at its smallest (0.0)"
     ]
-    assert grid_edges(e, {**point, "train.lr": 0.001, "algorithm.momentum": 0.25}) == []
+    assert grid_edges(e, {**point, "train.lr": 0.001, "algorithm.momentum": 0.5}) == []
 
 
 def test_equal_budget_points():

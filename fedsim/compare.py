@@ -42,7 +42,7 @@ from fedsim.config import Config, config_to_yaml_data, load_config
 from fedsim.configtools import ConfigError, safe_load
 from fedsim.driver import run
 from fedsim.eval.run import headline
-from fedsim.plots import PANELS
+from fedsim.plots import PANELS, distinct_colours
 from fedsim.pool import ActorPool
 from fedsim.prepare import check_inputs, connect_ray
 from fedsim.resources import check_before_ray
@@ -525,6 +525,10 @@ def _series(run_dir: Path, key: str, is_eval: bool) -> dict[int, float]:
     return out
 
 
+#: Up to this many entries a comparison's curves get their ±std bands.
+BANDS_UP_TO = 6
+
+
 def plot_comparison(result: Comparison, path: Path, title: str) -> Path:
     """Loss, attribute accuracy and yes/no accuracy against the round; mean line, ±std band."""
     import matplotlib
@@ -533,7 +537,10 @@ def plot_comparison(result: Comparison, path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5.2 * len(PANELS), 4.0))
-    colours = plt.get_cmap("tab10").colors
+    colours = distinct_colours(len(result.run_dirs))
+    # ±std bands only while they can be told apart; beyond BANDS_UP_TO entries they cover
+    # each other (the spread is in the tables and in sweep.png's intervals).
+    bands = len(result.run_dirs) <= BANDS_UP_TO
     for i, (algo, by_seed) in enumerate(result.run_dirs.items()):
         for ax, (key, _, is_eval) in zip(axes, PANELS):
             series = [_series(d, key, is_eval) for d in by_seed.values()]
@@ -545,7 +552,7 @@ def plot_comparison(result: Comparison, path: Path, title: str) -> Path:
                 vals.mean(0),
                 vals.std(0, ddof=1) if len(vals) > 1 else np.zeros(len(rounds)),
             )
-            c = colours[i % 10]
+            c = colours[i]
             # Dashed: only evaluated at the start and the end (``local``'s default).
             style = "--" if is_eval and len(rounds) <= 2 else "-"
             ax.plot(
@@ -557,14 +564,17 @@ def plot_comparison(result: Comparison, path: Path, title: str) -> Path:
                 marker="o" if is_eval else None,
                 ms=3,
             )
-            ax.fill_between(rounds, mean - std, mean + std, color=c, alpha=0.2, lw=0)
+            if bands:
+                ax.fill_between(
+                    rounds, mean - std, mean + std, color=c, alpha=0.2, lw=0
+                )
     for ax, (_, name, _) in zip(axes, PANELS):
         ax.set_xlabel("round")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", title="algorithm", frameon=False)
-    fig.suptitle(title)
+    fig.suptitle(title if bands else f"{title} (mean over seeds; ±std bands left out)")
     fig.tight_layout(rect=(0, 0, 0.9, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -20,6 +20,18 @@ PANELS = [
 ]
 
 
+def distinct_colours(n: int) -> list[tuple[float, ...]]:
+    """``n`` colours that tell the lines apart: tab10 up to 10, tab20 up to 20 (a sweep of 17
+    entries repeated tab10's colours: centralized and fedexp were both blue), then evenly
+    spaced on turbo."""
+    if n <= 10:
+        return list(plt.get_cmap("tab10").colors[:n])
+    if n <= 20:
+        return list(plt.get_cmap("tab20").colors[:n])
+    cmap = plt.get_cmap("turbo")
+    return [cmap(i / (n - 1)) for i in range(n)]
+
+
 def _plot_runs(
     run_dirs: Sequence[Path],
     out: Path,
@@ -32,7 +44,7 @@ def _plot_runs(
         raise ValueError(f"plot: {len(run_dirs)} runs but {len(labels)} labels")
     check_writable(Path(out), "--out", folder=False)  # before any drawing
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5.2 * len(PANELS), 4.0))
-    colours = plt.get_cmap("tab10").colors
+    colours = distinct_colours(len(run_dirs))
     for i, (run_dir, label) in enumerate(zip(run_dirs, labels)):
         records = MetricsLog(Path(run_dir) / "metrics.jsonl").read()
         if not records:
@@ -49,7 +61,7 @@ def _plot_runs(
                     ys,
                     marker="o" if is_eval else None,
                     ms=4,
-                    color=colours[i % 10],
+                    color=colours[i],
                     label=label,
                 )
     for ax, (_, name, is_eval) in zip(axes, PANELS):

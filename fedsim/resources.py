@@ -89,7 +89,40 @@ def infeasible(
                 )
         asked = ", ".join(f"{f}={a:g}" for f, a in need.values())
         return f"{asked}: no single node has all of these for one {actor} ({_describe(nodes)})"
-    return None
+    return too_many_workers(cfg, nodes)
+
+
+def too_many_workers(cfg: Config, nodes: Sequence[Mapping[str, float]]) -> str | None:
+    """Why the ``ray.workers`` BackboneWorkers do not all fit on ``nodes`` at once, or None.
+
+    The run waits for every worker before its first round, so a worker that fits only once
+    another has gone waits forever. Each node holds ⌊have / asked⌋ workers for its scarcest
+    requested resource; an Evaluator with a request of its own (its own actor, alive the
+    whole run) is placed first, on the first node it fits, as Ray's packing would.
+    """
+    need = dict(requests(cfg))
+    worker = need["worker"]
+    if not worker:  # asks for nothing: any number fits
+        return None
+    room = [dict(n) for n in nodes]
+    evaluator = need["Evaluator"]
+    if evaluator:
+        for n in room:
+            if all(n.get(r, 0.0) + _EPS >= a for r, (_, a) in evaluator.items()):
+                for r, (_, a) in evaluator.items():
+                    n[r] = n.get(r, 0.0) - a
+                break
+    fit = sum(
+        min((n.get(r, 0.0) + _EPS) // a for r, (_, a) in worker.items()) for n in room
+    )
+    if fit >= cfg.ray.workers:
+        return None
+    asked = ", ".join(f"{a:g} {r}" for r, (_, a) in worker.items())
+    besides = " beside the Evaluator" if evaluator else ""
+    return (
+        f"ray.workers: {cfg.ray.workers} workers must all run at once, each asking for "
+        f"{asked}, but the nodes hold {fit:g}{besides} ({_describe(nodes)})"
+    )
 
 
 def _describe(nodes: Sequence[Mapping[str, float]]) -> str:

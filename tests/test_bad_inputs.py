@@ -395,6 +395,7 @@ SETUPS: dict[str, Callable[[Sandbox], None]] = {
     "corpus-bad-image-fail": broken_image_parquet,
     "worker-cpus-infeasible": nothing,
     "worker-resource-infeasible": nothing,
+    "workers-do-not-fit": nothing,
     "address-unreachable": nothing,
     "config-alias-bomb": alias_bomb,
     "set-alias": nothing,

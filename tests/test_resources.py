@@ -34,7 +34,10 @@ TWO_NODES = [{"CPU": 2.0}, {"CPU": 4.0, "GPU": 1.0, "gpu_pool": 1.0}]
             ],
             None,
         ),
-        (["ray.worker_cpus=4", "ray.worker_gpus=1"], None),
+        (["ray.worker_cpus=4", "ray.worker_gpus=1", "ray.workers=1"], None),
+        # Each worker fits, but not all of them at once: the run would wait forever.
+        (["ray.worker_cpus=4", "ray.worker_gpus=1"], "ray.workers: 2 workers must"),
+        (["ray.workers=13"], "ray.workers: 13 workers must all run at once"),
     ],
 )
 def test_infeasible_names_the_field_and_what_the_nodes_have(sets, fragment):
@@ -55,6 +58,29 @@ def test_a_request_split_over_two_nodes_is_infeasible():
 
 def test_defaults_fit_a_one_core_laptop():
     assert infeasible(load_config(None), [{"CPU": 1.0}]) is None
+
+
+@pytest.mark.parametrize(
+    "sets, nodes, fits",
+    [
+        # ⌊2 / 0.5⌋ + ⌊4 / 0.5⌋ = 12 workers on the two nodes, 13 do not fit.
+        (["ray.workers=12"], TWO_NODES, True),
+        (["ray.workers=13"], TWO_NODES, False),
+        # Packing is per node: 3 × 1.5 CPU on two 2-CPU nodes is 1 + 1, not ⌊4 / 1.5⌋ = 2.
+        (["ray.workers=2", "ray.worker_cpus=1.5"], [{"CPU": 2.0}, {"CPU": 2.0}], True),
+        (["ray.workers=3", "ray.worker_cpus=1.5"], [{"CPU": 2.0}, {"CPU": 2.0}], False),
+        # An Evaluator of its own takes its room first: 1 CPU left for 0.5-CPU workers.
+        (["ray.workers=2", "ray.evaluator_cpus=1"], [{"CPU": 2.0}], True),
+        (["ray.workers=3", "ray.evaluator_cpus=1"], [{"CPU": 2.0}], False),
+        # Workers that ask for nothing: any number.
+        (["ray.workers=500", "ray.worker_cpus=0"], [{"CPU": 1.0}], True),
+    ],
+)
+def test_all_workers_must_fit_at_once(sets, nodes, fits):
+    problem = infeasible(load_config(None, sets), nodes)
+    assert (problem is None) is fits, problem
+    if not fits:
+        assert problem is not None and problem.startswith("ray.workers: ")
 
 
 def _closed_port() -> int:

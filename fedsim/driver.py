@@ -11,6 +11,7 @@ client; a run folder is written by one process at a time.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,9 @@ from fedsim.data.feature_cache import ensure_feature_cache
 from fedsim.models.backbone import BackboneError
 from fedsim.models.spec import check_backbone
 from fedsim.pool import ActorPool
-from fedsim.prepare import cache_root, check_inputs, connect_ray, prepare, training_data
+from fedsim.prepare import cache_root, check_inputs, prepare, training_data
 from fedsim.progress import build_reporter, make_progress
+from fedsim.raystart import connect_ray, sigterm_as_interrupt
 from fedsim.report import RunResult, corpus_summary, report_run
 from fedsim.resources import check_before_ray, check_feasible
 from fedsim.rounds import FederatedRun, RunContext, run_pooled
@@ -145,35 +147,40 @@ def _run_locked(
         mark("ray_init")
         own_pool = pool is None
         pool = pool or ActorPool()
-        try:
-            # Before any actor (Ray would wait forever for one) and before a new run's folder.
-            check_feasible(cfg)
-            if lock is None:
-                lock = prepare_run_dir(out_dir)
-                write_yaml(out_dir / "config.yaml", config_to_yaml_data(cfg))
-            elif restored is None:
-                # No checkpoint yet: the run starts over in its own folder (same bits).
-                cut_metrics(out_dir, 0, 0)
-                console.print("no checkpoint yet: the run starts again from round 1")
-            if cfg.data.feature_cache:
-                progress.console.print(
-                    "vision features: cached (Ray Data batch inference)"
-                )
-                found = ensure_feature_cache(
-                    cache_root(cfg), prep.model, prep.train_path, prep.pixel_path
-                )
-                prep = replace(prep, feature_path=str(found))
-            ctx = RunContext(cfg, prep, out_dir, metrics, progress, console, pool)
-            result = _rounds(ctx, algorithm, restored)
-        except BaseException:
-            if lock is not None:
-                lock.close()
-            raise
-        finally:
-            if own_pool:
-                pool.close()
-            if started_ray:
-                ray.shutdown()
+        # A Ray this run started: SIGTERM stops the run as Ctrl-C does (not Ray's abort).
+        stop_on_sigterm = sigterm_as_interrupt() if started_ray else nullcontext()
+        with stop_on_sigterm:
+            try:
+                # Before any actor (Ray would wait forever for one) and before a new run's folder.
+                check_feasible(cfg)
+                if lock is None:
+                    lock = prepare_run_dir(out_dir)
+                    write_yaml(out_dir / "config.yaml", config_to_yaml_data(cfg))
+                elif restored is None:
+                    # No checkpoint yet: the run starts over in its own folder (same bits).
+                    cut_metrics(out_dir, 0, 0)
+                    console.print(
+                        "no checkpoint yet: the run starts again from round 1"
+                    )
+                if cfg.data.feature_cache:
+                    progress.console.print(
+                        "vision features: cached (Ray Data batch inference)"
+                    )
+                    found = ensure_feature_cache(
+                        cache_root(cfg), prep.model, prep.train_path, prep.pixel_path
+                    )
+                    prep = replace(prep, feature_path=str(found))
+                ctx = RunContext(cfg, prep, out_dir, metrics, progress, console, pool)
+                result = _rounds(ctx, algorithm, restored)
+            except BaseException:
+                if lock is not None:
+                    lock.close()
+                raise
+            finally:
+                if own_pool:
+                    pool.close()
+                if started_ray:
+                    ray.shutdown()
     wall = time.perf_counter() - t_start
     about = corpus_summary(prep.train_path)
     about["silos"] = describe_silos(cfg, [len(s) for s in prep.shards])

@@ -1,17 +1,14 @@
-"""A run's setup before and around Ray: its inputs checked, data and client shards, Ray joined.
+"""A run's setup before Ray's work: its inputs checked, data and client shards.
 
 Everything here is decided by the config alone (and the data it names): the backbone spec, the
 training rows on disk and the held-out scenes, each client's shard, the participation spec and
-the per-step learning rates. :func:`prepare` does it all before Ray starts, so bad input fails
-before anything is written; :func:`connect_ray` starts a private local Ray (loopback only) or
-joins the cluster ``ray.address`` names.
+the per-step learning rates. :func:`prepare` does it all before any actor exists, so bad input
+fails before anything is written (Ray itself is started or joined by :mod:`fedsim.raystart`).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,78 +247,3 @@ def federated_steps(
         for r in range(1, cfg.rounds + 1)
     )
     return max(1, round(total / cfg.rounds))
-
-
-def connect_ray(cfg: Config) -> bool:
-    """Start or join Ray; returns True when this call started it (and so should shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    import logging
-
-    # Every worker process of the run first quiets Ray Train's per-report chatter.
-    env = {"worker_process_setup_hook": "fedsim.raylog.quiet_ray_train"}
-    if cfg.ray.address:
-        try:
-            ray.init(
-                address=cfg.ray.address,
-                logging_level=logging.WARNING,
-                log_to_driver=True,
-                runtime_env=env,
-            )
-        except ConnectionError as e:
-            # Something accepted the connection (resources.check_address) but is not a
-            # Ray cluster; Ray gives up after its own bounded retries (about 20 s).
-            raise ConfigError(f"ray.address {cfg.ray.address!r}: {e}") from None
-    else:
-        # A private local cluster: "local", never RAY_ADDRESS or Ray's current-cluster file
-        # (joining a cluster is only ever explicit), and on loopback (see loopback_only).
-        with loopback_only():
-            ray.init(
-                address="local",
-                num_cpus=os.cpu_count(),
-                include_dashboard=cfg.ray.dashboard,
-                dashboard_host=cfg.ray.dashboard_host,
-                logging_level=logging.ERROR,
-                log_to_driver=True,
-                runtime_env=env,
-                # No idle workers started ahead for this driver: fedsim's actors ask for
-                # the job's runtime env and start their own processes (Ray's prestarted ones
-                # sat idle, ~80 MB each, one per CPU).
-                _system_config={"prestart_worker_first_driver": False},
-            )
-    return True
-
-
-# Ray 2.60 switch for its single-machine mode (the macOS / Windows default).
-_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-@contextmanager
-def loopback_only() -> Iterator[None]:
-    """Let the local Ray bind its servers to 127.0.0.1 instead of the machine's address.
-
-    Ray binds GCS, the raylet, every worker's gRPC server and its agents to the node IP, which
-    on Linux is the outward address (or all interfaces). In its single-machine mode the node IP
-    is 127.0.0.1, and every one of them binds there (``ss -ltnp`` during a run;
-    docs/explanation/safe-defaults.md). The driver reads the switch at import time (``ray_constants``), the processes
-    Ray starts read it from the environment: both are set for the length of ``ray.init`` only.
-    """
-    from ray._private import ray_constants
-
-    saved_env = os.environ.get(_SINGLE_MACHINE)
-    saved = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[_SINGLE_MACHINE] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
-        if saved_env is None:
-            os.environ.pop(_SINGLE_MACHINE, None)
-        else:
-            os.environ[_SINGLE_MACHINE] = saved_env

@@ -1,6 +1,6 @@
 """Ray worker-process setup: keep Ray Train's per-step chatter out of the driver's console.
 
-Installed as the job's ``worker_process_setup_hook`` (:func:`fedsim.prepare.connect_ray`), so it
+Installed as the job's ``worker_process_setup_hook`` (:func:`fedsim.raystart.connect_ray`), so it
 runs in every Ray worker process of the run before any task. Two loggers are raised to ERROR:
 the one that logs every ``ray.train.report`` call at INFO ("Reporting training result N ..."),
 and the placement-group cleaner's, which warns every second that the State API is unavailable

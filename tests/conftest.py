@@ -50,7 +50,7 @@ def ray_session():
     if not ray.is_initialized():
         import logging
 
-        from fedsim.prepare import loopback_only
+        from fedsim.raystart import loopback_only
 
         with loopback_only():
             ray.init(

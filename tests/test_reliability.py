@@ -160,6 +160,50 @@ def test_ctrl_c_then_sigkill_then_resume_gives_the_bits_of_an_uninterrupted_run(
     assert kept == [f"round-{ROUNDS - 1:06d}", f"round-{ROUNDS:06d}"]
 
 
+def _left_in_group(pgid: int, timeout: float = 30.0) -> list[str]:
+    """The processes still in the run's process group after ``timeout`` s (Ray's servers,
+    agents and workers are all in it: the run was started in a session of its own)."""
+    import psutil
+
+    t0 = time.monotonic()
+    while True:
+        left = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if os.getpgid(p.info["pid"]) == pgid:
+                    left.append(" ".join(p.info["cmdline"] or [])[:120])
+            except (ProcessLookupError, psutil.Error):
+                pass
+        if not left or time.monotonic() - t0 > timeout:
+            return left
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_leaves_no_process(tmp_path, cache_dir):
+    """SIGTERM (a scheduler's preemption, ``timeout``, ``kill``): the run unwinds, stops its
+    actors and its Ray, and says how to go on — not Ray's C++ abort (exit 134, a stack dump)."""
+    out = tmp_path / "terminated"
+    proc = _start(cli_run_args(out, cache_dir, *RUN))
+    try:
+        _wait_for(out / "checkpoints" / "round-000001" / "state.json", proc)
+        os.kill(proc.pid, signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+        left = _left_in_group(proc.pid)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 130, err[-3000:]
+    assert "SIGTERM received" not in err, err[-3000:]
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert lines[-1].startswith("interrupted; go on from round-")
+    assert lines[-1].endswith(f"fedsim run --resume {out}")
+    assert left == [], left
+    assert not (out / "final").exists()
+
+
 @pytest.mark.slow
 def test_killed_worker_mid_run_same_projector_and_retries_counted(
     tmp_path, baseline, cache_dir, ray_session

@@ -300,7 +300,7 @@ def test_ray_dashboard_is_off_and_local_by_default(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from fedsim.config import RayConfig, load_config
-    from fedsim.prepare import connect_ray
+    from fedsim.raystart import connect_ray
 
     assert RayConfig().dashboard is False
     assert RayConfig().dashboard_host == "127.0.0.1"
@@ -334,7 +334,7 @@ def test_default_ray_is_private_and_local_whatever_the_environment_says(
     from ray._private import ray_constants
 
     from fedsim.config import load_config
-    from fedsim.prepare import connect_ray
+    from fedsim.raystart import connect_ray
 
     monkeypatch.setenv("RAY_ADDRESS", "10.255.255.1:6379")
     seen: list[tuple[Any, bool, str | None]] = []

@@ -77,9 +77,9 @@ class _ToyPrompts:
     """The toy backbone's templates, to record prompts in answer files without loading it."""
 
     def __init__(self) -> None:
-        # Imported here: models.toy loads transformers' model classes, which a run's driver
-        # (it imports this module) never needs.
-        from fedsim.models.toy import CAPTION_PROMPT, IMAGE_TOKEN, QA_PROMPT
+        # Not from models.toy: it loads transformers' model classes (and torch._dynamo with
+        # them, ~65 MB), which a run's driver never needs.
+        from fedsim.models.toy_prompts import CAPTION_PROMPT, IMAGE_TOKEN, QA_PROMPT
 
         self.manifest = {"kind": "toy"}
         self.caption_prompt = f"{IMAGE_TOKEN} {CAPTION_PROMPT}"

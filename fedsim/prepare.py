@@ -2,8 +2,8 @@
 
 Everything here is decided by the config alone (and the data it names): the backbone spec, the
 training rows on disk and the held-out scenes, each client's shard, the participation spec and
-the per-step learning rates. :func:`prepare` does it all before any actor exists, so bad input
-fails before anything is written (Ray itself is started or joined by :mod:`fedsim.raystart`).
+the per-step learning rates. :func:`prepare` does it all before Ray starts, so bad input fails
+before anything is written (Ray itself is started or joined by :mod:`fedsim.raystart`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from fedsim.data.pixel_cache import (
     known_pixel_cache,
     remember_pixel_cache,
 )
+from fedsim.data.rows import read_saved_table
 from fedsim.data.scenes_dataset import ensure_scenes
 from fedsim.models.backbone import load_image_processor
 from fedsim.models.spec import (
@@ -158,24 +159,27 @@ def training_data(cfg: Config) -> Path:
 
 
 def partition(cfg: Config, train_path: Path) -> list[np.ndarray]:
-    """Client shards (row ids) for the scenario's partitioner, composed with its quantity skew."""
-    import datasets
+    """Client shards (row ids) for the scenario's partitioner, composed with its quantity skew.
 
+    The rows are read with pyarrow (:func:`read_saved_table`, memory-mapped as
+    ``datasets.load_from_disk`` maps them): the driver imports no ``datasets`` for it.
+    """
     sc = cfg.scenario
     skew = sc.quantity_skew
-    ds = datasets.load_from_disk(str(train_path))
+    table = read_saved_table(train_path)
+    rows = table.num_rows
     if sc.partition == "iid":
         if skew > 0:
-            return quantity(len(ds), sc.num_clients, skew, cfg.seed)
-        return iid(len(ds), sc.num_clients, cfg.seed)
+            return quantity(rows, sc.num_clients, skew, cfg.seed)
+        return iid(rows, sc.num_clients, cfg.seed)
     columns = sc.label.split("+")
     for col in columns:
-        if col not in ds.column_names:
+        if col not in table.column_names:
             raise ConfigError(
-                f"scenario.label: {col!r} is not a column of the data ({', '.join(ds.column_names)})"
+                f"scenario.label: {col!r} is not a column of the data ({', '.join(table.column_names)})"
             )
     # One key per row; several columns join as "a+b" (e.g. background+style).
-    cols = [ds.data.column(c).to_pylist() for c in columns]
+    cols = [table.column(c).to_pylist() for c in columns]
     labels = np.array(["+".join(map(str, v)) for v in zip(*cols)])
     if sc.partition == "dirichlet":
         if skew > 0:

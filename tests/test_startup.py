@@ -159,6 +159,62 @@ def test_driver_side_modules_import_no_model_code():
     assert done.stdout.strip() == ""
 
 
+#: What a run's driver and a worker's row reads must not load (transformers' config classes
+#: pull in torch.distributed.tensor and SymPy; pyarrow's ``take`` pulls in pandas).
+RUN_HEAVY = (
+    "datasets",
+    "pandas",
+    "matplotlib",
+    "transformers.utils.type_validators",
+    "transformers.modeling_utils",
+    "torch.distributed.tensor",
+    "sympy",
+    "fedsim.models.toy",
+)
+
+
+@pytest.mark.slow
+def test_a_run_s_driver_and_row_reads_load_no_heavy_modules(tmp_path, cache_dir):
+    """A whole (small) run, driven in a fresh interpreter with its caches already built,
+    then a worker's row reads and the cost model's: none of RUN_HEAVY is imported (before
+    the report draws curves.png with matplotlib, after Ray has stopped). Each cost the driver
+    ~60 MB and a worker ~60 MB (pandas) when they were."""
+    from small_runs import SMALL
+
+    from fedsim.config import load_config
+    from fedsim.eval.toy_suite import ensure_toy_suite
+    from fedsim.prepare import cache_root, prepare
+
+    sets = [*SMALL, f"cache_dir={cache_dir}", "rounds=1"]
+    cfg = load_config(None, sets)
+    prep = prepare(cfg)  # scenes and the pixel cache built here, not in the child
+    ensure_toy_suite(cache_root(cfg), cfg.data.scene, images=cfg.eval.suite_images)
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from rich.console import Console
+        from fedsim.config import load_config
+        from fedsim.cost import TokenCost
+        from fedsim.data.rows import RowReader
+        from fedsim.driver import run
+        from fedsim.models.spec import resolve_backbone
+
+        cfg = load_config(None, {sets!r})
+        run(cfg, {str(tmp_path / "run")!r}, console=Console(quiet=True),
+            show_progress=False, plot=False)
+        reader = RowReader.open({str(prep.train_path)!r}, {prep.pixel_path!r})
+        assert len(reader.columns([0, 5, 7])["caption"]) == 3
+        TokenCost(resolve_backbone(cfg), {str(prep.train_path)!r}, 0.3)(1, 1, 0, [0, 5])
+        print("heavy:" + ",".join(m for m in {RUN_HEAVY!r} if m in sys.modules))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "heavy:", done.stdout[-3000:]
+
+
 def test_pixel_cache_index_finds_a_cache_only_for_the_same_inputs(tmp_path):
     from fedsim.data.pixel_cache import known_pixel_cache, remember_pixel_cache
 

@@ -17,29 +17,33 @@ import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
-import datasets
 import numpy as np
 from PIL import Image
 
 from fedsim.data.synthetic import SceneSpec, iter_scenes
 
-FEATURES = datasets.Features(
-    {
+#: The scene attributes stored as columns of their own.
+ATTRIBUTES = ("shape", "colour", "size", "position", "count", "background", "style")
+#: The columns, in order; their ``datasets`` types are :func:`features` (imported on use: a
+#: run whose scenes are cached never imports ``datasets``, nor pandas with it).
+COLUMNS = ("image", "caption", "question", "answer", *ATTRIBUTES, "scene_id")
+
+
+def features() -> Any:
+    """The scenes' ``datasets.Features``."""
+    import datasets
+
+    string = datasets.Value("string")
+    types = {
         "image": datasets.Image(),
-        "caption": datasets.Value("string"),
-        "question": datasets.Value("string"),
-        "answer": datasets.Value("string"),
-        "shape": datasets.Value("string"),
-        "colour": datasets.Value("string"),
-        "size": datasets.Value("string"),
-        "position": datasets.Value("string"),
         "count": datasets.Value("int32"),
-        "background": datasets.Value("string"),
-        "style": datasets.Value("string"),
         "scene_id": datasets.Value("int64"),
     }
-)
+    return datasets.Features({c: types.get(c, string) for c in COLUMNS})
+
+
 _CHUNK = 2000
 
 
@@ -73,21 +77,13 @@ def _png(img: np.ndarray) -> bytes:
 
 def _rows(args: tuple[SceneSpec, int, int, int, int]) -> dict[str, list[object]]:
     spec, seed, stream, lo, hi = args
-    cols: dict[str, list[object]] = {name: [] for name in FEATURES}
+    cols: dict[str, list[object]] = {name: [] for name in COLUMNS}
     for scene, img in iter_scenes(spec, seed, stream, range(lo, hi)):
         cols["image"].append({"bytes": _png(img), "path": None})
         cols["caption"].append(scene.caption)
         cols["question"].append(scene.question)
         cols["answer"].append(scene.answer)
-        for attr in (
-            "shape",
-            "colour",
-            "size",
-            "position",
-            "count",
-            "background",
-            "style",
-        ):
+        for attr in ATTRIBUTES:
             cols[attr].append(getattr(scene, attr))
         cols["scene_id"].append(scene.scene_id)
     return cols
@@ -95,8 +91,11 @@ def _rows(args: tuple[SceneSpec, int, int, int, int]) -> dict[str, list[object]]
 
 def generate_scenes(
     spec: SceneSpec, seed: int, stream: int, num_scenes: int, num_proc: int = 1
-) -> datasets.Dataset:
-    """Generate ``num_scenes`` scenes of ``stream`` in memory (chunks in ``num_proc`` processes)."""
+) -> Any:
+    """Generate ``num_scenes`` scenes of ``stream`` in memory (chunks in ``num_proc`` processes):
+    a ``datasets.Dataset``."""
+    import datasets
+
     bounds = [(lo, min(lo + _CHUNK, num_scenes)) for lo in range(0, num_scenes, _CHUNK)]
     jobs = [(spec, seed, stream, lo, hi) for lo, hi in bounds]
     if num_proc > 1 and len(jobs) > 1:
@@ -104,9 +103,10 @@ def generate_scenes(
             parts = list(pool.map(_rows, jobs))
     else:
         parts = [_rows(job) for job in jobs]
-    shards = [datasets.Dataset.from_dict(p, features=FEATURES) for p in parts]
+    feats = features()
+    shards = [datasets.Dataset.from_dict(p, features=feats) for p in parts]
     if not shards:
-        return datasets.Dataset.from_dict({k: [] for k in FEATURES}, features=FEATURES)
+        return datasets.Dataset.from_dict({k: [] for k in COLUMNS}, features=feats)
     return datasets.concatenate_datasets(shards)
 
 
@@ -119,9 +119,11 @@ def ensure_scenes(
     num_proc: int | None = None,
 ) -> Path:
     """The folder of the scene dataset for these arguments in ``cache_dir`` (built if missing)."""
-    datasets.disable_progress_bars()
     path = Path(cache_dir) / "scenes" / scenes_key(spec, seed, stream, num_scenes)
     if not (path / "dataset_info.json").exists():
+        import datasets
+
+        datasets.disable_progress_bars()
         path.parent.mkdir(parents=True, exist_ok=True)
         procs = num_proc if num_proc is not None else min(os.cpu_count() or 1, 4)
         ds = generate_scenes(spec, seed, stream, num_scenes, num_proc=procs)

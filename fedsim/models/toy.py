@@ -69,14 +69,12 @@ from fedsim.data.synthetic import (
 from fedsim.losses import per_example_loss
 from fedsim.machine import machine_info
 from fedsim.models.backbone import Backbone, assemble_llava
+from fedsim.models.toy_prompts import CAPTION_PROMPT, IMAGE_TOKEN, QA_PROMPT
 from fedsim.runio import build_lock, default_cache_dir, folder_swap
 from fedsim.schedule import lr_at
 
 RECIPE_VERSION = 3
-IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", IMAGE_TOKEN]
-CAPTION_PROMPT = "Caption :"
-QA_PROMPT = "Question : {question} Answer :"
 # Scene streams (see fedsim.data.synthetic): each use of the generator has its own stream id.
 STREAM_PRETRAIN_VISION = 101
 STREAM_PRETRAIN_LM = 102

@@ -236,6 +236,12 @@ def _broadcast(obj: Any, world: int) -> Any:
     return box[0]
 
 
+def _halted(halt: Any, rank: int, world: int) -> bool:
+    """Whether the driver asked the worker group to stop (rank 0 reads, every rank agrees)."""
+    asked = halt is not None and halt.qsize() > 0 if rank == 0 else None
+    return bool(_broadcast(asked, world))
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: serves plans from the driver's queue until it sends None.
 
@@ -259,7 +265,16 @@ def train_loop(config: dict[str, Any]) -> None:
         if plan is None:
             return
         evaluator = item[1] if item is not None else None
-        _train_plan(plan, evaluator, config["records"], rank, world, backbones, readers)
+        _train_plan(
+            plan,
+            evaluator,
+            config["records"],
+            rank,
+            world,
+            backbones,
+            readers,
+            config["halt"],
+        )
 
 
 def _train_plan(
@@ -270,8 +285,14 @@ def _train_plan(
     world: int,
     backbones: dict[tuple[Any, ...], Any],
     readers: dict[tuple[Any, ...], Any],
+    halt: Any = None,
 ) -> None:
-    """One centralized run, from W_0 and a fresh optimiser, on the resident backbone."""
+    """One centralized run, from W_0 and a fresh optimiser, on the resident backbone.
+
+    Before each round rank 0 looks at ``halt`` (a queue the driver writes to when its run is
+    interrupted) and every rank follows its answer: the run stops between rounds instead of
+    training to its end while the driver waits for the worker group.
+    """
     import ray.train
 
     backbone, reader = _resident(plan, backbones, readers)
@@ -284,6 +305,8 @@ def _train_plan(
     at = _Start.of(plan, algorithm)
     weights, state, client_state, cursor = at.weights, at.state, at.client, at.cursor
     for rnd in range(at.round + 1, plan.rounds + 1):
+        if _halted(halt, rank, world):
+            return
         t0 = time.perf_counter()
         rows, cursor = take(
             plan.rows, cursor, plan.steps * plan.batch_size, plan.seed, POOLED_CLIENT
@@ -422,12 +445,18 @@ class PooledTrainer:
 
         self.plans: Queue = Queue(actor_options={"num_cpus": 0})
         self.records: Queue = Queue(actor_options={"num_cpus": 0})
+        # Written once, by close(): the plan in progress stops before its next round.
+        self.halt: Queue = Queue(actor_options={"num_cpus": 0})
         resources = {"CPU": worker_cpus}
         if worker_gpus:
             resources["GPU"] = worker_gpus
         self._trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"plans": self.plans, "records": self.records},
+            train_loop_config={
+                "plans": self.plans,
+                "records": self.records,
+                "halt": self.halt,
+            },
             scaling_config=ScalingConfig(
                 num_workers=workers,
                 use_gpu=worker_gpus > 0,
@@ -442,6 +471,7 @@ class PooledTrainer:
             ),
         )
         self._outcome: dict[str, Any] = {}
+        self.unread_records = 0
         self._thread = threading.Thread(
             target=self._fit, name="ray-train-fit", daemon=True
         )
@@ -487,11 +517,15 @@ class PooledTrainer:
         )
 
     def close(self) -> None:
-        """End the worker group (after the run in progress, if any)."""
+        """End the worker group: a run still in progress (the driver was interrupted) stops
+        before its next round, then the group leaves its loop."""
         import ray
 
         if self._thread.is_alive():
+            self.halt.put(True)
             self.plans.put(None)
             self._thread.join()
-        for q in (self.plans, self.records):
+        #: Round records trained but never read (an interrupted run's rounds after the halt).
+        self.unread_records = self.records.qsize()
+        for q in (self.plans, self.records, self.halt):
             ray.kill(q.actor)

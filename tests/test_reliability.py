@@ -180,11 +180,18 @@ def _left_in_group(pgid: int, timeout: float = 30.0) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigterm_stops_a_run_as_ctrl_c_does_and_leaves_no_process(tmp_path, cache_dir):
+@pytest.mark.parametrize("algorithm", ["scaffold", "centralized"])
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_leaves_no_process(
+    tmp_path, cache_dir, algorithm
+):
     """SIGTERM (a scheduler's preemption, ``timeout``, ``kill``): the run unwinds, stops its
-    actors and its Ray, and says how to go on — not Ray's C++ abort (exit 134, a stack dump)."""
+    actors and its Ray, and says how to go on — not Ray's C++ abort (exit 134, a stack dump).
+    A centralized run's Ray Train worker group (2 workers) stops between rounds: it used to
+    train to the last round while the interrupted driver waited for it."""
     out = tmp_path / "terminated"
-    proc = _start(cli_run_args(out, cache_dir, *RUN))
+    rounds = 40
+    extra = [*RUN, f"algorithm.name={algorithm}", f"rounds={rounds}"]
+    proc = _start(cli_run_args(out, cache_dir, *extra))
     try:
         _wait_for(out / "checkpoints" / "round-000001" / "state.json", proc)
         os.kill(proc.pid, signal.SIGTERM)
@@ -202,6 +209,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_leaves_no_process(tmp_path, cach
     assert lines[-1].endswith(f"fedsim run --resume {out}")
     assert left == [], left
     assert not (out / "final").exists()
+    assert max(r["round"] for r in _rounds(out)) < rounds
 
 
 @pytest.mark.slow

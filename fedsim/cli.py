@@ -14,6 +14,14 @@ from rich.console import Console
 # Before transformers is imported anywhere (Ray workers inherit the environment).
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Before Ray is imported (its log deduplicator reads it then): Ray Train's controller logs, at
+# error level from its C++ core, that its PreemptionWatcher actor has constructor arguments in
+# the object store and may restart (ray-project/ray#53727): harmless for fedsim, which never
+# relies on that actor's restarts, and printed once per centralized run. Ray's own switch
+# (RAY_DEDUP_LOGS_SKIP_REGEX) drops that line only; a value the user set is kept.
+os.environ.setdefault(
+    "RAY_DEDUP_LOGS_SKIP_REGEX", r"class name: 'PreemptionWatcher'.*max_restarts > 0"
+)
 
 from fedsim.configtools import ConfigError  # noqa: E402
 from fedsim.startup import mark  # noqa: E402

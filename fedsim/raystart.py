@@ -118,4 +118,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None: the handler before was installed outside Python (nothing to restore).
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -179,6 +179,31 @@ def _left_in_group(pgid: int, timeout: float = 30.0) -> list[str]:
         time.sleep(0.2)
 
 
+def test_sigterm_as_interrupt_raises_keyboard_interrupt_and_restores_the_handler():
+    """In a fresh interpreter: SIGTERM inside the block is a KeyboardInterrupt; after it the
+    handler is what it was (the default: the process would end)."""
+    code = textwrap.dedent(
+        """
+        import os, signal
+        from fedsim.raystart import sigterm_as_interrupt
+        try:
+            with sigterm_as_interrupt():
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(10**6):  # the handler runs between bytecodes
+                    pass
+            print("not interrupted")
+        except KeyboardInterrupt:
+            print("interrupted")
+        print(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["interrupted", "True"], done.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["scaffold", "centralized"])
 def test_sigterm_stops_a_run_as_ctrl_c_does_and_leaves_no_process(

@@ -19,7 +19,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from fedsim.eval.run import headline
 from fedsim.plots import PANELS, distinct_colours
 from fedsim.pool import ActorPool
 from fedsim.prepare import check_inputs
-from fedsim.raystart import connect_ray, sigterm_as_interrupt
+from fedsim.raystart import joined_ray
 from fedsim.resources import check_before_ray
 from fedsim.runio import (
     MetricsLog,
@@ -279,26 +279,16 @@ def compare(
         if n_lanes > 1:
             # Each lane has one BackboneWorker (results do not depend on the worker count).
             configs.update(load_configs(config, overrides, laned, "ray.workers=1"))
-        import ray
-
-        started = connect_ray(first)
-        # A Ray started here: SIGTERM stops the runs as Ctrl-C does (not Ray's abort).
-        with sigterm_as_interrupt() if started else nullcontext():
-            try:
-                # One tracker experiment for the comparison's runs (tagged algorithm, seed).
-                with (
-                    grouped(out_dir),
-                    run_progress(console, show_progress, len(todo)) as bar,
-                ):
-                    if pooled:
-                        run_lanes(pooled, configs, run_dirs, finals, bar, 1, resumes)
-                    if laned:
-                        run_lanes(
-                            laned, configs, run_dirs, finals, bar, n_lanes, resumes
-                        )
-            finally:
-                if started:
-                    ray.shutdown()
+        with joined_ray(first):  # SIGTERM stops the runs as Ctrl-C does
+            # One tracker experiment for the comparison's runs (tagged algorithm, seed).
+            with (
+                grouped(out_dir),
+                run_progress(console, show_progress, len(todo)) as bar,
+            ):
+                if pooled:
+                    run_lanes(pooled, configs, run_dirs, finals, bar, 1, resumes)
+                if laned:
+                    run_lanes(laned, configs, run_dirs, finals, bar, n_lanes, resumes)
         result = Comparison(out_dir, finals, run_dirs)
         write_outputs(result, configs[(algorithms[0], seeds[0])])
         console.print(result_table(result))

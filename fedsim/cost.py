@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fedsim.data.rows import read_saved_table, take_rows
-from fedsim.models.backbone import _image_seq_length
+from fedsim.models.backbone import _image_seq_length, image_tokens
 from fedsim.training import task_flags
 
 
@@ -33,9 +33,11 @@ def _image_tokens(backbone_path: str) -> int:
         and {"image_size", "patch_size"} <= v.keys()
         and "vision_feature_select_strategy" in raw
     ):
-        # As _image_seq_length computes it from the config object.
-        patches = (int(v["image_size"]) // int(v["patch_size"])) ** 2
-        return patches + (1 if raw["vision_feature_select_strategy"] == "full" else 0)
+        return image_tokens(
+            int(v["image_size"]),
+            int(v["patch_size"]),
+            raw["vision_feature_select_strategy"],
+        )
     from transformers import AutoConfig, LlavaConfig
 
     cfg = AutoConfig.from_pretrained(backbone_path)

@@ -11,7 +11,6 @@ client; a run folder is written by one process at a time.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from fedsim.models.spec import check_backbone
 from fedsim.pool import ActorPool
 from fedsim.prepare import cache_root, check_inputs, prepare, training_data
 from fedsim.progress import build_reporter, make_progress
-from fedsim.raystart import connect_ray, sigterm_as_interrupt
+from fedsim.raystart import joined_ray
 from fedsim.report import RunResult, corpus_summary, report_run
 from fedsim.resources import check_before_ray, check_feasible
 from fedsim.rounds import FederatedRun, RunContext, run_pooled
@@ -143,13 +142,10 @@ def _run_locked(
     progress = make_progress(console, disable=not show_progress)
     with progress:
         prep = prepare(cfg, build_reporter(progress))
-        started_ray = connect_ray(cfg)
-        mark("ray_init")
-        own_pool = pool is None
-        pool = pool or ActorPool()
-        # A Ray this run started: SIGTERM stops the run as Ctrl-C does (not Ray's abort).
-        stop_on_sigterm = sigterm_as_interrupt() if started_ray else nullcontext()
-        with stop_on_sigterm:
+        with joined_ray(cfg):  # SIGTERM stops the run as Ctrl-C does
+            mark("ray_init")
+            own_pool = pool is None
+            pool = pool or ActorPool()
             try:
                 # Before any actor (Ray would wait forever for one) and before a new run's folder.
                 check_feasible(cfg)
@@ -179,8 +175,6 @@ def _run_locked(
             finally:
                 if own_pool:
                     pool.close()
-                if started_ray:
-                    ray.shutdown()
     wall = time.perf_counter() - t_start
     about = corpus_summary(prep.train_path)
     about["silos"] = describe_silos(cfg, [len(s) for s in prep.shards])

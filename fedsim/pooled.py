@@ -238,7 +238,7 @@ def _broadcast(obj: Any, world: int) -> Any:
 
 def _halted(halt: Any, rank: int, world: int) -> bool:
     """Whether the driver asked the worker group to stop (rank 0 reads, every rank agrees)."""
-    asked = halt is not None and halt.qsize() > 0 if rank == 0 else None
+    asked = halt.qsize() > 0 if rank == 0 else None
     return bool(_broadcast(asked, world))
 
 
@@ -285,7 +285,7 @@ def _train_plan(
     world: int,
     backbones: dict[tuple[Any, ...], Any],
     readers: dict[tuple[Any, ...], Any],
-    halt: Any = None,
+    halt: Any,
 ) -> None:
     """One centralized run, from W_0 and a fresh optimiser, on the resident backbone.
 

@@ -3,7 +3,7 @@
 :func:`connect_ray` starts a private local Ray (loopback only, :func:`loopback_only`) or joins the
 cluster ``ray.address`` names; it runs after every check of a run's inputs (bad input never
 starts Ray). :func:`sigterm_as_interrupt` makes SIGTERM stop a run the way Ctrl-C does once Ray
-is up. This module imports nothing heavy (Ray and the config only).
+is up; :func:`joined_ray` is both for a block, with the shutdown of a Ray it started. This module imports nothing heavy (Ray and the config only).
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from types import FrameType
 
 from fedsim.config import Config
 from fedsim.configtools import ConfigError
 
-__all__ = ["connect_ray", "loopback_only", "sigterm_as_interrupt"]
+__all__ = ["connect_ray", "joined_ray", "loopback_only", "sigterm_as_interrupt"]
 
 
 def connect_ray(cfg: Config) -> bool:
@@ -121,3 +121,19 @@ def sigterm_as_interrupt() -> Iterator[None]:
         # None: the handler before was installed outside Python (nothing to restore).
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def joined_ray(cfg: Config) -> Iterator[bool]:
+    """:func:`connect_ray` for the length of the block (yields whether it started Ray). A Ray
+    started here is shut down on leaving, and meanwhile SIGTERM stops the block as Ctrl-C does
+    (:func:`sigterm_as_interrupt`); a Ray joined (already running) is left as it is."""
+    started = connect_ray(cfg)
+    try:
+        with sigterm_as_interrupt() if started else nullcontext():
+            yield started
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()

@@ -33,7 +33,6 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,7 @@ from fedsim.compare import (
 from fedsim.config import Config, load_config
 from fedsim.configtools import ConfigError, read_user_text, safe_load
 from fedsim.prepare import check_inputs
-from fedsim.raystart import connect_ray, sigterm_as_interrupt
+from fedsim.raystart import joined_ray
 from fedsim.resources import check_before_ray
 from fedsim.runio import MetricsLog, RunLock, write_text
 
@@ -333,27 +332,17 @@ def sweep(
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out_dir, "--out")
     try:
-        import ray
-
         seconds: dict[str, float] = {}
-        started = connect_ray(first)
-        # A Ray started here: SIGTERM stops the runs as Ctrl-C does (not Ray's abort).
-        with sigterm_as_interrupt() if started else nullcontext():
-            try:
-                t0 = time.perf_counter()
-                select_finals = _run_phase(
-                    select_cfgs, select_dirs, console, show_progress
-                )
-                seconds["selection"] = time.perf_counter() - t0
-                selection, chosen = _select_points(spec, points, select_finals, console)
-                # The test phase: configs are built only now, from the selection.
-                test_cfgs, test_dirs = _test_runs(spec, points, chosen, out_dir)
-                t0 = time.perf_counter()
-                test_finals = _run_phase(test_cfgs, test_dirs, console, show_progress)
-                seconds["test"] = time.perf_counter() - t0
-            finally:
-                if started:
-                    ray.shutdown()
+        with joined_ray(first):  # SIGTERM stops the runs as Ctrl-C does
+            t0 = time.perf_counter()
+            select_finals = _run_phase(select_cfgs, select_dirs, console, show_progress)
+            seconds["selection"] = time.perf_counter() - t0
+            selection, chosen = _select_points(spec, points, select_finals, console)
+            # The test phase: configs are built only now, from the selection.
+            test_cfgs, test_dirs = _test_runs(spec, points, chosen, out_dir)
+            t0 = time.perf_counter()
+            test_finals = _run_phase(test_cfgs, test_dirs, console, show_progress)
+            seconds["test"] = time.perf_counter() - t0
         result = SweepResult(
             out_dir,
             selection,

@@ -101,6 +101,14 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to whatever is left of the run's process group (started by :func:`_start`)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _interrupt(proc: subprocess.Popen, when: Path, sig: int) -> str:
     """Send ``sig`` to the driver once ``when`` exists; its stderr."""
     try:
@@ -108,10 +116,7 @@ def _interrupt(proc: subprocess.Popen, when: Path, sig: int) -> str:
         os.kill(proc.pid, sig)
         return proc.communicate(timeout=120)[1]
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_group(proc)
 
 
 @pytest.mark.slow
@@ -223,10 +228,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_leaves_no_process(
         err = proc.communicate(timeout=120)[1]
         left = _left_in_group(proc.pid)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_group(proc)
     assert proc.returncode == 130, err[-3000:]
     assert "SIGTERM received" not in err, err[-3000:]
     # Ray Train's harmless PreemptionWatcher line is filtered (fedsim.cli).

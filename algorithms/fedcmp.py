@@ -199,6 +199,36 @@ def _rounded(d: Tensor, dtype: torch.dtype, buf: Tensor | None) -> Tensor:
     return buf.copy_(d)
 
 
+def _range_sketch(
+    deltas: Sequence[Tensor],
+    p: Sequence[float],
+    ell: int,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+) -> tuple[Tensor, list[float]]:
+    """Pass 1 of :func:`sketch_bases`: Y = Σ_k √p_k Δ_k Ω_k ([m, ℓ], fp32) and ‖Δ_k‖²_F."""
+    m, n = deltas[0].shape
+    dev = deltas[0].device
+    y = torch.zeros(m, ell, dtype=torch.float32, device=dev)
+    sq = []
+    buf = None
+    for d, pk in zip(deltas, p):
+        # Drawn on the CPU in client order (the same Ω on every device), moved to the device.
+        omega = torch.randn(
+            n, ell, generator=generator, dtype=torch.float32, device="cpu"
+        ).to(dev)
+        if dtype != torch.float32:
+            # Rounded into the reused buffer by the same read that sums the squares.
+            if buf is None or buf.shape != d.shape:
+                buf = torch.empty(d.shape, dtype=dtype, device=dev)
+            sq.append(sum_squares(d, copy_to=buf))
+            y.add_(buf @ omega.to(dtype), alpha=math.sqrt(pk))
+        else:
+            y.add_(d @ omega, alpha=math.sqrt(pk))
+            sq.append(sum_squares(d))
+    return y, sq
+
+
 def sketch_bases(
     deltas: Sequence[Tensor],
     p: Sequence[float],
@@ -235,28 +265,12 @@ def sketch_bases(
     dev = deltas[0].device
     low = dtype != torch.float32
     ell = max(1, min(m, n * len(deltas), rank + oversample))
-    y = torch.zeros(m, ell, dtype=torch.float32, device=dev)
-    sq = []
-    buf = None
-    for d, pk in zip(deltas, p):
-        # Drawn on the CPU in client order (the same Ω on every device), moved to the device.
-        omega = torch.randn(
-            n, ell, generator=generator, dtype=torch.float32, device="cpu"
-        ).to(dev)
-        if low:
-            # Rounded into the reused buffer by the same read that sums the squares.
-            if buf is None or buf.shape != d.shape:
-                buf = torch.empty(d.shape, dtype=dtype, device=dev)
-            sq.append(sum_squares(d, copy_to=buf))
-            y.add_(buf @ omega.to(dtype), alpha=math.sqrt(pk))
-        else:
-            y.add_(d @ omega, alpha=math.sqrt(pk))
-            sq.append(sum_squares(d))
+    y, sq = _range_sketch(deltas, p, ell, generator, dtype)
     total = math.fsum(pk * x for pk, x in zip(p, sq))
     q_u, _ = torch.linalg.qr(y)  # [m, ℓ]
     if low:  # pass 2: [ℓ, n] each
         q_low = q_u.T.to(dtype).contiguous()
-        proj = []
+        proj, buf = [], None
         for d in deltas:
             buf = _rounded(d, dtype, buf)
             proj.append((q_low @ buf).to(torch.float32))

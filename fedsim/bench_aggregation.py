@@ -39,6 +39,7 @@ import torch
 from rich.table import Table
 
 from fedsim.aggregator import Aggregator
+from fedsim.algorithms import fused_sums
 from fedsim.algorithms.base import ClientUpdate
 from fedsim.algorithms.fedcmp import sketch_bases
 from fedsim.algorithms.registry import build_algorithm
@@ -193,13 +194,17 @@ def one_size(
     # the machine's state (clock boost, a neighbour's load) moves both alike, where a bandwidth
     # measured once beside median timings mixed two moments (the bound moved by 35 % between
     # two quiet runs).
+    # FedAvg through the ATen path too (the same bits, fedsim.algorithms.fused_sums), in the
+    # same pairs: the fused weighted sum's gain is measured, not assumed.
     pairs = []
     for _ in range(max(5, repeats)):
         bw_i = bandwidth(2)
         t_avg, _ = _timed(lambda: fedavg.aggregate(weights, updates, {}, 1), 1)
         t_agg, _ = _timed(lambda: agg.aggregate(weights, updates, 1), 1)
+        with fused_sums.aten_only():
+            t_aten, _ = _timed(lambda: fedavg.aggregate(weights, updates, {}, 1), 1)
         bound_i = must_move / (bw_i["read_gb_s"] * 1e9)
-        pairs.append((bw_i, bound_i, t_avg, t_agg))
+        pairs.append((bw_i, bound_i, t_avg, t_agg, t_aten))
     med = statistics.median
     bw = {k: med(p[0][k] for p in pairs) for k in pairs[0][0]}
     bound = med(p[1] for p in pairs)
@@ -219,6 +224,9 @@ def one_size(
         ],
         "aggregator_round_seconds": t_round,
         "aggregator_round_ratio_to_bound": med(p[3] / p[1] for p in pairs),
+        "weighted_sums": fused_sums.status(),
+        "fedavg_aten_path_seconds": med(p[4] for p in pairs),
+        "fedavg_aten_path_ratio_to_bound": med(p[4] / p[1] for p in pairs),
         "pairs": len(pairs),
     }
     if baseline:

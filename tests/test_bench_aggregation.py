@@ -24,6 +24,8 @@ def test_aggregation_limit_record_is_consistent():
         assert r[f"{key}_ratio_to_fedavg"] == pytest.approx(
             r[f"{key}_seconds"] / r["fedavg_seconds"]
         )
+    assert r["weighted_sums"].startswith(("fused (", "ATen: "))
+    assert r["fedavg_aten_path_seconds"] > 0
     lo, hi = r["fedavg_ratio_to_bound_range"]
     assert lo <= r["fedavg_ratio_to_bound"] <= hi
     floor = r["sketch_products_floor"]

@@ -4,15 +4,22 @@
  * bits against ATen before it uses this). Built by the loader with the C compiler at hand. */
 #include <math.h>
 #include <stddef.h>
+#include <stdlib.h>
 
 #define TILE 32768 /* elements: a 256 KiB float64 tile stays in L2 while 50 clients stream */
 
 /* For i in [lo, hi): a_i = fma(c_k, (double) x_k[i], a_i) for k = 0 .. K-1 in order, from
- * acc[i] (acc != NULL, written back) or from +0.0 (acc == NULL: a tile-sized local
- * accumulator); out (when not NULL) receives (float) a_i. */
-void fedsim_fma_accumulate(double *acc, const float *const *xs, const double *cs, long K,
-                           long lo, long hi, float *out) {
-    double tile[TILE]; /* 256 KiB of the calling thread's stack */
+ * acc[i] (acc != NULL, written back) or from +0.0 (acc == NULL: a tile-sized accumulator on
+ * the heap — thread stacks can be as small as 128 KiB); out (when not NULL) receives
+ * (float) a_i. Returns 0, or 1 when the tile could not be allocated (nothing written). */
+int fedsim_fma_accumulate(double *acc, const float *const *xs, const double *cs, long K,
+                          long lo, long hi, float *out) {
+    double *tile = NULL;
+    if (!acc) {
+        tile = malloc(TILE * sizeof(double));
+        if (!tile)
+            return 1;
+    }
     for (long s = lo; s < hi; s += TILE) {
         long m = (s + TILE < hi ? s + TILE : hi) - s;
         double *a = acc ? acc + s : tile;
@@ -26,4 +33,6 @@ void fedsim_fma_accumulate(double *acc, const float *const *xs, const double *cs
         if (out)
             for (long i = 0; i < m; i++) out[s + i] = (float) a[i];
     }
+    free(tile);
+    return 0;
 }

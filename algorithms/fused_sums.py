@@ -120,7 +120,7 @@ def _build(cc: str, flags: list[str]) -> Path:
     return lib
 
 
-Kernel = Callable[..., None]
+Kernel = Callable[..., int]
 
 
 def _load(lib: Path) -> Kernel:
@@ -136,7 +136,7 @@ def _load(lib: Path) -> Kernel:
         ctypes.c_long,
         ctypes.c_void_p,
     ]
-    fn.restype = None
+    fn.restype = ctypes.c_int
     return fn
 
 
@@ -228,8 +228,10 @@ def _call(
     parts = max(1, min(threads, tiles))
     bounds = [min(n, (tiles * i // parts) * _TILE) for i in range(parts)] + [n]
 
+    failed = [0] * parts
+
     def run(i: int) -> None:
-        fn(a, ptrs, coeffs, len(xs), bounds[i], bounds[i + 1], o)
+        failed[i] = fn(a, ptrs, coeffs, len(xs), bounds[i], bounds[i + 1], o)
 
     workers = [threading.Thread(target=run, args=(i,)) for i in range(1, parts)]
     for w in workers:
@@ -237,6 +239,8 @@ def _call(
     run(0)
     for w in workers:
         w.join()
+    if any(failed):
+        raise MemoryError("fused weighted sum: no memory for a 256 KiB tile")
 
 
 @contextmanager

@@ -175,6 +175,39 @@ def _two_rounds(
     return time.perf_counter() - t0
 
 
+def _fedavg_pairs(
+    weights: dict[str, torch.Tensor],
+    updates: list[ClientUpdate],
+    clients: int,
+    must_move: int,
+    count: int,
+) -> list[tuple[dict[str, float], float, float, float, float]]:
+    """``count`` × (bandwidth, bound, FedAvg s, Aggregator round s, FedAvg s on the ATen path).
+
+    Each FedAvg call right after its own bandwidth measurement, and the ratio taken per pair:
+    the machine's state (clock boost, a neighbour's load) moves both alike, where a bandwidth
+    measured once beside median timings mixed two moments (the bound moved by 35 % between two
+    quiet runs). FedAvg goes through the ATen path too (the same bits,
+    :mod:`fedsim.algorithms.fused_sums`) in the same pairs, so the fused weighted sum's gain is
+    measured, not assumed; which of the two goes first alternates (the first call after the
+    bandwidth's 512 MiB buffers finds the caches cold).
+    """
+    fedavg = build_algorithm("fedavg")
+    agg = Aggregator("fedavg", {}, weights, clients)
+    pairs = []
+    for i in range(count):
+        bw_i = bandwidth(2)
+        with fused_sums.aten_only() if i % 2 else contextlib.nullcontext():
+            t_first, _ = _timed(lambda: fedavg.aggregate(weights, updates, {}, 1), 1)
+        with contextlib.nullcontext() if i % 2 else fused_sums.aten_only():
+            t_second, _ = _timed(lambda: fedavg.aggregate(weights, updates, {}, 1), 1)
+        t_avg, t_aten = (t_second, t_first) if i % 2 else (t_first, t_second)
+        t_agg, _ = _timed(lambda: agg.aggregate(weights, updates, 1), 1)
+        bound_i = must_move / (bw_i["read_gb_s"] * 1e9)
+        pairs.append((bw_i, bound_i, t_avg, t_agg, t_aten))
+    return pairs
+
+
 def one_size(
     shapes: Mapping[str, tuple[int, ...]],
     clients: int,
@@ -189,27 +222,7 @@ def one_size(
     params = sum(math.prod(s) for s in shapes.values())
     # FedAvg must read K deltas and W_t, and write W_{t+1}: (K + 2) · P · 4 bytes.
     must_move = (clients + 2) * params * 4
-    fedavg = build_algorithm("fedavg")
-    agg = Aggregator("fedavg", {}, weights, clients)
-    # Each FedAvg call right after its own bandwidth measurement, and the ratio taken per pair:
-    # the machine's state (clock boost, a neighbour's load) moves both alike, where a bandwidth
-    # measured once beside median timings mixed two moments (the bound moved by 35 % between
-    # two quiet runs).
-    # FedAvg through the ATen path too (the same bits, fedsim.algorithms.fused_sums), in the
-    # same pairs: the fused weighted sum's gain is measured, not assumed.
-    # Which of the two goes first alternates: the first call after the bandwidth's 512 MiB
-    # buffers finds the caches cold.
-    pairs = []
-    for i in range(max(5, repeats)):
-        bw_i = bandwidth(2)
-        with fused_sums.aten_only() if i % 2 else contextlib.nullcontext():
-            t_first, _ = _timed(lambda: fedavg.aggregate(weights, updates, {}, 1), 1)
-        with contextlib.nullcontext() if i % 2 else fused_sums.aten_only():
-            t_second, _ = _timed(lambda: fedavg.aggregate(weights, updates, {}, 1), 1)
-        t_avg, t_aten = (t_second, t_first) if i % 2 else (t_first, t_second)
-        t_agg, _ = _timed(lambda: agg.aggregate(weights, updates, 1), 1)
-        bound_i = must_move / (bw_i["read_gb_s"] * 1e9)
-        pairs.append((bw_i, bound_i, t_avg, t_agg, t_aten))
+    pairs = _fedavg_pairs(weights, updates, clients, must_move, max(5, repeats))
     med = statistics.median
     bw = {k: med(p[0][k] for p in pairs) for k in pairs[0][0]}
     bound = med(p[1] for p in pairs)

@@ -18,9 +18,10 @@ Sections (each a table; all numbers in ``bench.json``):
 - **startup**, **memory-run** — a default ``fedsim run``: process start → first client task,
   phase by phase; the summed peak resident memory of all its processes
   (:mod:`fedsim.bench_startup`).
-- **aggregation-limit** — FedAvg against the memory-bandwidth bound measured in the same run,
-  Fed-CMP's ratio to FedAvg and its sketch's accuracy, at the toy's and at LLaVA-1.5-7B's
-  projector size (:mod:`fedsim.bench_aggregation`).
+- **aggregation-limit** — FedAvg against the memory-bandwidth bound measured in the same run
+  (the fused weighted sum and the ATen path), Fed-CMP's ratio to FedAvg with float32 and
+  bfloat16 products, the products' floor at this machine's matmul rate, and the sketch's
+  accuracy, at the toy's and at LLaVA-1.5-7B's projector size (:mod:`fedsim.bench_aggregation`).
 - **real-shape** — resident vs fresh-per-task, swap share, memory per worker, cohort gain and
   per-layer FLOPs/bytes on the LLaVA-1.5-7B-shaped skeleton (:mod:`fedsim.bench_real`).
 

@@ -428,7 +428,9 @@ def bench_aggregation_limit(
 def aggregation_limit_table(a: dict[str, Any]) -> Table:
     table = Table(
         title=f"aggregation against the memory-bandwidth bound ({a['threads']} threads, "
-        f"Fed-CMP rank {a['rank']})"
+        f"Fed-CMP rank {a['rank']})",
+        caption="weighted sums: "
+        + ", ".join(sorted({a[s]["weighted_sums"] for s in ("toy", "7b") if s in a})),
     )
     cols = [
         "size",

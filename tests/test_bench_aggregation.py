@@ -45,3 +45,4 @@ def test_aggregation_limit_record_is_consistent():
     text = io.StringIO()
     Console(file=text, width=250).print(aggregation_limit_table(a))
     assert "bf16" in text.getvalue()
+    assert "weighted sums: " + r["weighted_sums"] in " ".join(text.getvalue().split())

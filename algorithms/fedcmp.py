@@ -108,23 +108,29 @@ _U_BF16 = 2.0**-8
 _U_FP32 = 2.0**-24
 
 
-def low_precision_floor(ell: int, inner: int, total: float) -> float:
+def low_precision_floor(
+    ell: int, inner: int, total: float, q_error: float | None = None
+) -> float:
     """The largest eigenvalue rounding can give a direction the deltas do not have, when the
     projections P_k = Q_Uᵀ Δ_k are bfloat16 products (inputs rounded to bf16, fp32 sums, the
     output rounded to bf16) and ``total`` = Σ p_k ‖Δ_k‖²_F.
 
-    With u = 2⁻⁸: Q̃ = Q + E_Q, ‖E_Q‖_F ≤ u ‖Q‖_F = u √ℓ (ℓ orthonormal columns); Δ̃ = Δ + E,
-    ‖E‖_F ≤ u ‖Δ‖_F; the fp32 sum over ``inner`` terms adds ≤ γ ‖|Q̃|ᵀ|Δ̃|‖_F ≤ γ √ℓ ‖Δ‖_F
-    (γ = inner · 2⁻²⁴); the output's rounding ≤ u ‖P̃‖_F; the right basis rounds Sᵀ P̃ to bf16
-    once more (≤ u ‖Δ‖_F). So ‖P̃_k − P_k‖_F ≤ ε ‖Δ_k‖_F with ε = (u + γ) √ℓ + 3u (first
-    order). For a unit v with P_kᵀ v = 0 for every k (a direction no delta has), the Rayleigh
-    quotient of Σ p_k P̃_k P̃_kᵀ is Σ p_k ‖(P̃_k − P_k)ᵀ v‖² ≤ ε² · total, so by Courant–Fischer
-    every eigenvalue past the deltas' rank is at most that (second order: the floor is
-    ≈ 7·10⁻³ of the total energy at ℓ = 266 and 4096-wide deltas). The 1.1 covers the dropped
-    higher-order terms. A worst case: ‖E_Q‖₂ ≤ u √ℓ is met only by aligned roundings (random
-    ones give ≈ u (1 + √(ℓ/m))), so directions a little below the floor may be real; they are
-    not kept because nothing here can tell them from rounding."""
-    eps = (_U_BF16 + inner * _U_FP32) * math.sqrt(ell) + 3 * _U_BF16
+    With u = 2⁻⁸ and Q̃ = Q + E_Q the rounded basis: ‖E_Qᵀ Δ‖_F ≤ ‖E_Q‖₂ ‖Δ‖_F, where
+    ``q_error`` = ‖E_Q‖₂ as measured (≈ u / √3 (1 + √(ℓ/m)) for random roundings; without it
+    the worst case ‖E_Q‖_F ≤ u √ℓ); Δ̃ = Δ + E, ‖Q̃ᵀ E‖_F ≤ (1 + ‖E_Q‖₂) u ‖Δ‖_F; the fp32 sum
+    over ``inner`` terms adds ≤ γ ‖|Q̃|ᵀ|Δ̃|‖_F ≤ γ √ℓ ‖Δ‖_F (γ = inner · 2⁻²⁴); the output's
+    rounding ≤ u ‖P̃‖_F; the right basis rounds Sᵀ P̃ to bf16 once more (≤ u ‖Δ‖_F). So
+    ‖P̃_k − P_k‖_F ≤ ε ‖Δ_k‖_F with ε = ‖E_Q‖₂ (1 + u) + γ √ℓ + 3u (first order). For a unit v
+    with P_kᵀ v = 0 for every k (a direction no delta has), the Rayleigh quotient of
+    Σ p_k P̃_k P̃_kᵀ is Σ p_k ‖(P̃_k − P_k)ᵀ v‖² ≤ ε² · total, so by Courant–Fischer every
+    eigenvalue past the deltas' rank is at most that (second order: with the measured ‖E_Q‖₂
+    ≈ 3.5·10⁻⁴ of the total energy at ℓ = 266 and 4096-wide deltas; 7·10⁻³ from the worst
+    case).
+    The 1.1 covers the dropped higher-order terms. Directions below the floor may be real;
+    they are not kept because nothing here can tell them from rounding."""
+    if q_error is None:
+        q_error = _U_BF16 * math.sqrt(ell)
+    eps = q_error * (1 + _U_BF16) + inner * _U_FP32 * math.sqrt(ell) + 3 * _U_BF16
     return 1.1 * eps * eps * total
 
 
@@ -268,15 +274,18 @@ def sketch_bases(
     y, sq = _range_sketch(deltas, p, ell, generator, dtype)
     total = math.fsum(pk * x for pk, x in zip(p, sq))
     q_u, _ = torch.linalg.qr(y)  # [m, ℓ]
+    floor = 0.0
     if low:  # pass 2: [ℓ, n] each
         q_low = q_u.T.to(dtype).contiguous()
         proj, buf = [], None
         for d in deltas:
             buf = _rounded(d, dtype, buf)
             proj.append((q_low @ buf).to(torch.float32))
+        # ‖E_Q‖₂ of the rounded basis, measured (an [m, ℓ] spectral norm: milliseconds).
+        q_error = float(torch.linalg.matrix_norm(q_u - q_low.T.float(), ord=2))
+        floor = low_precision_floor(ell, max(m, n), total, q_error)
     else:
         proj = [q_u.T @ d for d in deltas]
-    floor = low_precision_floor(ell, max(m, n), total) if low else 0.0
     b = torch.zeros(ell, ell, dtype=torch.float32, device=dev)
     for pr, pk in zip(proj, p):
         b.add_(pr @ pr.T, alpha=pk)
@@ -590,7 +599,7 @@ class FedCMP(ServerDefaults):
         4.4× faster products on CPUs with AVX512-BF16 or AMX and on GPUs, at a measured cost in
         accuracy (docs/explanation/fedcmp.md, "bfloat16 products"); ranks that rounding alone
         could produce are never kept (:func:`low_precision_floor`: at 7B size directions below
-        ≈ 0.7 % of the deltas' energy, where float32 keeps those above ≈ 0.05 % of the largest
+        ≈ 0.035 % of the deltas' energy, where float32 keeps those above ≈ 0.05 % of the largest
         eigenvalue — the ``rank`` metric shows what was kept).
     """
 

@@ -146,7 +146,8 @@ def test_bf16_sketch_keeps_no_rank_for_rounding(seed):
     energy per direction, typically) lies above float32's rule (λ_max · dim · 2⁻²³ =
     1.4·10⁻⁶ λ_max): without ``low_precision_floor`` a rank above r₀ was kept in 25 of 30
     seeds. The floor (Courant–Fischer: ≥ every eigenvalue past r₀; ≤ 1.1 ε² · total with
-    ε = (u + 12 · 2⁻²⁴) √12 + 3u ≈ 0.025, i.e. ≤ 7·10⁻⁴ of the energy) stays far below the
+    ε = ‖E_Q‖₂ (1 + u) + 12 · 2⁻²⁴ · √12 + 3u ≤ 0.026 since ‖E_Q‖₂ ≤ ‖E_Q‖_F ≤ u √12, i.e.
+    ≤ 7.5·10⁻⁴ of the energy) stays far below the
     smallest true eigenvalue (a 6 × 6 Wishart-like average of 6 Gaussian Grams: ≈ 0.35 of
     the mean eigenvalue, ≈ 0.06 of the energy), so exactly r₀ is kept on both sides."""
     m, n, k, r0 = 12, 12, 6, 6

@@ -81,11 +81,6 @@ def _x86_without_fma() -> bool:
     return x86 and not {"avx2", "fma"} <= _cpu_flags()
 
 
-def _kernel_dir() -> Path:
-    env = os.environ.get("FEDSIM_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "fedsim") / "kernels"
-
-
 def _build(cc: str, flags: list[str]) -> Path:
     version = subprocess.run(
         [cc, "--version"], capture_output=True, text=True, check=False
@@ -93,7 +88,9 @@ def _build(cc: str, flags: list[str]) -> Path:
     key = hashlib.sha256(
         SOURCE.read_bytes() + repr((flags, version, platform.machine())).encode()
     ).hexdigest()[:16]
-    folder = _kernel_dir()
+    from fedsim.runio import default_cache_dir
+
+    folder = default_cache_dir() / "kernels"
     lib = folder / f"fma_accumulate-{key}.so"
     if lib.exists():
         return lib
@@ -177,7 +174,7 @@ def kernel() -> Kernel | None:
         if "kernel" in _state:
             return _state["kernel"]  # type: ignore[return-value]
         fn, why = None, ""
-        cc = _compiler()
+        cc, flags = _compiler(), _flags()
         if os.environ.get("FEDSIM_FUSED_SUMS", "1") == "0":
             why = "off (FEDSIM_FUSED_SUMS=0)"
         elif cc is None:
@@ -186,7 +183,7 @@ def kernel() -> Kernel | None:
             why = "this CPU reports no AVX2/FMA"
         else:
             try:
-                candidate = _load(_build(cc, _flags()))
+                candidate = _load(_build(cc, flags))
             except OSError as e:
                 why = f"build failed: {e}"
             else:
@@ -196,7 +193,7 @@ def kernel() -> Kernel | None:
                     why = "its bits differ from ATen's here"
         _state["kernel"] = fn
         _state["status"] = (
-            f"fused ({Path(cc or '').name}, {' '.join(_flags()[3:])})"
+            f"fused ({Path(cc or '').name}, {' '.join(flags[3:])})"
             if fn
             else f"ATen: {why}"
         )

@@ -586,8 +586,6 @@ def part_aggregation(args: argparse.Namespace) -> dict[str, Any]:
             for name, r in rows.items()
             if "seconds_round2" in r
         }
-        if "fedcmp" in out["ratios_to_fedavg"]:
-            out["fedcmp_over_fedavg"] = out["ratios_to_fedavg"]["fedcmp"]
     return out
 
 

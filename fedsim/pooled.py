@@ -471,6 +471,8 @@ class PooledTrainer:
             ),
         )
         self._outcome: dict[str, Any] = {}
+        #: Round records trained but never read, counted by close() (an interrupted run's
+        #: rounds after the halt).
         self.unread_records = 0
         self._thread = threading.Thread(
             target=self._fit, name="ray-train-fit", daemon=True
@@ -525,7 +527,6 @@ class PooledTrainer:
             self.halt.put(True)
             self.plans.put(None)
             self._thread.join()
-        #: Round records trained but never read (an interrupted run's rounds after the halt).
         self.unread_records = self.records.qsize()
         for q in (self.plans, self.records, self.halt):
             ray.kill(q.actor)

@@ -3,7 +3,8 @@
 :func:`connect_ray` starts a private local Ray (loopback only, :func:`loopback_only`) or joins the
 cluster ``ray.address`` names; it runs after every check of a run's inputs (bad input never
 starts Ray). :func:`sigterm_as_interrupt` makes SIGTERM stop a run the way Ctrl-C does once Ray
-is up; :func:`joined_ray` is both for a block, with the shutdown of a Ray it started. This module imports nothing heavy (Ray and the config only).
+is up; :func:`joined_ray` is both for a block, with the shutdown of a Ray it started. This
+module imports nothing heavy (Ray and the config only).
 """
 
 from __future__ import annotations

@@ -20,18 +20,14 @@ results never depend on which path ran. ``FEDSIM_FUSED_SUMS=0`` keeps the ATen p
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from fedsim.algorithms import ckernel
 
 SOURCE = Path(__file__).with_name("fma_accumulate.c")
 _TILE = 32768  # the C file's TILE: the probe's sizes straddle it
@@ -40,100 +36,35 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+_compiler = ckernel.compiler
+_x86_without_fma = ckernel.x86_without_fma
 
 
 def _flags() -> list[str]:
-    """The instruction sets this CPU reports, named one by one (never ``-march=native``: the
-    flags are part of the cached library's name, so nodes of different CPUs sharing a cache
-    each build their own). AVX-512 against AVX2: 0.17 against 0.21 s for 50 × 21 M elements
-    (AMD EPYC, 2 threads)."""
-    flags = ["-O3", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off"]
-    have = _cpu_flags()
-    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= have:
-        flags += ["-mavx2", "-mfma"]
-        if {"avx512f", "avx512vl"} <= have:
-            flags += ["-mavx512f", "-mavx512vl"]
-    return flags
-
-
-def _compiler() -> str | None:
-    """``$CC`` when set (and only it: a named compiler that is missing is not replaced by
-    another), else ``cc`` or ``gcc`` from the PATH."""
-    named = os.environ.get("CC")
-    if named:
-        return shutil.which(named)
-    return shutil.which("cc") or shutil.which("gcc")
-
-
-def _x86_without_fma() -> bool:
-    """An x86 CPU that does not report AVX2 and FMA (or whose flags cannot be read): ``fma()``
-    would be a slow library call there, so the ATen path stays."""
-    x86 = platform.machine() in ("x86_64", "AMD64", "i386", "i686")
-    return x86 and not {"avx2", "fma"} <= _cpu_flags()
+    """:func:`fedsim.algorithms.ckernel.flags`. AVX-512 against AVX2: 0.17 against 0.21 s for
+    50 × 21 M elements (AMD EPYC, 2 threads)."""
+    return ckernel.flags()
 
 
 def _build(cc: str, flags: list[str]) -> Path:
-    version = subprocess.run(
-        [cc, "--version"], capture_output=True, text=True, check=False
-    ).stdout.splitlines()[:1]
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + repr((flags, version, platform.machine())).encode()
-    ).hexdigest()[:16]
-    from fedsim.runio import default_cache_dir
-
-    folder = default_cache_dir() / "kernels"
-    lib = folder / f"fma_accumulate-{key}.so"
-    if lib.exists():
-        return lib
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        done = subprocess.run(
-            [cc, *flags, "-o", tmp, str(SOURCE), "-lm"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise OSError(
-                (done.stderr or done.stdout).strip().splitlines()[-1:] or ["failed"]
-            )
-        os.replace(
-            tmp, lib
-        )  # atomic: a racing worker sees the old name or the whole file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return lib
+    return ckernel.build(SOURCE, cc, flags)
 
 
 Kernel = Callable[..., int]
 
 
 def _load(lib: Path) -> Kernel:
-    fn = ctypes.CDLL(
-        str(lib)
-    ).fedsim_fma_accumulate  # CDLL: the GIL is released in calls
-    fn.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_long,
-        ctypes.c_long,
-        ctypes.c_long,
-        ctypes.c_void_p,
-    ]
+    so = ctypes.CDLL(str(lib))  # CDLL: the GIL is released in calls
+    fn = so.fedsim_fma_accumulate
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_void_p]
     fn.restype = ctypes.c_int
+    if so.fedsim_fma_openmp():
+        par = so.fedsim_fma_accumulate_threads
+        par.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2
+        par.argtypes += [ctypes.c_void_p, ctypes.c_int]
+        par.restype = ctypes.c_int
+        fn.parallel = par  # type: ignore[attr-defined]
+        fn.openmp = True  # type: ignore[attr-defined]
     return fn
 
 
@@ -167,43 +98,24 @@ def _probe(fn: Kernel) -> bool:
     return True
 
 
+_lazy = ckernel.Lazy(
+    "FEDSIM_FUSED_SUMS",
+    lambda cc, f: _build(cc, f),
+    _load,
+    _probe,
+    ("ATen", "fused", "ATen"),
+)
+
+
 def kernel() -> Kernel | None:
     """The fused kernel once built, loaded and probed in this process; None where fedsim keeps
     the ATen path (:func:`status` says why)."""
-    with _lock:
-        if "kernel" in _state:
-            return _state["kernel"]  # type: ignore[return-value]
-        fn, why = None, ""
-        cc, flags = _compiler(), _flags()
-        if os.environ.get("FEDSIM_FUSED_SUMS", "1") == "0":
-            why = "off (FEDSIM_FUSED_SUMS=0)"
-        elif cc is None:
-            why = "no C compiler ($CC, cc, gcc)"
-        elif _x86_without_fma():
-            why = "this CPU reports no AVX2/FMA"
-        else:
-            try:
-                candidate = _load(_build(cc, flags))
-            except OSError as e:
-                why = f"build failed: {e}"
-            else:
-                if _probe(candidate):
-                    fn = candidate
-                else:
-                    why = "its bits differ from ATen's here"
-        _state["kernel"] = fn
-        _state["status"] = (
-            f"fused ({Path(cc or '').name}, {' '.join(flags[3:])})"
-            if fn
-            else f"ATen: {why}"
-        )
-        return fn
+    return _lazy.kernel()
 
 
 def status() -> str:
     """Which path the float64 weighted sums take in this process, and why."""
-    kernel()
-    return str(_state["status"])
+    return _lazy.status()
 
 
 def _call(
@@ -221,22 +133,20 @@ def _call(
     coeffs = (ctypes.c_double * len(cs))(*[float(c) for c in cs])
     a = None if acc is None else acc.data_ptr()
     o = None if out is None else out.data_ptr()
+    par = getattr(fn, "parallel", None)
+    if par is not None:
+        # Built with OpenMP: the shares on torch's OpenMP threads (its workers spin for a
+        # while after each parallel op and would compete with threads of our own).
+        if par(a, ptrs, coeffs, len(xs), n, o, threads):
+            raise MemoryError("fused weighted sum: no memory for a 256 KiB tile")
+        return
     tiles = -(-n // _TILE)
     parts = max(1, min(threads, tiles))
     bounds = [min(n, (tiles * i // parts) * _TILE) for i in range(parts)] + [n]
 
-    failed = [0] * parts
-
-    def run(i: int) -> None:
-        failed[i] = fn(a, ptrs, coeffs, len(xs), bounds[i], bounds[i + 1], o)
-
-    workers = [threading.Thread(target=run, args=(i,)) for i in range(1, parts)]
-    for w in workers:
-        w.start()
-    run(0)
-    for w in workers:
-        w.join()
-    if any(failed):
+    if not ckernel.on_threads(
+        lambda lo, hi: fn(a, ptrs, coeffs, len(xs), lo, hi, o), bounds
+    ):
         raise MemoryError("fused weighted sum: no memory for a 256 KiB tile")
 
 

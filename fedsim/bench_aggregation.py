@@ -55,6 +55,19 @@ LLAVA_7B = {
 BANDWIDTH_BYTES = 1 << 29  # 512 MiB per buffer: far beyond any cache
 
 
+#: Fed-CMP's two-pass sketch as the bench times it: Gaussian test matrices with float32 and with
+#: bfloat16 products, and the block SRHT first pass with bfloat16 products in the second.
+SKETCH_VARIANTS: dict[str, dict[str, str]] = {
+    "fedcmp_sketch": {"basis": "sketch"},
+    "fedcmp_sketch_bf16": {"basis": "sketch", "sketch_dtype": "bfloat16"},
+    "fedcmp_sketch_srht_bf16": {
+        "basis": "sketch",
+        "sketch_dtype": "bfloat16",
+        "sketch_map": "srht",
+    },
+}
+
+
 def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     """Median seconds of ``repeats`` calls (after none: the first call is timed too, because
     a 4 GB round cannot be warmed up for free) and the last result."""
@@ -118,6 +131,8 @@ def sketch_products_floor(
             "gflop_s": rate / 1e9,
             "seconds": flops / rate,
             "ratio_to_fedavg": flops / rate / fedavg_seconds,
+            # With the block SRHT the first pass is no product: the second pass alone.
+            "pass2_ratio_to_fedavg": flops / 2 / rate / fedavg_seconds,
         }
     return out
 
@@ -251,25 +266,17 @@ def one_size(
         t_old, _ = _timed(lambda: _unblocked_fedavg(weights, updates), 1)
         out["unblocked_fedavg_seconds"] = t_old
         out["speedup_over_unblocked"] = t_old / t_fedavg
-    cmp_rank = {"rank": rank}
-    out["fedcmp_sketch_seconds"] = _two_rounds(
-        "fedcmp", {**cmp_rank, "basis": "sketch"}, weights, updates
-    )
-    out["fedcmp_sketch_ratio_to_fedavg"] = out["fedcmp_sketch_seconds"] / t_fedavg
-    out["fedcmp_sketch_bf16_seconds"] = _two_rounds(
-        "fedcmp",
-        {**cmp_rank, "basis": "sketch", "sketch_dtype": "bfloat16"},
-        weights,
-        updates,
-    )
-    out["fedcmp_sketch_bf16_ratio_to_fedavg"] = (
-        out["fedcmp_sketch_bf16_seconds"] / t_fedavg
-    )
+    for name, params in SKETCH_VARIANTS.items():
+        secs = _two_rounds("fedcmp", {"rank": rank, **params}, weights, updates)
+        out[f"{name}_seconds"] = secs
+        out[f"{name}_ratio_to_fedavg"] = secs / t_fedavg
     out["sketch_products_floor"] = sketch_products_floor(
         shapes, clients, rank, t_fedavg
     )
     if power:
-        out["fedcmp_power_seconds"] = _two_rounds("fedcmp", cmp_rank, weights, updates)
+        out["fedcmp_power_seconds"] = _two_rounds(
+            "fedcmp", {"rank": rank}, weights, updates
+        )
         out["fedcmp_power_ratio_to_fedavg"] = out["fedcmp_power_seconds"] / t_fedavg
     return out
 
@@ -345,16 +352,24 @@ def sketch_accuracy(
     rank: int,
     signal: int = 16,
     dtype: torch.dtype = torch.float32,
+    sketch_map: str = "gaussian",
 ) -> dict[str, Any]:
-    """The sketched bases of one matrix (products in ``dtype``) against the exact float64
-    decomposition."""
+    """The sketched bases of one matrix (products in ``dtype``, first-pass test matrices
+    ``sketch_map``) against the exact float64 decomposition."""
     weights, updates = make_deltas({"w": shape}, clients, 1)
     deltas = [u.delta["w"] for u in updates]
     total = sum(u.num_samples for u in updates)
     p = [u.num_samples / total for u in updates]
     m, n = shape
     r = min(rank, m, n)
-    sk = sketch_bases(deltas, p, r, torch.Generator().manual_seed(0), dtype=dtype)
+    sk = sketch_bases(
+        deltas,
+        p,
+        r,
+        torch.Generator().manual_seed(0),
+        dtype=dtype,
+        sketch_map=sketch_map,  # type: ignore[arg-type]
+    )
     u_s = sk.left.vectors[:, :r].to(torch.float64)
     v_s = sk.right.vectors[:, :r].to(torch.float64)
     g_u = torch.zeros(m, m, dtype=torch.float64)
@@ -381,6 +396,7 @@ def sketch_accuracy(
         "clients": clients,
         "rank": r,
         "products": str(dtype).removeprefix("torch."),
+        "sketch_map": sketch_map,
         "max_angle_deg_top_signal_u": math.degrees(math.acos(float(cos_u_sig.min()))),
         "max_angle_deg_top_signal_v": math.degrees(math.acos(float(cos_v_sig.min()))),
         "signal_directions": k,
@@ -391,6 +407,15 @@ def sketch_accuracy(
             (proj_s - proj_x).norm() / proj_x.norm()
         ),
     }
+
+
+#: (first-pass test matrices, product precision) of the accuracy rows.
+ACCURACY_ROUTES = [
+    ("gaussian", torch.float32),
+    ("gaussian", torch.bfloat16),
+    ("srht", torch.float32),
+    ("srht", torch.bfloat16),
+]
 
 
 def bench_aggregation_limit(
@@ -410,8 +435,8 @@ def bench_aggregation_limit(
         out["toy"] = one_size(toy_shapes, clients, rank, repeats, True, baseline)
         mats = sorted({s for s in toy_shapes.values() if len(s) == 2})
         out["toy"]["accuracy"] = [
-            sketch_accuracy(s, clients, rank, dtype=dt)
-            for dt in (torch.float32, torch.bfloat16)
+            sketch_accuracy(s, clients, rank, dtype=dt, sketch_map=sm)
+            for sm, dt in ACCURACY_ROUTES
             for s in mats
         ]
     if "7b" in sizes:
@@ -419,8 +444,8 @@ def bench_aggregation_limit(
         out["7b"]["gpu_on_paper"] = paper_costs(LLAVA_7B, clients, rank)
         gc.collect()
         out["7b"]["accuracy"] = [
-            sketch_accuracy((1024, 1024), clients, rank, dtype=dt)
-            for dt in (torch.float32, torch.bfloat16)
+            sketch_accuracy((1024, 1024), clients, rank, dtype=dt, sketch_map=sm)
+            for sm, dt in ACCURACY_ROUTES
         ]
     return out
 
@@ -443,9 +468,10 @@ def aggregation_limit_table(a: dict[str, Any]) -> Table:
         "× bound",
         "Fed-CMP sketch × FedAvg",
         "sketch bf16 × FedAvg",
-        "bf16 products alone × FedAvg",
+        "sketch SRHT + bf16 × FedAvg",
+        "bf16 products alone × FedAvg (pass 2 alone)",
         "Fed-CMP power × FedAvg",
-        "projected-mean error fp32 / bf16",
+        "projected-mean error fp32 / bf16 / SRHT + bf16",
     ]
     for col in cols:
         table.add_column(col, justify="right")
@@ -455,17 +481,25 @@ def aggregation_limit_table(a: dict[str, Any]) -> Table:
         r = a[size]
         power = r.get("fedcmp_power_ratio_to_fedavg")
         err = {
-            dt: max(
+            (sm, dt): max(
                 (
                     x["projected_mean_relative_error"]
                     for x in r["accuracy"]
                     if x.get("products", "float32") == dt
+                    and x.get("sketch_map", "gaussian") == sm
                 ),
                 default=math.nan,
             )
-            for dt in ("float32", "bfloat16")
+            for sm, dt in (
+                ("gaussian", "float32"),
+                ("gaussian", "bfloat16"),
+                ("srht", "bfloat16"),
+            )
         }
         bf16 = r.get("fedcmp_sketch_bf16_ratio_to_fedavg")
+        srht = r.get("fedcmp_sketch_srht_bf16_ratio_to_fedavg")
+        floor = r["sketch_products_floor"]["bfloat16"]
+        pass2 = floor.get("pass2_ratio_to_fedavg")
         table.add_row(
             size,
             f"{r['clients']} × {r['params']:,}",
@@ -477,8 +511,10 @@ def aggregation_limit_table(a: dict[str, Any]) -> Table:
             f"{r['aggregator_round_ratio_to_bound']:.2f}",
             f"{r['fedcmp_sketch_ratio_to_fedavg']:.1f}",
             "—" if bf16 is None else f"{bf16:.1f}",
-            f"{r['sketch_products_floor']['bfloat16']['ratio_to_fedavg']:.1f}",
+            "—" if srht is None else f"{srht:.1f}",
+            f"{floor['ratio_to_fedavg']:.1f}"
+            + ("" if pass2 is None else f" ({pass2:.1f})"),
             "—" if power is None else f"{power:.1f}",
-            f"{err['float32']:.1e} / {err['bfloat16']:.1e}",
+            " / ".join(f"{e:.1e}" for e in err.values()),
         )
     return table

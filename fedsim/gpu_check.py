@@ -545,12 +545,17 @@ def part_cohort(args: argparse.Namespace) -> dict[str, Any]:
 
 
 #: The aggregation part's rows: FedAvg, Fed-CMP as configured by default (``basis: power``),
-#: and its two-pass sketch with float32 and with bfloat16 products.
+#: and its two-pass sketch with float32 and with bfloat16 products, and with the block SRHT
+#: first pass (on cuda the transform's torch reference: log₂ n elementwise stages).
 AGG_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fedavg": ("fedavg", {}),
     "fedcmp": ("fedcmp", {}),
     "fedcmp_sketch": ("fedcmp", {"basis": "sketch"}),
     "fedcmp_sketch_bf16": ("fedcmp", {"basis": "sketch", "sketch_dtype": "bfloat16"}),
+    "fedcmp_sketch_srht_bf16": (
+        "fedcmp",
+        {"basis": "sketch", "sketch_dtype": "bfloat16", "sketch_map": "srht"},
+    ),
 }
 
 

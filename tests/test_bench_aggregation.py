@@ -20,7 +20,8 @@ def test_aggregation_limit_record_is_consistent():
     r = a["toy"]
     assert r["params"] == 64 * 48 + 64
     assert r["bytes_fedavg_must_move"] == (6 + 2) * r["params"] * 4
-    for key in ("fedcmp_sketch", "fedcmp_sketch_bf16", "fedcmp_power"):
+    keys = ("fedcmp_sketch", "fedcmp_sketch_bf16", "fedcmp_sketch_srht_bf16")
+    for key in (*keys, "fedcmp_power"):
         assert r[f"{key}_ratio_to_fedavg"] == pytest.approx(
             r[f"{key}_seconds"] / r["fedavg_seconds"]
         )
@@ -35,8 +36,11 @@ def test_aggregation_limit_record_is_consistent():
         f = floor[dt]
         assert f["seconds"] == pytest.approx(floor["flops"] / (f["gflop_s"] * 1e9))
         assert f["ratio_to_fedavg"] == pytest.approx(f["seconds"] / r["fedavg_seconds"])
-    acc = {x["products"]: x for x in r["accuracy"]}
-    assert set(acc) == {"float32", "bfloat16"}
+        assert f["pass2_ratio_to_fedavg"] == pytest.approx(f["ratio_to_fedavg"] / 2)
+    acc = {(x["sketch_map"], x["products"]): x for x in r["accuracy"]}
+    assert set(acc) == {
+        (sm, dt) for sm in ("gaussian", "srht") for dt in ("float32", "bfloat16")
+    }
     for x in acc.values():
         # Ky Fan: no rank-8 orthonormal basis captures more of G_U's energy than its exact
         # top-8 eigenvectors (the ratio ≤ 1, up to the float64 evaluation's rounding).
@@ -44,5 +48,5 @@ def test_aggregation_limit_record_is_consistent():
         assert math.isfinite(x["projected_mean_relative_error"])
     text = io.StringIO()
     Console(file=text, width=250).print(aggregation_limit_table(a))
-    assert "bf16" in text.getvalue()
+    assert "bf16" in text.getvalue() and "SRHT" in text.getvalue()
     assert "weighted sums: " + r["weighted_sums"] in " ".join(text.getvalue().split())

@@ -17,16 +17,22 @@ from fedsim.algorithms import fused_sums as fs
 HAVE_CC = fs._compiler() is not None and not fs._x86_without_fma()
 needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C compiler or no FMA here")
 
-PROBE = "import json, fedsim.algorithms.fused_sums as f; print(json.dumps(f.status()))"
 
-
-def _status(tmp_path: Path, **env: str) -> str:
+def kernel_status(tmp_path: Path, module: str, **env: str) -> str:
+    """``fedsim.algorithms.<module>.status()`` in a fresh process with its own kernel cache."""
+    probe = (
+        f"import json, fedsim.algorithms.{module} as m; print(json.dumps(m.status()))"
+    )
     full = {**os.environ, "FEDSIM_CACHE": str(tmp_path / "cache"), **env}
     r = subprocess.run(
-        [sys.executable, "-c", PROBE], capture_output=True, text=True, env=full
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=full
     )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _status(tmp_path: Path, **env: str) -> str:
+    return kernel_status(tmp_path, "fused_sums", **env)
 
 
 def test_the_aten_path_stays_when_asked_or_without_a_compiler(tmp_path):

@@ -134,6 +134,7 @@ def test_the_aggregation_part_runs_every_variant_on_the_cpu():
         assert out["ratios_to_fedavg"][name] == pytest.approx(
             row["seconds_round2"] / out["rows"]["fedavg"]["seconds_round2"]
         )
-    # At rank 8 the sketch keeps the shared rank-16 part's top 8 directions in both precisions.
-    for name in ("fedcmp_sketch", "fedcmp_sketch_bf16"):
+    # At rank 8 the sketch keeps the shared rank-16 part's top 8 directions in both precisions
+    # and with either first-pass map.
+    for name in ("fedcmp_sketch", "fedcmp_sketch_bf16", "fedcmp_sketch_srht_bf16"):
         assert out["rows"][name]["metrics_round2"]["linear_2.weight/rank"] == 8

@@ -6,7 +6,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 
-#define TILE 32768 /* elements: a 256 KiB float64 tile stays in L2 while 50 clients stream */
+#define TILE 32768 /* elements: a 256 KiB float64 tile stays in L2 while the clients stream */
 
 /* For i in [lo, hi): a_i = fma(c_k, (double) x_k[i], a_i) for k = 0 .. K-1 in order, from
  * acc[i] (acc != NULL, written back) or from +0.0 (acc == NULL: a tile-sized accumulator on

@@ -5,7 +5,9 @@ multiply-add per client and element. ATen does it in two operations per client a
 float32 → float64 copy, then ``add_`` with ``alpha``): 2.7–3.2× the memory-bandwidth bound at
 LLaVA-1.5-7B projector size with 50 clients. :file:`fma_accumulate.c` does the same arithmetic —
 ``fma(c_k, (double) x_k[i], a_i)`` for k in order — in one loop that keeps a float64 tile in the
-cache while every client's tensor streams through it once.
+cache while every client's tensor streams through it once, four clients per sweep of the tile
+(the same chain of fused multiply-adds per element, a quarter of the tile's loads and stores),
+on the OpenMP threads torch has loaded where the compiler has OpenMP (:mod:`ckernel`).
 
 The C file is compiled on first use with the machine's C compiler (``$CC``, else ``cc`` or
 ``gcc``) into ``$FEDSIM_CACHE/kernels`` (default ``~/.cache/fedsim/kernels``), named by the hash

@@ -20,8 +20,8 @@ Sections (each a table; all numbers in ``bench.json``):
   (:mod:`fedsim.bench_startup`).
 - **aggregation-limit** — FedAvg against the memory-bandwidth bound measured in the same run
   (the fused weighted sum and the ATen path), Fed-CMP's ratio to FedAvg with float32 and
-  bfloat16 products, the products' floor at this machine's matmul rate, and the sketch's
-  accuracy, at the toy's and at LLaVA-1.5-7B's projector size (:mod:`fedsim.bench_aggregation`).
+  bfloat16 products and with the block SRHT first pass, the products' floor at this machine's
+  matmul rate, and the sketch's accuracy with either first-pass map, at the toy's and at LLaVA-1.5-7B's projector size (:mod:`fedsim.bench_aggregation`).
 - **real-shape** — resident vs fresh-per-task, swap share, memory per worker, cohort gain and
   per-layer FLOPs/bytes on the LLaVA-1.5-7B-shaped skeleton (:mod:`fedsim.bench_real`).
 

@@ -73,6 +73,38 @@ def test_the_probe_refuses_a_kernel_that_rounds_differently(tmp_path, monkeypatc
     assert fs._probe(fs._load(fs._build(fs._compiler(), fs._flags()))) is True
 
 
+BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off"]
+ISA = {
+    "scalar": ([], set()),
+    "avx2": (["-mavx2", "-mfma"], {"avx2", "fma"}),
+    "avx512": (
+        ["-mavx2", "-mfma", "-mavx512f", "-mavx512vl"],
+        {"avx2", "fma", "avx512f", "avx512vl"},
+    ),
+}
+
+
+@needs_cc
+@pytest.mark.parametrize("isa", sorted(ISA))
+@pytest.mark.parametrize("openmp", [False, True])
+def test_every_instruction_set_build_has_aten_s_bits(
+    tmp_path, monkeypatch, isa, openmp
+):
+    """The kernel as the compiler vectorizes it for each instruction set, with and without
+    OpenMP (a machine only ever builds one), probed against ATen where the CPU can run it."""
+    extra, needs = ISA[isa]
+    if not needs <= fs.ckernel.cpu_flags():
+        pytest.skip(f"this CPU lacks {sorted(needs - fs.ckernel.cpu_flags())}")
+    monkeypatch.setenv("FEDSIM_CACHE", str(tmp_path / "cache"))
+    flags = [*BASE_FLAGS, *extra, *(["-fopenmp"] if openmp else [])]
+    try:
+        fn = fs._load(fs._build(fs._compiler(), flags))
+    except OSError as e:  # a compiler without OpenMP
+        pytest.skip(f"build failed: {e}")
+    assert (getattr(fn, "parallel", None) is not None) == openmp
+    assert fs._probe(fn)
+
+
 @needs_cc
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_sums_are_aten_s_bits(threads):

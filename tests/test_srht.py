@@ -12,6 +12,7 @@ import torch
 from fedsim.algorithms import build_algorithm, ckernel
 from fedsim.algorithms import srht as sr
 from fedsim.algorithms.fedcmp import sketch_bases
+from tests.test_fused_sums import BASE_FLAGS, ISA
 
 U32 = 2.0**-24  # float32's unit roundoff
 HAVE_CC = ckernel.compiler() is not None and not ckernel.x86_without_fma()
@@ -117,6 +118,28 @@ def test_the_probe_refuses_a_kernel_that_rounds_differently(tmp_path, monkeypatc
     flags = ckernel.flags()
     assert sr._probe(sr._load(ckernel.build(wrong, ckernel.compiler(), flags))) is False
     assert sr._probe(sr._load(ckernel.build(sr.SOURCE, ckernel.compiler(), flags)))
+
+
+@needs_cc
+@pytest.mark.parametrize("isa", sorted(ISA))
+@pytest.mark.parametrize("openmp", [False, True])
+def test_every_instruction_set_path_has_the_reference_bits(
+    tmp_path, monkeypatch, isa, openmp
+):
+    """The kernel's three code paths (plain C, AVX2 with 8-lane permutes, AVX-512 with 16-lane
+    permutes and radix-4 stages), with and without OpenMP, each built and probed here where the
+    CPU can run it: a machine only ever builds one, so the others are checked here."""
+    extra, needs = ISA[isa]
+    if not needs <= ckernel.cpu_flags():
+        pytest.skip(f"this CPU lacks {sorted(needs - ckernel.cpu_flags())}")
+    monkeypatch.setenv("FEDSIM_CACHE", str(tmp_path / "cache"))
+    flags = [*BASE_FLAGS, *extra, *(["-fopenmp"] if openmp else [])]
+    try:
+        fn = sr._load(ckernel.build(sr.SOURCE, ckernel.compiler(), flags))
+    except OSError as e:  # a compiler without OpenMP
+        pytest.skip(f"build failed: {e}")
+    assert getattr(fn, "openmp", False) == openmp
+    assert sr._probe(fn)
 
 
 def test_the_torch_reference_runs_when_asked_or_without_a_compiler(tmp_path):

@@ -2,7 +2,8 @@
 
 One slow test, as cheap as the must-show allows (bf16 weights on CPU, 1 local step at batch 1,
 2 clients a round batched together): FedAvg and Fed-CMP at rank 256 (< 4096: the truncation
-runs) for two rounds each, a checkpoint and a resume that reaches the uninterrupted run's bits,
+runs; by default and with the two-pass sketch, block SRHT and bf16 products) for two rounds
+each, a checkpoint and a resume that reaches the uninterrupted run's bits (both Fed-CMP routes),
 export and reload by transformers, the peak memory of each process, and the hf evaluation
 backend once. The expected shapes are LLaVA-1.5-7B's published ones (llava-hf/llava-1.5-7b-hf
 config.json, openai/clip-vit-large-patch14-336), never read from the code under test.
@@ -95,7 +96,18 @@ def test_skeleton_runs_every_real_size_path(tmp_path, cache_dir, ray_session):
     full = run(
         load_config(None, fedcmp_sets), tmp_path / "fedcmp", quiet, False, plot=False
     )
-    for result in (fedavg, full):
+    # The two-pass sketch with the block SRHT and bf16 products: both C kernels (the SRHT and
+    # the fused weighted sum) built and used inside the Aggregator at 7B projector size.
+    sketch_sets = [
+        *fedcmp_sets,
+        "algorithm.params.basis=sketch",
+        "algorithm.params.sketch_map=srht",
+        "algorithm.params.sketch_dtype=bfloat16",
+    ]
+    sketch = run(
+        load_config(None, sketch_sets), tmp_path / "sketch", quiet, False, plot=False
+    )
+    for result in (fedavg, full, sketch):
         w = load_weights(result.out_dir / "final" / "projector.safetensors")
         assert sum(x.numel() for x in w.values()) == PROJECTOR_PARAMS
         assert all(torch.isfinite(x).all() for x in w.values())
@@ -118,13 +130,15 @@ def test_skeleton_runs_every_real_size_path(tmp_path, cache_dir, ray_session):
         ],
     )
 
-    # A crash after round 1's checkpoint, resumed: the uninterrupted run's bits.
-    _cut_back(full.out_dir, tmp_path / "cut", 1, 2)
-    resume_run(tmp_path / "cut", console=quiet, show_progress=False)
-    final = load_weights(full.out_dir / "final" / "projector.safetensors")
-    resumed = load_weights(tmp_path / "cut" / "final" / "projector.safetensors")
-    assert set(final) == set(resumed)
-    assert all(torch.equal(final[k], resumed[k]) for k in final)
+    # A crash after round 1's checkpoint, resumed: the uninterrupted run's bits (both
+    # Fed-CMP routes: the sketch's draws are keyed by matrix and round, not by the process).
+    for name, result in (("cut-sketch", sketch), ("cut", full)):
+        _cut_back(result.out_dir, tmp_path / name, 1, 2)
+        resume_run(tmp_path / name, console=quiet, show_progress=False)
+        final = load_weights(result.out_dir / "final" / "projector.safetensors")
+        resumed = load_weights(tmp_path / name / "final" / "projector.safetensors")
+        assert set(final) == set(resumed)
+        assert all(torch.equal(final[k], resumed[k]) for k in final)
 
     # fedsim export, reloaded by transformers: the run's projector (bf16, the backbone's
     # dtype: round-to-nearest of the fp32 weights) in the skeleton's frozen weights.

@@ -3,7 +3,7 @@
 # (tests marked real_size: FedAvg and Fed-CMP at rank 256 — its default route and the sketch
 # with the block SRHT and bf16 products — for two rounds each with cohort batching, a
 # checkpoint and a resume to the uninterrupted bits, export and reload by
-# transformers, peak memory per worker, the hf evaluation backend). About 8 minutes on 2 cores
+# transformers, peak memory per worker, the hf evaluation backend). 145 s on 2 cores (latest)
 # and ~3 GB per worker, so it is not part of `make test`; run it after changing the engine,
 # the backbone loader or an algorithm's server half.
 #

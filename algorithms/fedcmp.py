@@ -213,7 +213,7 @@ def _range_sketch(
     ell: int,
     generator: torch.Generator,
     dtype: torch.dtype,
-    sketch_map: str = "gaussian",
+    sketch_map: Literal["gaussian", "srht"] = "gaussian",
 ) -> tuple[Tensor, list[float]]:
     """Pass 1 of :func:`sketch_bases`: Y = Σ_k √p_k Δ_k Ω_k ([m, ℓ], fp32) and ‖Δ_k‖²_F."""
     m, n = deltas[0].shape
@@ -247,14 +247,16 @@ def _range_sketch(
     return y, sq
 
 
-def _project(deltas: Sequence[Tensor], q_u: Tensor, dtype: torch.dtype) -> list[Tensor]:
-    """Pass 2 of :func:`sketch_bases`: P_k = Q_Uᵀ Δ_k, [ℓ, n] fp32 each."""
-    if dtype == torch.float32:
+def _project(
+    deltas: Sequence[Tensor], q_u: Tensor, q_low: Tensor | None
+) -> list[Tensor]:
+    """Pass 2 of :func:`sketch_bases`: P_k = Q_Uᵀ Δ_k, [ℓ, n] fp32 each; with ``q_low``
+    (Q_Uᵀ rounded to a low precision, [ℓ, m]) the products in that precision."""
+    if q_low is None:
         return [q_u.T @ d for d in deltas]
-    q_low = q_u.T.to(dtype).contiguous()
     proj, buf = [], None
     for d in deltas:
-        buf = _buffer(d, dtype, buf).copy_(d)
+        buf = _buffer(d, q_low.dtype, buf).copy_(d)
         proj.append((q_low @ buf).to(torch.float32))
     return proj
 
@@ -274,8 +276,9 @@ def sketch_bases(
     randomized range finder (Halko, Martinsson & Tropp 2011, Alg. 4.1, no power iteration).
 
     Pass 1 (streaming; each Δ_k can be folded in as it arrives): the sketch
-    Y = Σ_k √p_k Δ_k Ω_k (Ω_k ∈ R^{n×ℓ} Gaussian, ℓ = r + ``oversample``; Y = A Ω for the
-    horizontal stack A = [√p_1 Δ_1, …, √p_K Δ_K]) and ‖Δ_k‖²; Q_U = orth(Y).
+    Y = Σ_k √p_k Δ_k Ω_k (Ω_k ∈ R^{n×ℓ} Gaussian, or with ``sketch_map`` srht the block SRHT
+    of :mod:`fedsim.algorithms.srht`; ℓ = r + ``oversample``; Y = A Ω for the horizontal stack
+    A = [√p_1 Δ_1, …, √p_K Δ_K]) and ‖Δ_k‖²; Q_U = orth(Y).
     Pass 2: P_k = Q_Uᵀ Δ_k ([ℓ, n]). Û = Q_U S with S the eigenvectors of Σ p_k P_k P_kᵀ
     (Rayleigh–Ritz: the best rank-r basis of G_U = Σ p_k Δ_k Δ_kᵀ inside span(Q_U)).
     V̂: the top eigenvectors of Σ_k p_k P_kᵀ S S ᵀ P_k, i.e. of the right Gram operator of the
@@ -298,12 +301,12 @@ def sketch_bases(
     ell = max(1, min(m, n * len(deltas), rank + oversample))
     y, sq = _range_sketch(deltas, p, ell, generator, dtype, sketch_map)
     q_u, _ = torch.linalg.qr(y)  # [m, ℓ]
-    proj = _project(deltas, q_u, dtype)
+    q_low = q_u.T.to(dtype).contiguous() if low else None
+    proj = _project(deltas, q_u, q_low)
     total = math.fsum(pk * x for pk, x in zip(p, sq))
     floor = 0.0
-    if low:
+    if q_low is not None:
         # ‖E_Q‖₂ of the rounded basis, measured (an [m, ℓ] spectral norm: milliseconds).
-        q_low = q_u.T.to(dtype)
         q_error = float(torch.linalg.matrix_norm(q_u - q_low.T.float(), ord=2))
         floor = low_precision_floor(ell, max(m, n), total, q_error)
     b = torch.zeros(ell, ell, dtype=torch.float32, device=dev)

@@ -3,32 +3,16 @@ the cache, used only where its bits equal ATen's, and the ATen path wherever it 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from fedsim.algorithms import fused_sums as fs
+from tests.test_ckernel import kernel_status
 
 HAVE_CC = fs._compiler() is not None and not fs._x86_without_fma()
 needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C compiler or no FMA here")
-
-
-def kernel_status(tmp_path: Path, module: str, **env: str) -> str:
-    """``fedsim.algorithms.<module>.status()`` in a fresh process with its own kernel cache."""
-    probe = (
-        f"import json, fedsim.algorithms.{module} as m; print(json.dumps(m.status()))"
-    )
-    full = {**os.environ, "FEDSIM_CACHE": str(tmp_path / "cache"), **env}
-    r = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, env=full
-    )
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def _status(tmp_path: Path, **env: str) -> str:
@@ -71,38 +55,6 @@ def test_the_probe_refuses_a_kernel_that_rounds_differently(tmp_path, monkeypatc
     monkeypatch.undo()
     monkeypatch.setenv("FEDSIM_CACHE", str(tmp_path / "cache"))
     assert fs._probe(fs._load(fs._build(fs._compiler(), fs._flags()))) is True
-
-
-BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off"]
-ISA = {
-    "scalar": ([], set()),
-    "avx2": (["-mavx2", "-mfma"], {"avx2", "fma"}),
-    "avx512": (
-        ["-mavx2", "-mfma", "-mavx512f", "-mavx512vl"],
-        {"avx2", "fma", "avx512f", "avx512vl"},
-    ),
-}
-
-
-@needs_cc
-@pytest.mark.parametrize("isa", sorted(ISA))
-@pytest.mark.parametrize("openmp", [False, True])
-def test_every_instruction_set_build_has_aten_s_bits(
-    tmp_path, monkeypatch, isa, openmp
-):
-    """The kernel as the compiler vectorizes it for each instruction set, with and without
-    OpenMP (a machine only ever builds one), probed against ATen where the CPU can run it."""
-    extra, needs = ISA[isa]
-    if not needs <= fs.ckernel.cpu_flags():
-        pytest.skip(f"this CPU lacks {sorted(needs - fs.ckernel.cpu_flags())}")
-    monkeypatch.setenv("FEDSIM_CACHE", str(tmp_path / "cache"))
-    flags = [*BASE_FLAGS, *extra, *(["-fopenmp"] if openmp else [])]
-    try:
-        fn = fs._load(fs._build(fs._compiler(), flags))
-    except OSError as e:  # a compiler without OpenMP
-        pytest.skip(f"build failed: {e}")
-    assert (getattr(fn, "parallel", None) is not None) == openmp
-    assert fs._probe(fn)
 
 
 @needs_cc
